@@ -1,0 +1,55 @@
+"""Flow-matching math (SPEC §3) as pure functions. Time: t = 0 pure noise, t = 1 clean data."""
+from __future__ import annotations
+
+import torch
+
+
+def expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Broadcast a per-row (B,) value against ``like`` (B, ...)."""
+    return t.reshape(-1, *([1] * (like.dim() - 1))).to(like.dtype)
+
+
+def restore(x: torch.Tensor, values: torch.Tensor | float, mask: torch.Tensor | None) -> torch.Tensor:
+    """``x`` (B, L, C) with positions where ``mask`` (B, L) is set replaced by ``values``."""
+    if mask is None:
+        return x
+    values = torch.as_tensor(values, dtype=x.dtype, device=x.device)
+    return torch.where(mask.bool()[..., None], values, x)
+
+
+def add_noise(x0, eps, t, noise_scale: float, cond_mask=None):
+    """``z_t = t·x0 + (1 − t)·σ·ε`` (B, L, C); condition positions (``cond_mask`` (B, L)) kept clean."""
+    tt = expand(t, x0)
+    return restore(tt * x0 + (1 - tt) * eps * noise_scale, x0, cond_mask)
+
+
+def logit_normal(normal: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """``sigmoid(mean + std·n)`` of standard-normal draws ``n``."""
+    return torch.sigmoid(normal * std + mean)
+
+
+def sample_time(n: int, schedule: str, mean: float, std: float, generator=None, device=None) -> torch.Tensor:
+    """(n,) training times: logit-normal ``sigmoid(N(mean, std))`` or uniform on [0, 1)."""
+    if schedule == "logit_normal":
+        return logit_normal(torch.randn(n, generator=generator, device=device), mean, std)
+    if schedule == "uniform":
+        return torch.rand(n, generator=generator, device=device)
+    raise ValueError(f"unknown time schedule {schedule!r}; expected 'logit_normal' or 'uniform'")
+
+
+def guidance_scale(u: torch.Tensor, w_min: float, w_max: float) -> torch.Tensor:
+    """Log-uniform self-conditioning-CFG scale: ``a·exp(u·ln(b/a)) − 1``, a = 1 + w_min, b = 1 + w_max."""
+    a, b = 1.0 + w_min, 1.0 + w_max
+    return a * torch.exp(u * torch.log(torch.tensor(b / a, dtype=u.dtype))) - 1.0
+
+
+def velocity(x_hat, z, t, t_eps: float):
+    """x-prediction → velocity ``(x̂ − z) / max(1 − t, t_eps)`` (B, L, C)."""
+    return (x_hat - z) / torch.clamp(1 - expand(t, z), min=t_eps)
+
+
+def check_finite(**tensors) -> None:
+    """Raise ``ValueError`` naming the first argument that holds NaN or infinity."""
+    for name, value in tensors.items():
+        if value is not None and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{name} contains NaN or infinite values; check the inputs that produced it")

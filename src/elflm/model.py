@@ -1,0 +1,258 @@
+"""The ELF network (SPEC §4): one transformer with a denoise head and a decode head.
+
+Input per token is ``[z, x̂_prev]`` (B, L, 2C) with self-conditioning, or ``z`` (B, L, C). Control
+tokens are prepended in the order time (4), self-conditioning-CFG (4, present when ``w`` is given),
+mode (4, zero vectors unless decoding); the text follows. Time convention: t = 0 noise, t = 1 data.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMS layer norm over the last dim, computed in float32, eps 1e-6."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (self.weight.float() * h).to(x.dtype)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoid of the raw scalar (no ×1000): (B,) -> (B, dim) as ``[cos, sin]`` halves."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar (B,) -> (B, H): sinusoid(256) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, hidden_size: int, freq_dim: int = 256):
+        super().__init__()
+        self.freq_dim = freq_dim
+        self.mlp_0 = nn.Linear(freq_dim, hidden_size)
+        self.mlp_2 = nn.Linear(hidden_size, hidden_size)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        emb = timestep_embedding(t, self.freq_dim).to(self.mlp_0.weight.dtype)
+        return self.mlp_2(F.silu(self.mlp_0(emb)))
+
+
+def rope_tables(num_prefix: int, length: int, head_dim: int, theta: float = 10000.0, device=None):
+    """Interleaved 1-D RoPE tables (num_prefix + length, head_dim): prefix rows unrotated
+    (cos 1, sin 0), text position p at angle p·theta^(-2k/head_dim) for pair k."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * freqs[None]
+    angles = angles.repeat_interleave(2, dim=-1)
+    cos = torch.cat([torch.ones(num_prefix, head_dim, device=device), torch.cos(angles)])
+    sin = torch.cat([torch.zeros(num_prefix, head_dim, device=device), torch.sin(angles)])
+    return cos, sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate pairs (2i, 2i+1) of x (B, heads, N, d) by the tables (N, d)."""
+    pairs = x.unflatten(-1, (-1, 2))
+    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention: fused qkv (bias), QK RMSNorm, RoPE, float32 softmax."""
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.q_norm = RMSNorm(self.head_dim)
+        self.k_norm = RMSNorm(self.head_dim)
+        self.proj = nn.Linear(dim, dim)
+        self.fast = True
+
+    def forward(self, x, cos, sin, mask=None):
+        """x (B, N, H); mask (B, N) bool of valid keys or None (the official path: no mask)."""
+        B, N, H = x.shape
+        q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
+        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        key_mask = None if mask is None else mask[:, None, None, :]
+        if self.fast:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
+        else:
+            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if key_mask is not None:
+                scores = scores.masked_fill(~key_mask, -1e9)
+            out = (scores.softmax(-1) @ v.float()).to(v.dtype)
+        return self.proj(out.transpose(1, 2).reshape(B, N, H))
+
+
+class SwiGLU(nn.Module):
+    """Fused SwiGLU: Linear(H -> 2·hidden) split into (a, b); Linear(silu(a)·b)."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden)
+        self.w3 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.w3(self.drop(F.silu(a) * b))
+
+
+class Block(nn.Module):
+    """Pre-norm block: x += Attn(RMSNorm(x)); x += SwiGLU(RMSNorm(x))."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_hidden: int, dropout: float = 0.0):
+        super().__init__()
+        self.norm1 = RMSNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = RMSNorm(dim)
+        self.mlp = SwiGLU(dim, mlp_hidden, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask))
+        return x + self.mlp(self.norm2(x))
+
+
+class BottleneckProj(nn.Module):
+    """Linear(C -> bottleneck, no bias) -> Linear(bottleneck -> H)."""
+
+    def __init__(self, in_dim: int, hidden: int, bottleneck: int):
+        super().__init__()
+        self.proj1 = nn.Linear(in_dim, bottleneck, bias=False)
+        self.proj2 = nn.Linear(bottleneck, hidden)
+
+    def forward(self, x):
+        return self.proj2(self.proj1(x))
+
+
+class FinalLayer(nn.Module):
+    """Denoise head: RMSNorm -> Linear(H -> C), zero-initialised."""
+
+    def __init__(self, hidden: int, out_dim: int):
+        super().__init__()
+        self.norm_final = RMSNorm(hidden)
+        self.linear = nn.Linear(hidden, out_dim)
+
+    def forward(self, x):
+        return self.linear(self.norm_final(x))
+
+
+class DecodeHead(nn.Module):
+    """Decode head on the raw block output: Linear(H -> C) -> GELU(tanh) -> Linear(C -> V)."""
+
+    def __init__(self, hidden: int, enc_dim: int, vocab: int):
+        super().__init__()
+        self.proj = nn.Linear(hidden, enc_dim)
+        self.unembed = nn.Linear(enc_dim, vocab)
+
+    def forward(self, x):
+        return self.unembed(F.gelu(self.proj(x), approximate="tanh"))
+
+
+class ELF(nn.Module):
+    """The ELF transformer. ``forward`` maps ``x`` (B, L, 2C or C), ``t`` (B,), ``w`` (B,) or None
+    to ``(x̂ (B, L, C), logits (B, L, V) or None)``; logits only with ``decode=True``."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = self.config = config
+        H, C = c.hidden_size, c.encoder_dim
+        if c.self_cond:
+            self.self_cond_proj = nn.Linear(2 * C, C)
+        self.text_proj = BottleneckProj(C, H, c.bottleneck_dim)
+        self.t_emb_tokens = nn.Parameter(torch.zeros(1, c.num_time_tokens, H))
+        self.t_embedder = TimestepEmbedder(H)
+        if c.num_self_cond_cfg_tokens:
+            self.self_cond_cfg_tokens = nn.Parameter(torch.zeros(1, c.num_self_cond_cfg_tokens, H))
+            self.self_cond_cfg_embedder = TimestepEmbedder(H)
+        if c.num_mode_tokens:
+            self.mode_tokens = nn.Parameter(torch.zeros(1, c.num_mode_tokens, H))
+        mlp_hidden = int(int(H * c.mlp_ratio) * 2 / 3)
+        q1, q3 = c.depth // 4, c.depth // 4 * 3
+        self.blocks = nn.ModuleList(
+            Block(H, c.num_heads, mlp_hidden, c.dropout if q1 <= i < q3 else 0.0) for i in range(c.depth)
+        )
+        self.final_layer = FinalLayer(H, C)
+        self.decoder = DecodeHead(H, C, c.vocab_size)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Official initialisation: Xavier-uniform kernels, zero biases, N(0, 0.02) for the
+        timestep MLPs and control tokens, zeros for the denoise output layer."""
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for name, p in self.named_parameters():
+            if name.endswith("_tokens") or (("embedder.mlp_" in name) and name.endswith("weight")):
+                nn.init.normal_(p, std=0.02)
+        nn.init.zeros_(self.final_layer.linear.weight)
+        nn.init.zeros_(self.final_layer.linear.bias)
+
+    def set_fast_attention(self, fast: bool) -> "ELF":
+        """Use PyTorch SDPA kernels (True) or the explicit float32 reference attention (False)."""
+        for block in self.blocks:
+            block.attn.fast = fast
+        return self
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def _check_inputs(self, x, t, w):
+        C = self.config.encoder_dim
+        widths = (2 * C, C) if self.config.self_cond else (C,)
+        if x.dim() != 3 or x.shape[-1] not in widths:
+            raise ValueError(f"x must be (B, L, {' or '.join(map(str, widths))}), got {tuple(x.shape)}")
+        if x.shape[1] > self.config.max_length:
+            raise ValueError(f"sequence length {x.shape[1]} exceeds max_length {self.config.max_length}")
+        for name, v in (("t", t), ("w", w)):
+            if v is not None and tuple(v.shape) != (x.shape[0],):
+                raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(v.shape)}")
+
+    def prefix(self, t: torch.Tensor, w: torch.Tensor | None, decode: bool, dtype) -> torch.Tensor:
+        """Control tokens (B, P, H): time, self-cond-CFG (when ``w`` is given), mode."""
+        B = t.shape[0]
+        parts = [self.t_emb_tokens + self.t_embedder(t)[:, None]]
+        if w is not None and self.config.num_self_cond_cfg_tokens:
+            parts.append(self.self_cond_cfg_tokens + self.self_cond_cfg_embedder(w)[:, None])
+        if self.config.num_mode_tokens:
+            parts.append((self.mode_tokens * float(decode)).expand(B, -1, -1))
+        return torch.cat(parts, dim=1).to(dtype)
+
+    def forward(self, x, t, w=None, decode: bool = False, attention_mask=None):
+        """x (B, L, 2C) = [z, x̂_prev] or (B, L, C) = z; t, w (B,); attention_mask (B, L) of valid
+        tokens or None (the official code never masks). Returns (x̂ (B, L, C), logits or None)."""
+        self._check_inputs(x, t, w)
+        if x.shape[-1] == 2 * self.config.encoder_dim:
+            x = self.self_cond_proj(x)
+        h = self.text_proj(x)
+        pre = self.prefix(t, w, decode, h.dtype)
+        P, L = pre.shape[1], h.shape[1]
+        h = torch.cat([pre, h], dim=1)
+        cos, sin = rope_tables(P, L, self.config.hidden_size // self.config.num_heads, device=h.device)
+        mask = None
+        if attention_mask is not None:
+            ones = attention_mask.new_ones(attention_mask.shape[0], P)
+            mask = torch.cat([ones, attention_mask], dim=1).bool()
+        for block in self.blocks:
+            h = block(h, cos, sin, mask)
+        h = h[:, P:]
+        logits = self.decoder(h) if decode else None
+        return self.final_layer(h), logits

@@ -1,0 +1,35 @@
+"""Builders shared by the golden tests: the tiny official model and its draws."""
+import numpy as np
+import torch
+
+from conftest import load_npz
+from elflm.checkpoint import flax_params_to_state_dict
+from elflm.config import ModelConfig
+from elflm.model import ELF
+
+TINY = ModelConfig(encoder_dim=32, vocab_size=128, max_length=16, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16)
+
+
+def tree(g: dict, prefix: str) -> dict:
+    """``{flax path: array}`` of the keys under ``prefix/``."""
+    n = len(prefix) + 1
+    return {k[n:]: v for k, v in g.items() if k.startswith(prefix + "/")}
+
+
+def tiny_model(file: str = "elf_model.npz", prefix: str = "params", fast: bool = False) -> ELF:
+    """The golden tiny ELF with the weights under ``prefix`` of ``file``, in eval mode."""
+    model = ELF(TINY)
+    model.load_state_dict(flax_params_to_state_dict(tree(load_npz(file), prefix)), strict=True)
+    return model.set_fast_attention(fast).eval()
+
+
+def T(g: dict, key: str) -> torch.Tensor:
+    return torch.from_numpy(np.asarray(g[key]))
+
+
+def assert_close(actual, expected, atol, what=""):
+    actual = actual.detach().double()
+    expected = torch.as_tensor(np.asarray(expected)).double()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    err = (actual - expected).abs().max().item() if actual.numel() else 0.0
+    assert err <= atol, f"{what}: max abs diff {err:.3g} > {atol:.3g}"

@@ -1,0 +1,112 @@
+"""The ELF network against the official forward (golden/elf_model.npz) and on bad input."""
+import pytest
+import torch
+
+from conftest import load_npz
+from golden_utils import TINY, T, assert_close, tiny_model
+from elflm.config import model_preset
+from elflm.model import ELF, apply_rope, rope_tables
+
+BATCHES = ["uncond", "cond"]
+
+
+@pytest.fixture(scope="module")
+def g(golden_dir):
+    return load_npz("elf_model.npz")
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["reference", "sdpa"])
+@pytest.mark.parametrize("name", BATCHES)
+def test_forward_matches_official(g, name, fast):
+    m = tiny_model(fast=fast)
+    k = lambda s: T(g, f"{name}/{s}")
+    ones = torch.ones(3)
+    with torch.no_grad():
+        out, logits = m(k("x_in"), k("t"), k("w"))
+        assert logits is None
+        assert_close(out, g[f"{name}/denoise_out"], 1e-5, "denoise_out")
+        assert_close(out, g[f"{name}/denoise_out_active_false"], 1e-5, "denoise_out_active_false")
+        out, logits = m(k("x_dec_in"), ones, k("w"), decode=True)
+        assert_close(out, g[f"{name}/decode_out"], 1e-5, "decode_out")
+        assert_close(logits, g[f"{name}/decode_logits"], 5e-5, "decode_logits")
+        out, logits = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))
+        assert_close(out, g[f"{name}/masked/denoise_out"], 1e-5, "masked/denoise_out")
+        out, logits = m(k("x_dec_in"), ones, k("w"), decode=True, attention_mask=k("attention_mask"))
+        assert_close(out, g[f"{name}/masked/decode_out"], 1e-5, "masked/decode_out")
+        assert_close(logits, g[f"{name}/masked/decode_logits"], 5e-5, "masked/decode_logits")
+        out, _ = m(k("x_in"), k("t"), None)
+        assert_close(out, g[f"{name}/no_sccfg/denoise_out"], 1e-5, "no_sccfg")
+        out, _ = m(k("z"), k("t"), k("w"))
+        assert_close(out, g[f"{name}/c_input/denoise_out"], 1e-5, "c_input")
+
+
+def test_golden_inputs_follow_the_flow(g):
+    from elflm import flow
+
+    for name in BATCHES:
+        k = lambda s: T(g, f"{name}/{s}")
+        z = flow.add_noise(k("x0"), k("eps"), k("t"), 2.0, k("cond_seq_mask"))
+        assert_close(z, g[f"{name}/z"], 1e-6, "z")
+
+
+def test_padding_mask_changes_padded_rows_only_through_attention(g):
+    """Unmasked (official) vs masked outputs differ where rows contain padding."""
+    m = tiny_model()
+    k = lambda s: T(g, "uncond/" + s)
+    with torch.no_grad():
+        a = m(k("x_in"), k("t"), k("w"))[0]
+        b = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))[0]
+    full = k("attention_mask").bool().all(-1)
+    assert torch.allclose(a[full], b[full], atol=1e-5)
+    assert (a[~full] - b[~full]).abs().max() > 1e-3
+
+
+def test_shorter_rows_use_the_same_positions(g):
+    m = tiny_model()
+    k = lambda s: T(g, "uncond/" + s)
+    with torch.no_grad():
+        full = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))[0]
+        short = m(k("x_in")[:, :8], k("t"), k("w"), attention_mask=k("attention_mask")[:, :8])[0]
+    # row 2 has 6 valid tokens: with masking, its outputs do not depend on the padded tail
+    assert_close(short[2, :6], full[2, :6], 1e-5, "short row")
+
+
+def test_rope_is_interleaved_and_prefix_unrotated():
+    cos, sin = rope_tables(2, 3, 4)
+    x = torch.arange(20.0).view(1, 1, 5, 4)
+    y = apply_rope(x, cos, sin)
+    assert torch.equal(y[..., :2, :], x[..., :2, :])
+    p, f0 = 2, 1.0  # text position 2, first pair frequency theta^0
+    c, s = torch.cos(torch.tensor(p * f0)), torch.sin(torch.tensor(p * f0))
+    x0, x1 = x[0, 0, 4, 0], x[0, 0, 4, 1]
+    assert torch.allclose(y[0, 0, 4, :2], torch.stack([x0 * c - x1 * s, x1 * c + x0 * s]))
+
+
+def test_initialisation_follows_official():
+    m = ELF(TINY)
+    assert torch.count_nonzero(m.final_layer.linear.weight) == 0
+    assert torch.count_nonzero(m.blocks[0].attn.qkv.bias) == 0
+    assert 0.01 < m.t_emb_tokens.std() < 0.03
+    bound = (6 / (64 + 192)) ** 0.5
+    assert m.blocks[0].attn.qkv.weight.abs().max() <= bound
+
+
+@pytest.mark.parametrize("name,expected", [("elf-b", 105), ("elf-m", 342), ("elf-l", 652)])
+def test_parameter_counts(name, expected):
+    cfg = model_preset(name)
+    with torch.device("meta"):
+        n = ELF(cfg).num_params()
+    assert abs(n / 1e6 - expected) / expected < 0.03, n
+
+
+def test_bad_inputs_raise_clear_errors():
+    m = ELF(TINY).eval()
+    x, t, w = torch.randn(2, 16, 64), torch.rand(2), torch.rand(2)
+    with pytest.raises(ValueError, match=r"x must be \(B, L, 64 or 32\)"):
+        m(torch.randn(2, 16, 48), t, w)
+    with pytest.raises(ValueError, match="t must have shape"):
+        m(x, torch.rand(3), w)
+    with pytest.raises(ValueError, match="w must have shape"):
+        m(x, t, torch.rand(2, 1))
+    with pytest.raises(ValueError, match="exceeds max_length"):
+        m(torch.randn(2, 17, 64), t, w)
