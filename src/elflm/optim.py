@@ -180,17 +180,20 @@ class Muon(torch.optim.Optimizer):
 _HPARAMS = ("momentum", "ns_coeffs", "ns_steps", "eps", "adam_betas")
 
 
-def build_optimizer(model: nn.Module, cfg=None) -> Muon:
+def build_optimizer(model: nn.Module, cfg=None) -> torch.optim.Optimizer:
     """:class:`Muon` over the trainable parameters of ``model`` (DDP / ``torch.compile``
     wrappers unwrapped; FSDP2 modules as they are), one param group, ``lr`` 0 until the
     schedule sets it. Hyper-parameters come from ``cfg.muon_<name>`` for ``<name>`` in
     momentum, ns_coeffs, ns_steps, eps, adam_betas where ``cfg`` has that attribute, else the
-    official defaults. (The official ``adam_b1``/``adam_b2``/``weight_decay`` config fields do
+    official defaults; ``cfg.optimizer == "adamw"`` gives ``torch.optim.AdamW`` with
+    ``adam_b1``, ``adam_b2``, ``weight_decay``. (The official ``adam_b1``/``adam_b2``/``weight_decay`` config fields do
     not reach Muon; its Adam branch always uses 0.9/0.999 and no decay.)"""
-    kw = {k: getattr(cfg, "muon_" + k) for k in _HPARAMS if hasattr(cfg, "muon_" + k)}
     params = [p for p in unwrap(model).parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
+    if getattr(cfg, "optimizer", "muon") == "adamw":  # the official alternative: optax.adamw
+        return torch.optim.AdamW(params, lr=0.0, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8, weight_decay=cfg.weight_decay)
+    kw = {k: getattr(cfg, "muon_" + k) for k in _HPARAMS if hasattr(cfg, "muon_" + k)}
     return Muon(params, lr=0.0, **kw)
 
 

@@ -1,0 +1,562 @@
+"""Typed configuration: model, encoder, data, objective, training and sampling settings.
+
+Every section is a dataclass; :class:`Config` holds one of each. :func:`load_config` reads YAML,
+applies dotted ``section.key=value`` overrides and validates, raising :class:`ConfigError` that
+names the offending key and what was expected.
+
+Each setting has one home. A few fields are copies kept for the code that reads one section
+only (see :data:`MIRRORS`): :class:`Config` fills them from their home, and a YAML file may
+repeat them only with the same value. ``model.encoder_dim`` (C) and ``model.vocab_size`` (V)
+are properties of the encoder (T5-small: C = 512, V = 32128): a ``Config`` leaves them at their
+defaults and :meth:`Config.resolved_model` fills them from the loaded encoder.
+"""
+from __future__ import annotations
+
+import difflib
+import functools
+import types
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Literal, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or impossible; ``key`` is the
+    dotted name of the setting, when there is one."""
+
+    def __init__(self, message: str, key: str | None = None):
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass
+class ModelConfig:
+    """The ELF network (SPEC §4). ``encoder_dim`` is C, ``hidden_size`` is H, ``vocab_size`` V."""
+
+    encoder_dim: int = 512
+    vocab_size: int = 32128
+    max_length: int = 1024
+    hidden_size: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    bottleneck_dim: int = 128
+    num_time_tokens: int = 4
+    num_self_cond_cfg_tokens: int = 4
+    num_mode_tokens: int = 4
+    self_cond: bool = True
+    dropout: float = 0.0
+
+
+@dataclass
+class ObjectiveConfig:
+    """Flow and training-objective hyper-parameters (SPEC §3, §5); official names in comments.
+    In a :class:`Config`, ``latent_mean``/``latent_std`` mirror ``encoder.*`` and ``pad_token``
+    mirrors ``data.pad_token``."""
+
+    latent_mean: float = 0.0
+    latent_std: float = 0.2
+    noise_scale: float = 2.0  # denoiser_noise_scale
+    p_mean: float = -1.5  # denoiser_p_mean
+    p_std: float = 0.8  # denoiser_p_std
+    t_eps: float = 0.05
+    time_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+    decoder_prob: float = 0.2
+    decoder_noise_scale: float = 5.0
+    decoder_p_mean: float = 0.8
+    decoder_p_std: float = 0.8
+    self_cond_prob: float = 0.5
+    self_cond_cfg_min: float = 0.5
+    self_cond_cfg_max: float = 5.0
+    label_drop_prob: float = 0.0
+    pad_token: Literal["pad", "eos"] = "pad"  # which id pads rows (eos for conditional tasks)
+
+
+@dataclass
+class SampleConfig:
+    """Sampler settings (SPEC §6). ``w`` is the self-conditioning-CFG scale, ``cfg_scale`` the
+    classifier-free guidance scale of conditional models (1 = off). In a :class:`Config`,
+    ``noise_scale``, ``p_mean``, ``p_std`` and ``t_eps`` mirror the objective's."""
+
+    method: Literal["ode", "sde"] = "sde"
+    steps: int = 32
+    grid: Literal["logit_normal", "uniform"] = "logit_normal"
+    gamma: float = 1.5  # SDE churn
+    w: float = 3.0
+    cfg_scale: float = 1.0
+    noise_scale: float = 2.0
+    p_mean: float = -1.5
+    p_std: float = 0.8
+    t_eps: float = 0.05
+    t_final: float = 1.0
+    num_samples: int = 1000
+
+
+@dataclass
+class DataConfig:
+    """Training / evaluation data. Rows are ``max_length`` tokens; a conditional row is
+    ``condition[:max_input_length] ++ target`` (SPEC §1), so ``max_input_length`` is None for
+    unconditional data. ``tokenizer`` mirrors the encoder's tokenizer."""
+
+    train_path: str | None = None
+    eval_path: str | None = None
+    max_length: int = 1024
+    max_input_length: int | None = None
+    pad_token: Literal["pad", "eos"] = "pad"
+    tokenizer: str | None = None
+    text_field: str = "text"  # unconditional JSONL / dataset column
+    source_field: str = "source"  # conditional: the condition ...
+    target_field: str = "target"  # ... and the text to generate
+    num_workers: int = 0
+
+    @property
+    def conditional(self) -> bool:
+        return self.max_input_length is not None
+
+
+@dataclass
+class EncoderConfig:
+    """The frozen text encoder whose (normalised) states are the latents: ``t5`` (the T5 encoder
+    stack) or ``hf`` (any Hugging Face encoder). ``weights`` replaces the checkpoint of
+    ``name_or_path`` (e.g. the official JAX pickle); ``tokenizer`` None means ``name_or_path``.
+    ``latent_mean``/``latent_std`` None: estimate from the training data."""
+
+    kind: Literal["t5", "hf"] = "t5"
+    name_or_path: str = "t5-small"
+    weights: str | None = None
+    tokenizer: str | None = None
+    latent_mean: float | None = 0.0
+    latent_std: float | None = 0.2
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.name_or_path
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, schedule, parallelism, logging and checkpoints. ``global_batch_size``
+    counts the rows of one optimizer update (processes × ``batch_size`` × accumulation).
+    The learning rate is ``lr``, or ``blr · global_batch_size / 256`` when ``lr`` is None.
+    Warm-up is ``warmup_steps`` when set, else ``warmup_epochs``; the run lasts ``max_steps``
+    when set, else ``epochs``. Muon's Adam branch uses ``muon_adam_betas``; ``adam_b1``,
+    ``adam_b2`` and ``weight_decay`` belong to ``optimizer: adamw``."""
+
+    global_batch_size: int = 512
+    batch_size: int | None = None  # rows per process per micro-batch; None: from grad_accum_steps
+    grad_accum_steps: int | None = None  # micro-batches per update; None: from batch_size (else 1)
+    blr: float = 1e-3
+    lr: float | None = None
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: float = 0.0
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = 0.5
+    epochs: float = 5.0
+    max_steps: int | None = None
+    clip: float = 1.0
+    optimizer: Literal["muon", "adamw"] = "muon"
+    muon_momentum: float = 0.95
+    muon_ns_coeffs: tuple[float, float, float] = (3.4445, -4.7750, 2.0315)
+    muon_ns_steps: int = 5
+    muon_eps: float = 1e-8
+    muon_adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_b1: float = 0.9
+    adam_b2: float = 0.95
+    weight_decay: float = 0.0
+    ema_decay: float = 0.9999
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False
+    distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    log_every: int = 100
+    save_every: int = 5000  # steps; 0: only at the end
+    keep_last: int = 3  # checkpoints kept; 0: all
+    output_dir: str = "outputs/run"
+    resume: str | None = None  # a checkpoint folder, or "auto": the latest in output_dir
+    tensorboard: bool = False
+    preview_every: int = 0  # steps between sample previews; 0: none
+    preview_samples: int = 4
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else self.blr * self.global_batch_size / 256
+
+    def micro_batch(self, world: int) -> tuple[int, int]:
+        """``(rows per micro-batch, micro-batches per update)`` with ``world`` processes."""
+        G = self.global_batch_size
+        accum = self.grad_accum_steps or (G // (self.batch_size * world) if self.batch_size else 1)
+        micro = self.batch_size or G // (world * accum)
+        if micro < 1 or micro * world * accum != G:
+            raise ConfigError(
+                f"train.global_batch_size={G} must equal train.batch_size ({self.batch_size}) × processes ({world}) "
+                f"× train.grad_accum_steps ({self.grad_accum_steps})", "train.global_batch_size")
+        return micro, accum
+
+
+PRESETS: dict[str, dict] = {
+    "elf-b": dict(hidden_size=768, depth=12, num_heads=12),
+    "elf-m": dict(hidden_size=1056, depth=24, num_heads=16),
+    "elf-l": dict(hidden_size=1280, depth=32, num_heads=16),
+    "tiny": dict(hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16, max_length=64),
+}
+
+
+def model_preset(name: str, **overrides) -> ModelConfig:
+    """A :class:`ModelConfig` for ``elf-b``, ``elf-m``, ``elf-l`` or ``tiny``, with overrides."""
+    key = name.lower().replace("_", "-")
+    if key not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}", "model.preset")
+    return ModelConfig(**{**PRESETS[key], **overrides})
+
+
+# mirror key -> its home; Config copies the home's value when it is not None
+MIRRORS = {
+    "model.max_length": "data.max_length",
+    "objective.pad_token": "data.pad_token",
+    "objective.latent_mean": "encoder.latent_mean",
+    "objective.latent_std": "encoder.latent_std",
+    "data.tokenizer": "encoder.tokenizer_name",
+    "sample.noise_scale": "objective.noise_scale",
+    "sample.p_mean": "objective.p_mean",
+    "sample.p_std": "objective.p_std",
+    "sample.t_eps": "objective.t_eps",
+}
+_HOME_SOURCES = {"encoder.tokenizer_name": ("encoder.tokenizer", "encoder.name_or_path")}
+_FROM_ENCODER = ("encoder_dim", "vocab_size")  # model keys a YAML may not set
+
+
+@dataclass
+class Config:
+    """A full run: ``model``, ``encoder``, ``data``, ``objective``, ``train``, ``sample``."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def __post_init__(self):
+        for name, cls in SECTIONS.items():
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name}: expected a {cls.__name__}, got {type(getattr(self, name)).__name__}", name)
+        for mirror, home in MIRRORS.items():
+            value = _get(self, home)
+            section, name = mirror.split(".")
+            if value is not None and getattr(getattr(self, section), name) != value:
+                setattr(self, section, replace(getattr(self, section), **{name: value}))
+
+    def resolved_model(self, encoder_dim: int, vocab_size: int) -> ModelConfig:
+        """The network's config: ``model`` with C and V of the loaded encoder."""
+        for key, v in (("encoder_dim", encoder_dim), ("vocab_size", vocab_size)):
+            if not isinstance(v, int) or v < 1:
+                raise ConfigError(f"model.{key}: the encoder reported {v!r}; expected a positive integer", f"model.{key}")
+        return replace(self.model, encoder_dim=encoder_dim, vocab_size=vocab_size)
+
+
+SECTIONS = {"model": ModelConfig, "encoder": EncoderConfig, "data": DataConfig,
+            "objective": ObjectiveConfig, "train": TrainConfig, "sample": SampleConfig}
+
+# official (flat) config name -> ours; the README table lists the rest
+OFFICIAL_KEYS = {
+    "data_path": "data.train_path", "eval_data_path": "data.eval_path", "max_length": "data.max_length",
+    "max_input_length": "data.max_input_length", "pad_token": "data.pad_token", "num_workers": "data.num_workers",
+    "tokenizer_name": "encoder.tokenizer", "encoder_model_name": "encoder.name_or_path",
+    "encoder_checkpoint": "encoder.weights", "latent_mean": "encoder.latent_mean", "latent_std": "encoder.latent_std",
+    "num_model_mode_tokens": "model.num_mode_tokens", "proj_dropout": "model.dropout",
+    "denoiser_p_mean": "objective.p_mean", "denoiser_p_std": "objective.p_std",
+    "denoiser_noise_scale": "objective.noise_scale", "ema_decay1": "train.ema_decay",
+    "log_freq": "train.log_every", "save_freq": "train.save_every",
+    "sampling_method": "sample.method", "num_sampling_steps": "sample.steps", "sde_gamma": "sample.gamma",
+    "self_cond_cfg_scales": "sample.w", "cfgs": "sample.cfg_scale",
+}
+
+
+# ------------------------------------------------------------------------------ types
+def _get(cfg: Config, key: str):
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
+@functools.cache
+def _hints(cls) -> dict:
+    return get_type_hints(cls)
+
+
+def _arms(tp) -> tuple:
+    """The alternatives of a union type, or ``(tp,)``."""
+    return get_args(tp) if get_origin(tp) in (Union, types.UnionType) else (tp,)
+
+
+def _describe(tp) -> str:
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args if a is not type(None)) + " or null"
+    if origin is Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin is tuple:
+        return f"a list of {len(args)} numbers"
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[tp]
+
+
+def _number(text: str):
+    for conv in (int, float):
+        try:
+            return conv(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _coerce(value, tp, key: str):
+    """``value`` as type ``tp``: ints become floats, numeric strings numbers, "true"/"false"
+    bools, integral floats ints; anything else that does not fit raises."""
+    origin, args = get_origin(tp), get_args(tp)
+    if origin in (Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+            return None
+        return _coerce(value, next(a for a in args if a is not type(None)), key)
+    if origin is Literal and isinstance(value, str) and value in args:
+        return value
+    if isinstance(value, str) and tp in (int, float):
+        value = _number(value)
+    if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: type(v) is int or (type(v) is float and v.is_integer()),
+          float: lambda v: type(v) in (int, float),
+          str: lambda v: isinstance(v, str)}.get(tp)
+    if ok is not None and ok(value):
+        return tp(value)
+    if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}", key)
+
+
+def _unknown(key: str, options) -> ConfigError:
+    section, _, name = key.rpartition(".")
+    close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    elsewhere = [f"{s}.{name}" for s, cls in SECTIONS.items() if s != section and name in _hints(cls)]
+    guess = f"{section}.{close[0]}" if close and section else close[0] if close else (
+        OFFICIAL_KEYS.get(name) or (elsewhere[0] if elsewhere else None))
+    hint = f"; did you mean {guess!r}?" if guess else f"; expected one of {', '.join(options)}"
+    return ConfigError(f"unknown key {key!r}{hint}", key)
+
+
+# ------------------------------------------------------------------------------ dict <-> Config
+def _section(name: str, raw) -> tuple[object, dict]:
+    """A section dataclass from its YAML mapping; also returns the coerced explicit values."""
+    cls = SECTIONS[name]
+    if name == "model" and isinstance(raw, str):
+        raw = {"preset": raw}
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        extra = " or a preset name (elf-b, elf-m, elf-l, tiny)" if name == "model" else ""
+        raise ConfigError(f"{name}: expected a mapping of settings{extra}, got {raw!r}", name)
+    raw, base = dict(raw), {}
+    if name == "model" and "preset" in raw:
+        preset = raw.pop("preset")
+        if not isinstance(preset, str):
+            raise ConfigError(f"model.preset: expected a preset name, got {preset!r}", "model.preset")
+        try:
+            base = asdict(model_preset(preset))
+        except ConfigError as e:
+            raise ConfigError(f"model.preset: {e}", "model.preset") from None
+    hints, given = _hints(cls), {}
+    for k, v in raw.items():
+        key = f"{name}.{k}"
+        if name == "model" and k in _FROM_ENCODER:
+            raise ConfigError(f"{key} is a property of the encoder (filled from it when the model is built); remove it", key)
+        if k not in hints or k.startswith("_"):
+            raise _unknown(key, [*hints, *(["preset"] if name == "model" else [])])
+        given[k] = _coerce(v, hints[k], key)
+    return cls(**{**base, **given}), given
+
+
+def from_dict(d: dict) -> Config:
+    """A validated :class:`Config` from nested ``{section: {key: value}}`` (YAML layout)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"expected a mapping of sections ({', '.join(SECTIONS)}), got {type(d).__name__}")
+    for k in d:
+        if k not in SECTIONS:
+            raise _unknown(str(k), SECTIONS)
+    built = {name: _section(name, d.get(name)) for name in SECTIONS}
+    sections = {name: obj for name, (obj, _) in built.items()}
+    for mirror, home in MIRRORS.items():
+        section, key = mirror.split(".")
+        home_section, home_key = home.split(".")
+        home_value = getattr(sections[home_section], home_key)
+        if key in built[section][1] and home_value is not None and built[section][1][key] != home_value:
+            raise ConfigError(f"{mirror}={built[section][1][key]!r} contradicts {home}={home_value!r}: {mirror} is a "
+                              f"copy of {home}; set {home.replace('tokenizer_name', 'tokenizer')} only", mirror)
+    return validate(Config(**sections))
+
+
+def to_dict(cfg: Config) -> dict:
+    """Nested plain dict (lists for tuples) that :func:`from_dict` turns back into ``cfg``."""
+    out = {}
+    for name in SECTIONS:
+        section = asdict(getattr(cfg, name))
+        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()
+                     if not (name == "model" and k in _FROM_ENCODER)}
+    return out
+
+
+def apply_overrides(d: dict, overrides) -> dict:
+    """A copy of the YAML dict ``d`` with dotted ``section.key=value`` overrides applied (values
+    parsed as YAML; kept as text for string settings). ``model=elf-m`` (or ``model.preset=``)
+    replaces the model section by a preset. An override of a home key drops the stale copies of
+    its mirrors."""
+    d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for item in overrides:
+        key, eq, text = str(item).partition("=")
+        key = key.strip()
+        if not eq or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.blr=1e-3")
+        if key in ("model", "model.preset"):
+            d["model"] = {"preset": text.strip()}
+            continue
+        section, dot, name = key.partition(".")
+        if section not in SECTIONS:
+            raise _unknown(section, SECTIONS)
+        if not dot or "." in name:
+            raise ConfigError(f"override {item!r}: expected section.key=value with one dot", key)
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError:
+            value = text
+        tp = _hints(SECTIONS[section]).get(name)
+        if value is not None and not isinstance(value, str) and str in _arms(tp):
+            value = text.strip()
+        current = d.get(section)
+        d[section] = {"preset": current} if isinstance(current, str) else dict(current or {})
+        d[section][name] = value
+        for mirror, home in MIRRORS.items():
+            ms, mk = mirror.split(".")
+            if key in _HOME_SOURCES.get(home, (home,)) and isinstance(d.get(ms), dict):
+                d[ms].pop(mk, None)
+    return d
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that rejects a key repeated in one mapping."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def load_config(path: str | Path, overrides=()) -> Config:
+    """Read a YAML config, apply dotted overrides (``["model.depth=24", "train.blr=1e-3"]``)
+    and validate. Errors name the file (and line for malformed YAML) and the key."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    try:
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        raise ConfigError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    if not isinstance(raw, (dict, type(None))):
+        raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
+    overrides = list(overrides)
+    try:
+        return from_dict(apply_overrides(raw or {}, overrides))
+    except ConfigError as e:
+        keys = [str(o).split("=", 1)[0].strip() for o in overrides]
+        culprit = [o for o, k in zip(overrides, keys) if e.key and e.key in (k, "model.preset" if k == "model" else k)]
+        source = f"{path} (override {culprit[0]!r})" if culprit else str(path)
+        raise ConfigError(f"{source}: {e}", e.key) from None
+
+
+def dump_config(cfg: Config, path: str | Path) -> None:
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+# ------------------------------------------------------------------------------ validation
+_POSITIVE_INT = ["model.hidden_size", "model.depth", "model.num_heads", "model.bottleneck_dim", "data.max_length",
+                 "train.global_batch_size", "train.log_every", "train.muon_ns_steps", "train.preview_samples",
+                 "sample.steps", "sample.num_samples"]
+_NON_NEGATIVE = ["model.num_time_tokens", "model.num_self_cond_cfg_tokens", "model.num_mode_tokens",
+                 "objective.self_cond_cfg_min", "data.num_workers", "train.min_lr", "train.weight_decay",
+                 "train.epochs", "train.muon_eps", "train.save_every", "train.keep_last", "train.preview_every", "sample.gamma",
+                 "sample.w", "sample.cfg_scale"]
+_POSITIVE = ["model.mlp_ratio", "objective.noise_scale", "objective.p_std", "objective.decoder_noise_scale",
+             "objective.decoder_p_std", "train.blr", "train.clip"]
+_PROBABILITY = ["objective.decoder_prob", "objective.self_cond_prob", "objective.label_drop_prob",
+                "train.ema_decay", "train.adam_b1", "train.adam_b2"]
+_OPTIONAL_MIN = {"data.max_input_length": 1, "train.batch_size": 1, "train.grad_accum_steps": 1,
+                 "train.warmup_steps": 0, "train.warmup_epochs": 0, "train.max_steps": 1}
+
+
+def _need(ok: bool, key: str, value, expected: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: expected {expected}", key)
+
+
+def validate(cfg: Config) -> Config:
+    """Check types and value ranges; returns ``cfg`` or raises :class:`ConfigError`."""
+    for name, cls in SECTIONS.items():
+        section = getattr(cfg, name)
+        for k, tp in _hints(cls).items():
+            key, v = f"{name}.{k}", getattr(section, k)
+            if _coerce(v, tp, key) != v:
+                raise ConfigError(f"{key}: expected {_describe(tp)}, got {v!r}", key)
+    for key in _POSITIVE_INT:
+        _need(_get(cfg, key) >= 1, key, _get(cfg, key), "an integer >= 1")
+    for key in _NON_NEGATIVE:
+        _need(_get(cfg, key) >= 0, key, _get(cfg, key), "a value >= 0")
+    for key in _POSITIVE:
+        _need(_get(cfg, key) > 0, key, _get(cfg, key), "a value > 0")
+    for key in _PROBABILITY:
+        _need(0 <= _get(cfg, key) <= 1, key, _get(cfg, key), "a probability in [0, 1]")
+    for key, low in _OPTIONAL_MIN.items():
+        _need(_get(cfg, key) is None or _get(cfg, key) >= low, key, _get(cfg, key), f"null or a value >= {low}")
+    m, o, d, e, t, s = cfg.model, cfg.objective, cfg.data, cfg.encoder, cfg.train, cfg.sample
+    _need(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
+          f"a multiple of model.num_heads ({m.num_heads})")
+    _need(m.hidden_size // m.num_heads % 2 == 0, "model.num_heads", m.num_heads,
+          f"a head width hidden_size/num_heads that is even (RoPE rotates pairs); got {m.hidden_size / m.num_heads:g}")
+    _need(0 <= m.dropout < 1, "model.dropout", m.dropout, "a rate in [0, 1)")
+    _need(0 < o.t_eps <= 1, "objective.t_eps", o.t_eps, "a value in (0, 1]")
+    _need(o.self_cond_cfg_max >= o.self_cond_cfg_min, "objective.self_cond_cfg_max", o.self_cond_cfg_max,
+          f">= objective.self_cond_cfg_min ({o.self_cond_cfg_min})")
+    _need(d.max_input_length is None or d.max_input_length < d.max_length, "data.max_input_length",
+          d.max_input_length, f"fewer tokens than data.max_length ({d.max_length}), leaving room for the target")
+    _need(e.latent_std is None or e.latent_std > 0, "encoder.latent_std", e.latent_std, "null (estimate) or > 0")
+    _need(bool(e.name_or_path), "encoder.name_or_path", e.name_or_path, "a model name or folder")
+    _need(t.epochs > 0 or t.max_steps is not None, "train.epochs", t.epochs, "> 0, or train.max_steps set")
+    _need(t.lr is None or t.lr > 0, "train.lr", t.lr, "null (blr scaling) or > 0")
+    _need(0 <= t.muon_momentum < 1, "train.muon_momentum", t.muon_momentum, "a value in [0, 1)")
+    _need(all(0 <= b < 1 for b in t.muon_adam_betas), "train.muon_adam_betas", t.muon_adam_betas, "two values in [0, 1)")
+    per = (t.batch_size or 1) * (t.grad_accum_steps or 1)
+    _need(t.global_batch_size % per == 0, "train.global_batch_size", t.global_batch_size,
+          f"a multiple of train.batch_size × train.grad_accum_steps ({per})")
+    _need(0 < s.t_final <= 1, "sample.t_final", s.t_final, "a value in (0, 1]")
+    _need(s.cfg_scale == 1 or d.conditional, "sample.cfg_scale", s.cfg_scale,
+          "1 for an unconditional model (classifier-free guidance needs data.max_input_length)")
+    for mirror, home in MIRRORS.items():
+        if _get(cfg, home) is not None and _get(cfg, mirror) != _get(cfg, home):
+            raise ConfigError(f"{mirror}={_get(cfg, mirror)!r} differs from its home {home}={_get(cfg, home)!r}; "
+                              "after editing a Config in place, re-sync it with dataclasses.replace(cfg)", mirror)
+    return cfg
+
+
+__all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "SampleConfig", "DataConfig", "EncoderConfig",
+           "TrainConfig", "Config", "PRESETS", "MIRRORS", "OFFICIAL_KEYS", "model_preset", "load_config",
+           "dump_config", "from_dict", "to_dict", "apply_overrides", "validate"]

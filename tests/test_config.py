@@ -1,0 +1,269 @@
+"""Config dataclasses, YAML load/dump, dotted overrides, validation errors and the shipped configs."""
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from elflm.config import (
+    MIRRORS,
+    OFFICIAL_KEYS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    DataConfig,
+    EncoderConfig,
+    ModelConfig,
+    TrainConfig,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    load_config,
+    model_preset,
+    to_dict,
+    validate,
+)
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+OWT = Path(__file__).resolve().parents[1] / "configs" / "elf-b-owt.yaml"
+
+
+def test_configs_folder_has_the_official_and_tiny_configs():
+    names = {p.stem for p in CONFIGS}
+    assert {"elf-b-owt", "elf-m-owt", "elf-l-owt", "elf-b-de-en", "elf-b-xsum", "tiny-owt", "tiny-de-en"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_loads_and_round_trips(path, tmp_path):
+    cfg = load_config(path)
+    assert validate(cfg) is cfg
+    dump_config(cfg, tmp_path / "sub" / "config.yaml")
+    assert load_config(tmp_path / "sub" / "config.yaml") == cfg
+    assert from_dict(to_dict(cfg)) == cfg
+    assert cfg.model.max_length == cfg.data.max_length
+
+
+# The official training YAMLs and sampling YAMLs (SPEC §5, §6), in our names.
+COMMON = {"model.bottleneck_dim": 128, "model.num_time_tokens": 4, "model.num_self_cond_cfg_tokens": 4,
+          "model.num_mode_tokens": 4, "encoder.name_or_path": "t5-small", "encoder.latent_mean": 0.0,
+          "encoder.latent_std": 0.2, "encoder.weights": "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl",
+          "objective.p_mean": -1.5, "objective.p_std": 0.8, "objective.noise_scale": 2.0, "objective.t_eps": 0.05,
+          "objective.time_schedule": "logit_normal", "objective.decoder_prob": 0.2, "objective.decoder_p_mean": 0.8,
+          "objective.decoder_p_std": 0.8, "objective.self_cond_prob": 0.5, "train.global_batch_size": 512,
+          "train.blr": 1e-3, "train.peak_lr": 2e-3, "train.weight_decay": 0.0, "train.optimizer": "muon",
+          "train.ema_decay": 0.9999, "train.seed": 42, "train.clip": 1.0, "train.lr_schedule": "constant",
+          "sample.grid": "logit_normal"}
+UNCOND = {"data.max_length": 1024, "data.max_input_length": None, "data.pad_token": "pad",
+          "objective.decoder_noise_scale": 5.0, "objective.label_drop_prob": 0.0, "train.warmup_steps": None,
+          "train.warmup_epochs": 0.5, "sample.method": "sde", "sample.w": 3.0, "sample.cfg_scale": 1.0,
+          "sample.num_samples": 1000}
+COND = {"data.pad_token": "eos", "objective.decoder_noise_scale": 1.0, "objective.label_drop_prob": 0.1,
+        "train.epochs": 100, "train.warmup_steps": 5000, "sample.method": "ode", "sample.steps": 64,
+        "sample.w": 1.0, "sample.cfg_scale": 2.0}
+OFFICIAL = {
+    "elf-b-owt": {**UNCOND, "model.depth": 12, "model.hidden_size": 768, "train.epochs": 5, "sample.steps": 32, "sample.gamma": 1.5},
+    "elf-m-owt": {**UNCOND, "model.depth": 24, "model.hidden_size": 1056, "train.epochs": 4, "sample.steps": 64, "sample.gamma": 1.0},
+    "elf-l-owt": {**UNCOND, "model.depth": 32, "model.hidden_size": 1280, "train.epochs": 3, "sample.steps": 64, "sample.gamma": 1.0},
+    "elf-b-de-en": {**COND, "data.max_length": 128, "data.max_input_length": 64, "sample.num_samples": 5000},
+    "elf-b-xsum": {**COND, "data.max_length": 1088, "data.max_input_length": 1024, "sample.num_samples": 100},
+}
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_official_hyper_parameters(name):
+    cfg = load_config(OWT.with_name(f"{name}.yaml"))
+    for key, expected in {**COMMON, **OFFICIAL[name]}.items():
+        section, field = key.split(".")
+        assert getattr(getattr(cfg, section), field) == expected, key
+    assert cfg.data.conditional == (name not in ("elf-b-owt", "elf-m-owt", "elf-l-owt"))
+    assert cfg.sample.noise_scale == 2.0 and cfg.sample.p_mean == -1.5  # copies of the objective's
+
+
+# Every field of the official Config class and SamplingConfig: our key or why there is none.
+UNMAPPED = {"attn_dropout": "unused by the official network", "sampling_configs_path": "the sample section",
+            "sampling_configs": "the sample section", "online_eval": "train.preview_every + elflm eval",
+            "eval_ppl_model": "elflm eval --judge", "eval_ppl_batch_size": "elflm eval --batch-size",
+            "eval_ppl_max_length": "fixed 1024", "eval_freq": "train.preview_every", "hf_repo_id": "-",
+            "use_wandb": "train.tensorboard", "wandb_project": "-", "wandb_entity": "-", "wandb_run_name": "-",
+            "wandb_tag": "-", "wandb_resume": "-", "time_schedule (sampling)": "sample.grid"}
+OFFICIAL_FIELDS = """data_path eval_data_path max_length max_input_length pad_token tokenizer_name encoder_model_name
+encoder_checkpoint latent_mean latent_std model bottleneck_dim num_time_tokens num_self_cond_cfg_tokens
+num_model_mode_tokens attn_dropout proj_dropout denoiser_p_mean denoiser_p_std denoiser_noise_scale t_eps time_schedule
+decoder_prob decoder_noise_scale decoder_p_mean decoder_p_std label_drop_prob self_cond_prob self_cond_cfg_min
+self_cond_cfg_max epochs warmup_epochs warmup_steps batch_size global_batch_size lr blr min_lr lr_schedule weight_decay
+optimizer adam_b1 adam_b2 grad_accum_steps ema_decay1 sampling_configs_path sampling_configs num_samples online_eval
+eval_ppl_model eval_ppl_batch_size eval_ppl_max_length log_freq eval_freq save_freq output_dir hf_repo_id resume
+use_wandb wandb_project wandb_entity wandb_run_name wandb_tag wandb_resume seed num_workers
+sampling_method num_sampling_steps cfgs self_cond_cfg_scales sde_gamma""".split()
+
+
+def test_every_official_field_has_a_home():
+    ours = {f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.__dataclass_fields__} | {"model.preset"}
+    for name, target in OFFICIAL_KEYS.items():
+        assert target in ours, (name, target)
+    for name in OFFICIAL_FIELDS:
+        same = [f"{s}.{name}" for s in SECTIONS if f"{s}.{name}" in ours]
+        assert name in OFFICIAL_KEYS or same or name in UNMAPPED or name == "model", name
+
+
+def test_presets_have_the_spec_sizes():
+    for name, (depth, hidden, heads) in {"elf-b": (12, 768, 12), "elf-m": (24, 1056, 16), "elf-l": (32, 1280, 16)}.items():
+        m = model_preset(name)
+        assert (m.depth, m.hidden_size, m.num_heads, m.mlp_ratio, m.bottleneck_dim) == (depth, hidden, heads, 4.0, 128)
+        assert (m.encoder_dim, m.vocab_size) == (512, 32128)
+    assert model_preset("ELF_M") == model_preset("elf-m")
+    assert model_preset("tiny", depth=3).depth == 3
+
+
+@pytest.mark.parametrize("model", ["elf-m", "ELF-M", {"preset": "elf-m"}])
+def test_model_section_selects_a_preset(model):
+    cfg = from_dict({"model": model, "data": {"max_length": 256}})
+    assert (cfg.model.depth, cfg.model.hidden_size, cfg.model.max_length) == (24, 1056, 256)
+
+
+def test_preset_with_overrides_and_plain_mapping():
+    assert from_dict({"model": {"preset": "elf-b", "depth": 6}}).model.depth == 6
+    assert from_dict({"model": {"depth": 6}}).model.hidden_size == 768  # defaults are ELF-B
+    assert from_dict({}) == Config()
+
+
+def test_overrides_parse_and_coerce():
+    cfg = load_config(OWT, ["model.depth=24", "train.blr=1e-3", "sample.method=ode", "train.compile=false",
+                            "train.max_steps=null", "objective.noise_scale=3", "train.output_dir=123",
+                            "train.muon_adam_betas=[0.8, 0.99]", "train.warmup_epochs=1", 'train.tensorboard="false"',
+                            "sample.steps='48'", "train.resume=none"])
+    assert cfg.model.depth == 24 and cfg.train.blr == 1e-3 and isinstance(cfg.train.blr, float)
+    assert cfg.sample.method == "ode" and cfg.train.compile is False and cfg.train.max_steps is None
+    assert cfg.objective.noise_scale == 3.0 and isinstance(cfg.objective.noise_scale, float)
+    assert cfg.sample.noise_scale == 3.0  # follows its home
+    assert cfg.train.output_dir == "123" and cfg.train.muon_adam_betas == (0.8, 0.99)
+    assert cfg.train.tensorboard is False and cfg.sample.steps == 48 and cfg.train.resume is None
+    assert load_config(OWT, ["model=elf-l"]).model.depth == 32
+    assert load_config(OWT, ["model.preset=elf-m"]).model.depth == 24
+
+
+def test_override_of_a_home_key_on_a_dumped_config(tmp_path):
+    dump_config(load_config(OWT), tmp_path / "c.yaml")
+    cfg = load_config(tmp_path / "c.yaml", ["data.pad_token=eos", "data.max_length=128", "data.max_input_length=64",
+                                            "encoder.latent_std=0.3", "encoder.tokenizer=some/tok"])
+    assert cfg.objective.pad_token == "eos" and cfg.model.max_length == 128
+    assert cfg.objective.latent_std == 0.3 and cfg.data.tokenizer == "some/tok"
+
+
+def test_mirrors_follow_their_home():
+    cfg = Config(data=DataConfig(pad_token="eos", max_length=77), encoder=EncoderConfig(latent_std=None, name_or_path="x"))
+    assert cfg.objective.pad_token == "eos" and cfg.model.max_length == 77 and cfg.data.tokenizer == "x"
+    assert cfg.objective.latent_std == 0.2  # home None (estimate from data): the copy keeps its value
+    cfg.data.pad_token = "pad"
+    with pytest.raises(ConfigError, match="objective.pad_token") as e:
+        validate(cfg)
+    assert e.value.key == "objective.pad_token"
+    assert validate(replace(cfg)).objective.pad_token == "pad"
+    assert set(MIRRORS) & set(MIRRORS.values()) == set()
+
+
+def test_resolved_model_takes_the_encoder_sizes():
+    cfg = load_config(OWT.with_name("tiny-owt.yaml"))
+    m = cfg.resolved_model(384, 30522)
+    assert (m.encoder_dim, m.vocab_size, m.max_length, m.hidden_size) == (384, 30522, 64, 64)
+    assert isinstance(m, ModelConfig) and cfg.model.encoder_dim == 512
+    with pytest.raises(ConfigError, match="model.vocab_size"):
+        cfg.resolved_model(384, 0)
+
+
+def test_batch_split():
+    t = TrainConfig(global_batch_size=512, batch_size=64)
+    assert t.micro_batch(world=2) == (64, 4)
+    assert TrainConfig(global_batch_size=512, grad_accum_steps=4).micro_batch(world=2) == (64, 4)
+    assert TrainConfig(global_batch_size=512).micro_batch(world=8) == (64, 1)
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        TrainConfig(global_batch_size=512, batch_size=64).micro_batch(world=3)
+    assert TrainConfig(blr=1e-3, global_batch_size=512).peak_lr == pytest.approx(2e-3)
+    assert TrainConfig(lr=5e-4).peak_lr == 5e-4
+
+
+BAD_OVERRIDES = [
+    (["model.dpeth=3"], "model.dpeth", "did you mean 'model.depth'"),
+    (["train.ema_decay1=0.9"], "train.ema_decay1", "did you mean 'train.ema_decay'"),
+    (["train.pad_token=eos"], "train.pad_token", "did you mean 'data.pad_token'"),
+    (["trian.blr=1"], "trian", "did you mean 'train'"),
+    (["train.blr=abc"], "train.blr", "expected a number"),
+    (["train.compile=maybe"], "train.compile", "expected true or false"),
+    (["model.depth=2.5"], "model.depth", "expected an integer"),
+    (["model.num_heads=5"], "model.hidden_size", "multiple of model.num_heads"),
+    (["model.hidden_size=36", "model.num_heads=4"], "model.num_heads", "even"),
+    (["objective.decoder_prob=1.5"], "objective.decoder_prob", "[0, 1]"),
+    (["objective.label_drop_prob=-0.1"], "objective.label_drop_prob", "[0, 1]"),
+    (["sample.steps=0"], "sample.steps", ">= 1"),
+    (["data.max_input_length=1024"], "data.max_input_length", "fewer tokens than data.max_length"),
+    (["encoder.latent_std=0"], "encoder.latent_std", "> 0"),
+    (["sample.method=euler"], "sample.method", "one of 'ode', 'sde'"),
+    (["sample.grid=cosine"], "sample.grid", "one of 'logit_normal', 'uniform'"),
+    (["sample.gamma=-1"], "sample.gamma", ">= 0"),
+    (["data.pad_token=bos"], "data.pad_token", "one of 'pad', 'eos'"),
+    (["sample.cfg_scale=2"], "sample.cfg_scale", "unconditional"),
+    (["model.vocab_size=100"], "model.vocab_size", "property of the encoder"),
+    (["objective.pad_token=eos"], "objective.pad_token", "set data.pad_token only"),
+    (["model=elf-xl"], "model.preset", "unknown model preset"),
+    (["train.batch_size=7"], "train.global_batch_size", "multiple of train.batch_size"),
+    (["train.epochs=0"], "train.epochs", "train.max_steps"),
+    (["train.lr=0"], "train.lr", "> 0"),
+    (["train.distributed=horovod"], "train.distributed", "'fsdp'"),
+    (["train.precision=fp16"], "train.precision", "'bf16'"),
+    (["model.depth=null"], "model.depth", "expected an integer, got None"),
+]
+
+
+@pytest.mark.parametrize("overrides,key,message", BAD_OVERRIDES, ids=[o[0][0] for o in BAD_OVERRIDES])
+def test_bad_values_name_the_key(overrides, key, message):
+    with pytest.raises(ConfigError) as e:
+        load_config(OWT, overrides)
+    text = str(e.value)
+    assert e.value.key == key and key in text and message in text and "elf-b-owt.yaml" in text
+
+
+BAD_FILES = [
+    ("train:\n  blr: 1e-3\n   epochs: 1\n", ":3:", "malformed YAML: mapping values are not allowed"),
+    ("train:\n  blr: 1\n  blr: 2\n", ":3:", "duplicate key 'blr'"),
+    ("- a\n- b\n", "", "expected a mapping of sections"),
+    ("denoiser_p_mean: -1.5\n", "", "did you mean 'objective.p_mean'"),
+    ("epochs: 5\n", "", "did you mean 'train.epochs'"),
+    ("train: 5\n", "", "train: expected a mapping"),
+    ("model:\n  preset: 3\n", "", "model.preset: expected a preset name"),
+    ("model: elf-b\ndata:\n  max_length: 64\nobjective: {}\nmodel_: 1\n", "", "did you mean 'model'"),
+]
+
+
+@pytest.mark.parametrize("text,where,message", BAD_FILES, ids=[b[2] for b in BAD_FILES])
+def test_bad_files_name_the_file(tmp_path, text, where, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(path)
+    assert f"bad.yaml{where}" in str(e.value) and message in str(e.value)
+
+
+def test_mirror_contradiction_in_a_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  max_length: 128\ndata:\n  max_length: 64\n")
+    with pytest.raises(ConfigError, match="model.max_length=128 contradicts data.max_length=64"):
+        load_config(path)
+    path.write_text("model:\n  max_length: 64\ndata:\n  max_length: 64\n")
+    assert load_config(path).model.max_length == 64
+
+
+def test_missing_file_and_malformed_override(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="section.key=value"):
+        apply_overrides({}, ["train.blr"])
+    with pytest.raises(ConfigError, match="one dot"):
+        apply_overrides({}, ["train.a.b=1"])
+
+
+def test_validate_rejects_wrong_types_built_in_code():
+    with pytest.raises(ConfigError, match="model.depth: expected an integer"):
+        validate(Config(model=ModelConfig(depth="12")))
+    with pytest.raises(ConfigError, match="train.compile: expected true or false"):
+        validate(Config(train=TrainConfig(compile=1)))
+    with pytest.raises(ConfigError, match="data: expected a DataConfig"):
+        Config(data={"max_length": 3})
