@@ -212,6 +212,27 @@ class ELF(nn.Module):
             block.attn.fast = fast
         return self
 
+    @classmethod
+    def from_pretrained(cls, name_or_path, **kwargs) -> "ELF":
+        """ELF ready for sampling from an elflm folder, a training checkpoint, an official
+        checkpoint or a Hub id (options: :func:`elflm.checkpoint.load_pretrained`); the frozen
+        ``.encoder``, its ``.tokenizer`` and the settings ``.pretrained`` are attached."""
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(name_or_path, **kwargs)[0]
+
+    def save_pretrained(self, directory, **kwargs):
+        """Write this model as an elflm folder (:func:`elflm.checkpoint.save_pretrained`)."""
+        from .checkpoint import save_pretrained
+
+        return save_pretrained(self, directory, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Save to a temporary folder and upload it (:func:`elflm.checkpoint.push_to_hub`)."""
+        from .checkpoint import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 

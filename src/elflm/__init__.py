@@ -1,0 +1,13 @@
+"""elflm: Embedded Language Flows in PyTorch.
+
+``ELF`` is the network (``ELF.from_pretrained`` loads ours, the authors' checkpoints or Hub ids),
+``generate`` samples text, ``TextEncoder`` is the frozen embedding space, ``load_config`` reads a
+run's YAML.
+"""
+from .config import Config, ModelConfig, ObjectiveConfig, SampleConfig, load_config, model_preset
+from .encoder import TextEncoder
+from .generate import generate
+from .model import ELF
+
+__version__ = "0.1.0"
+__all__ = ["ELF", "Config", "ModelConfig", "ObjectiveConfig", "SampleConfig", "TextEncoder", "generate", "load_config", "model_preset"]
