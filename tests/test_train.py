@@ -186,3 +186,18 @@ def test_cli_train_reports_bad_override(env, tmp_path):
     from elflm.cli import main
 
     assert main(["train", "--config", str(path), "train.max_stepz=3"]) == 2
+
+
+def test_latent_stats_estimated_when_left_open(env, tmp_path):
+    cfg = tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"encoder.latent_mean": None, "encoder.latent_std": None, "train.max_steps": 1})
+    t = train(cfg, progress=False)
+    assert t.cfg.encoder.latent_std is not None and t.encoder.latent_std == t.cfg.encoder.latent_std
+    from elflm.data import collate
+
+    b = collate([t.dataset[i] for i in range(64)])
+    x0 = t.encoder.encode(b["input_ids"], b["encoder_attention_mask"])[b["attention_mask"].bool()]
+    assert abs(x0.mean().item()) < 0.1 and 0.8 < x0.std().item() < 1.2
+    from elflm.config import load_config
+
+    saved = load_config(CheckpointDir(tmp_path / "run", 0).latest() / "config.yaml")
+    assert saved.encoder.latent_std == pytest.approx(t.cfg.encoder.latent_std)

@@ -13,7 +13,7 @@ import contextlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -96,6 +96,25 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     return None
 
 
+@torch.no_grad()
+def estimate_latent_stats(encoder, dataset, device, rows: int = 256, batch: int = 32, seed: int = 0) -> tuple[float, float]:
+    """Scalar mean and std of the encoder's hidden states over the valid tokens of up to ``rows``
+    training rows (a seeded random subset): the latent normalisation when the config leaves it open."""
+    from .data import collate
+
+    pick = torch.randperm(len(dataset), generator=seeded(seed, 2**31))[:rows]
+    total, sq, count = 0.0, 0.0, 0
+    for i in range(0, len(pick), batch):
+        b = collate([dataset[int(j)] for j in pick[i : i + batch]])
+        h = encoder.hidden(b["input_ids"].to(device), b["encoder_attention_mask"].to(device)).double()
+        valid = b["attention_mask"].to(device).bool()
+        total += h[valid].sum().item()
+        sq += h[valid].pow(2).sum().item()
+        count += int(valid.sum()) * h.shape[-1]
+    mean = total / count
+    return mean, math.sqrt(max(sq / count - mean * mean, 1e-12))
+
+
 class CheckpointDir:
     """``output_dir/checkpoints/step_XXXXXXX`` folders written to a temporary name and renamed,
     so a run killed mid-write leaves the previous checkpoint intact; keeps the last ``keep``."""
@@ -153,6 +172,12 @@ class Trainer:
         dev = self.dist.device
         self.dataset = PackedDataset(cfg.data.train_path)
         self.encoder = build_encoder(cfg.encoder, device=dev)
+        if cfg.encoder.latent_mean is None or cfg.encoder.latent_std is None:
+            mean, std = estimate_latent_stats(self.encoder, self.dataset, dev, seed=cfg.train.seed)
+            mean = mean if cfg.encoder.latent_mean is None else cfg.encoder.latent_mean
+            std = std if cfg.encoder.latent_std is None else cfg.encoder.latent_std
+            self.encoder.latent_mean, self.encoder.latent_std = mean, std
+            cfg = self.cfg = replace(cfg, encoder=replace(cfg.encoder, latent_mean=mean, latent_std=std))
         torch.manual_seed(cfg.train.seed)
         self.model_config = cfg.resolved_model(self.encoder.dim, self.encoder.vocab_size)
         if self.dataset.max_length > self.model_config.max_length:
