@@ -201,3 +201,14 @@ def test_latent_stats_estimated_when_left_open(env, tmp_path):
 
     saved = load_config(CheckpointDir(tmp_path / "run", 0).latest() / "config.yaml")
     assert saved.encoder.latent_std == pytest.approx(t.cfg.encoder.latent_std)
+
+
+def test_plan_slices_are_disjoint_and_cover_the_epoch():
+    from elflm.train import Plan
+
+    plan = Plan(global_batch=12, micro=3, accum=2, world=2, steps_per_epoch=4, total_steps=8, warmup_steps=0)
+    rows = [plan.indices(50, 0, s, j) for s in range(4) for j in range(4)]
+    flat = torch.cat(rows).tolist()
+    assert len(flat) == len(set(flat)) == 48
+    assert torch.equal(plan.indices(50, 0, 1, 2), plan.indices(50, 0, 1, 2))
+    assert not torch.equal(plan.indices(50, 0, 4, 0), plan.indices(50, 0, 0, 0))  # next epoch, new order

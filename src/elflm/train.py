@@ -10,6 +10,7 @@ continues the same run, and K processes × 1 micro-batch equal 1 process × K mi
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -30,6 +31,12 @@ def seeded(seed: int, *counters: int, device="cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(state)
 
 
+@functools.lru_cache(maxsize=2)
+def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    """The seeded permutation of ``n`` rows that epoch ``epoch`` visits (the same on every rank)."""
+    return torch.randperm(n, generator=seeded(seed, epoch))
+
+
 @dataclass
 class Plan:
     """How a global batch splits: ``world`` processes × ``accum`` micro-batches of ``micro`` rows."""
@@ -46,9 +53,8 @@ class Plan:
         """Dataset rows of micro-batch ``j`` (0 ≤ j < world·accum) of ``step``: a slice of the
         step's global batch in the epoch's seeded permutation; disjoint across j."""
         epoch, k = divmod(step, self.steps_per_epoch)
-        perm = torch.randperm(n, generator=seeded(seed, epoch))
         start = k * self.global_batch + j * self.micro
-        return perm[start : start + self.micro]
+        return epoch_order(n, seed, epoch)[start : start + self.micro]
 
 
 def make_plan(cfg: Config, n_rows: int, world: int) -> Plan:
