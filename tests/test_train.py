@@ -17,6 +17,8 @@ from elflm.config import ConfigError
 from elflm.train import CheckpointDir, Trainer, make_plan, train
 
 ROOT = Path(__file__).resolve().parents[1]
+# subprocesses use this process's thread count, so that kernels reduce in the same order (bit-exact)
+SAME_THREADS = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +34,7 @@ def run(cfg, progress=False) -> Trainer:
 
 
 def cli(*args, timeout=300, env_extra=None):
-    e = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    e = {**SAME_THREADS, **(env_extra or {})}
     return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
 
 
@@ -71,7 +73,7 @@ def test_resume_after_kill_is_bit_identical(env, tmp_path):
     cfg_b = tiny_run_config(tmp_path / "b", env["data"], env["enc"], over)
     path = write_config(cfg_b, tmp_path / "b.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "elflm.cli", "train", "--config", str(path), "--no-progress"],
-                            cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            cwd=ROOT, env=SAME_THREADS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpts = CheckpointDir(tmp_path / "b", 0)
     deadline = time.time() + 240
     while time.time() < deadline and not any(p.name == "step_0000003" for p in ckpts.complete()):

@@ -22,9 +22,10 @@ def batch_generator(seed: int, index: int, device) -> torch.Generator:
 
 
 def condition_rows(encoder, sources: list[str], length: int, max_input_length: int, pad_id: int):
-    """Tokenise ``sources`` (no special tokens) truncated to ``max_input_length`` into rows of
-    ``length``; returns ``(input_ids (B, L), cond_mask (B, L) bool, truncated count)``."""
-    ids = encoder.tokenizer(list(sources), add_special_tokens=False)["input_ids"]
+    """Tokenise ``sources`` ending with EOS, as the training conditions are, truncated to
+    ``max_input_length``, into rows of ``length``; returns ``(input_ids (B, L), cond_mask (B, L)
+    bool, truncated count)``."""
+    ids = [row + [encoder.eos_id] for row in encoder.tokenizer(list(sources), add_special_tokens=False)["input_ids"]]
     rows = torch.full((len(ids), length), pad_id, dtype=torch.long)
     mask = torch.zeros(len(ids), length, dtype=torch.bool)
     truncated = 0
@@ -57,15 +58,26 @@ def generate(
     max_input_length: int | None = None,
     pad_token: str = "pad",
     progress: bool = False,
+    callback=None,
 ) -> list[dict]:
     """Sample texts. Unconditional: ``num_samples`` rows of ``length`` tokens (default the model's
     ``max_length``). Conditional: one sample per entry of ``sources``, each condition truncated to
     ``max_input_length`` tokens and the remaining ``length − max_input_length`` tokens generated.
-    Returns one dict per sample: ``text``, ``ids``, ``seed``, ``index``, the settings, and ``source``."""
+    A sample depends on ``seed``, ``batch_size`` and the settings (each batch draws from its own
+    generator). Returns one dict per sample: ``text``, ``ids``, ``seed``, ``index``, the settings
+    (``cfg`` with the actual ``num_samples``, ``batch_size``, ``length``), and ``source``.
+    ``callback(i, t, t_next, z, x̂)`` sees every step of every batch (:func:`sampling.sample_latents`)."""
     cfg = cfg or SampleConfig()
     mcfg = model_config(model)
     length = length or mcfg.max_length
     device = next(model.parameters()).device
+    if not 0 < length <= mcfg.max_length:
+        raise ValueError(f"length must be in [1, {mcfg.max_length}] (the model's max_length), got {length}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    for key, low in (("steps", 1), ("gamma", 0), ("w", 0), ("cfg_scale", 0)):
+        if getattr(cfg, key) < low:
+            raise ValueError(f"sampler setting {key} must be >= {low}, got {getattr(cfg, key)}")
     if sources is not None:
         if max_input_length is None or not 0 < max_input_length < length:
             raise ValueError(f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}")
@@ -73,7 +85,7 @@ def generate(
     if not num_samples or num_samples < 1:
         raise ValueError("nothing to generate: give num_samples >= 1 or a non-empty list of sources")
     eos, pad = encoder.eos_id, (encoder.eos_id if pad_token == "eos" else encoder.pad_id)
-    settings = asdict(cfg)
+    settings = {**asdict(cfg), "num_samples": num_samples, "batch_size": batch_size, "length": length}
     out: list[dict] = []
     starts = range(0, num_samples, batch_size)
     if progress:
@@ -92,6 +104,7 @@ def generate(
         final = sampling.sample_latents(
             model, cfg, z, grid, cond=cond, noise=lambda i: torch.randn(z.shape, generator=gen, device=device),
             state_dtype=torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32,
+            callback=callback,
         )
         logits = sampling.decode_logits(model, final, cfg)
         gen_len = None if sources is None else length - max_input_length
@@ -106,8 +119,9 @@ def generate(
 
 
 def read_conditions(path: str, field: str = "source") -> list[str]:
-    """Conditions from a text file (one per line) or JSONL (``field`` of each object). Empty lines
-    are refused with their line number; bytes that are not UTF-8 are an error naming the line."""
+    """Conditions from a text file (one per line) or JSONL (``field`` of each object, a string;
+    blank lines skipped). Empty conditions, bytes that are not UTF-8 and malformed JSON are errors
+    naming the line."""
     import json
     from pathlib import Path
 
@@ -125,10 +139,15 @@ def read_conditions(path: str, field: str = "source") -> list[str]:
         if jsonl:
             if not text.strip():
                 continue
-            obj = json.loads(text)
-            if field not in obj:
-                raise ValueError(f"{path}:{i}: JSON object has no field {field!r} (use --source-field)")
-            text = str(obj[field])
+            try:
+                obj = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
+            if not isinstance(obj, dict) or field not in obj:
+                raise ValueError(f"{path}:{i}: expected a JSON object with the field {field!r} (see --source-field)")
+            if not isinstance(obj[field], str):
+                raise ValueError(f"{path}:{i}: field {field!r} must be a string, got {type(obj[field]).__name__}")
+            text = obj[field]
         if not text.strip():
             raise ValueError(f"{path}:{i}: empty condition")
         out.append(text)
@@ -137,37 +156,92 @@ def read_conditions(path: str, field: str = "source") -> list[str]:
     return out
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def cli_device(name: str) -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
+    return device
+
+
+def check_output(path: str) -> None:
+    """Fail before any work when the output file ``path`` (``-`` = stdout) cannot be written."""
+    from pathlib import Path
+
+    if path == "-":
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--output {path} is a folder; expected a file name")
+    if not p.parent.is_dir():
+        raise ValueError(f"--output {path}: the folder {p.parent} does not exist")
+
+
+def warn_truncated(encoder, sources: list[str], max_input_length: int) -> int:
+    """Print a warning on stderr naming the conditions longer than ``max_input_length`` tokens
+    (EOS included), which :func:`condition_rows` truncates; returns their count."""
+    import sys
+
+    long = [i for i, ids in enumerate(encoder.token_ids(sources), 1) if len(ids) + 1 > max_input_length]
+    if long:
+        which = ", ".join(map(str, long[:10])) + (" …" if len(long) > 10 else "")
+        print(f"warning: {len(long)} condition(s) longer than {max_input_length} tokens (EOS included) were truncated "
+              f"to fit: condition no. {which}", file=sys.stderr)
+    return len(long)
+
+
+def cli_sample_config(cfg: SampleConfig, a) -> SampleConfig:
+    """``cfg`` with the sampler options given on the command line (``--method`` ... ``--cfg-scale``)."""
+    from dataclasses import replace
+
+    for key, value in (("method", a.method), ("steps", a.steps), ("grid", a.grid and a.grid.replace("-", "_")),
+                       ("gamma", a.gamma), ("w", a.w), ("cfg_scale", a.cfg_scale)):
+        if value is not None:
+            cfg = replace(cfg, **{key: value})
+    return cfg
+
+
 def run_sample_cli(a) -> int:
     """``elflm sample``: load a checkpoint, sample, write JSONL."""
     import json
     import sys
     import time
-    from dataclasses import replace
 
     from .checkpoint import load_pretrained
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}[a.precision]
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if a.device == "auto" else a.device
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=dtype)
-    cfg = settings.sample
-    for key, value in (("method", a.method), ("steps", a.steps), ("grid", a.grid and a.grid.replace("-", "_")),
-                       ("gamma", a.gamma), ("w", a.w), ("cfg_scale", a.cfg_scale)):
-        if value is not None:
-            cfg = replace(cfg, **{key: value})
-    data = settings.data
+    if a.input and a.num_samples:
+        raise ValueError("give either --num-samples N (unconditional) or --input FILE (one sample per condition), not both")
+    if not a.input and not a.num_samples:
+        raise ValueError("give --num-samples N (unconditional) or --input FILE (conditional)")
+    if a.cfg_scale not in (None, 1) and not a.input:
+        raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
+    check_output(a.output)
+    device = cli_device(a.device)
     sources = read_conditions(a.input, a.source_field) if a.input else None
+    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
+    cfg = cli_sample_config(settings.sample, a)
+    data = settings.data
     max_in = a.max_input_length or data.max_input_length
     if sources is not None and max_in is None:
-        raise ValueError("this model is unconditional: drop --input, or pass --max-input-length for a conditional model")
-    if sources is None and not a.num_samples:
-        raise ValueError("give --num-samples N (unconditional) or --input FILE (conditional)")
+        raise ValueError(f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
+                         "or pass --max-input-length N to hold the inputs fixed as conditions")
     if sources is not None:
-        long = sum(len(ids) > max_in for ids in encoder.tokenizer(sources, add_special_tokens=False)["input_ids"])
-        if long:
-            print(f"warning: {long} condition(s) longer than {max_in} tokens were truncated", file=sys.stderr)
+        warn_truncated(encoder, sources, max_in)
+    from .trajectory import recorder_from_args, save_from_args
+
+    recorder = recorder_from_args(a, model, encoder, cfg)
     t0 = time.perf_counter()
     records = generate(model, encoder, cfg, num_samples=a.num_samples, sources=sources, batch_size=a.batch_size,
-                       seed=a.seed, length=a.length, max_input_length=max_in, pad_token=data.pad_token, progress=True)
+                       seed=a.seed, length=a.length, max_input_length=max_in, pad_token=data.pad_token, progress=True,
+                       callback=recorder)
     dt = time.perf_counter() - t0
     out = sys.stdout if a.output == "-" else open(a.output, "w", encoding="utf-8")
     try:
@@ -177,4 +251,5 @@ def run_sample_cli(a) -> int:
         if out is not sys.stdout:
             out.close()
     print(f"{len(records)} samples in {dt:.1f}s ({len(records) / dt:.2f} samples/s)", file=sys.stderr)
+    save_from_args(a, recorder)
     return 0

@@ -11,8 +11,33 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+
+CE_CHUNK_ELEMENTS = 2**26  # logits per chunk of the fused decode cross-entropy (256 MiB in float32)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """``w·x·rsqrt(mean(x²) + eps)`` in float32 that saves only ``x`` and the per-row scale for
+    backward (autograd of the plain expression would keep two float32 copies of ``x``'s size)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        h = x.float()
+        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight.float() * (h * rstd)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.float() * rstd
+        dw = (g * xhat).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dxhat = g * weight.float()
+        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
 
 
 class RMSNorm(nn.Module):
@@ -24,9 +49,11 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
+        return self.normalize(x).to(x.dtype)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """The scaled, normalised ``x`` in float32 (``forward`` casts it back to ``x.dtype``)."""
+        return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -62,15 +89,28 @@ def rope_tables(num_prefix: int, length: int, head_dim: int, theta: float = 1000
     return cos, sin
 
 
+def rope_phases(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The tables (N, d) as unit complex numbers (N, d/2) ``cos + i·sin`` of each pair (complex64)."""
+    return torch.complex(cos[:, ::2].float(), sin[:, ::2].float())
+
+
+def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
+    """RoPE as one complex product: pair (x_2i, x_2i+1) of x (B, heads, N, d) is the complex number
+    x_2i + i·x_2i+1 times ``phases`` (N, d/2); float32 out, no (B, heads, N, d) temporaries
+    besides the result."""
+    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    return torch.view_as_real(pairs * phases).flatten(-2)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate pairs (2i, 2i+1) of x (B, heads, N, d) by the tables (N, d)."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack((-pairs[..., 1], pairs[..., 0]), dim=-1).flatten(-2)
-    return x * cos + rotated * sin
+    """Rotate pairs (2i, 2i+1) of x (B, heads, N, d) by the tables (N, d) of :func:`rope_tables`:
+    ``x·cos + rot(x)·sin`` with ``rot(x)_(2i, 2i+1) = (−x_2i+1, x_2i)``; float32 out."""
+    return rotate_pairs(x, rope_phases(cos, sin))
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention: fused qkv (bias), QK RMSNorm, RoPE, float32 softmax."""
+    """Multi-head self-attention: fused qkv (bias), QK RMSNorm and RoPE in float32, then SDPA in
+    the compute dtype (``fast``) or the explicit float32 reference softmax (autocast off)."""
 
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
@@ -82,21 +122,41 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.fast = True
 
-    def forward(self, x, cos, sin, mask=None):
-        """x (B, N, H); mask (B, N) bool of valid keys or None (the official path: no mask)."""
+    def forward(self, x, rope, mask=None):
+        """x (B, N, H); rope (N, head_dim/2) complex phases (:func:`rope_phases`); mask (B, N) bool
+        of valid keys or None (the official path: no mask)."""
         B, N, H = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = apply_rope(self.q_norm(q), cos, sin).to(v.dtype)
-        k = apply_rope(self.k_norm(k), cos, sin).to(v.dtype)
+        q = rotate_pairs(self.q_norm.normalize(q), rope).to(v.dtype)
+        k = rotate_pairs(self.k_norm.normalize(k), rope).to(v.dtype)
         key_mask = None if mask is None else mask[:, None, None, :]
         if self.fast:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         else:
-            scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if key_mask is not None:
-                scores = scores.masked_fill(~key_mask, -1e9)
-            out = (scores.softmax(-1) @ v.float()).to(v.dtype)
+            with torch.autocast(x.device.type, enabled=False):
+                scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+                if key_mask is not None:
+                    scores = scores.masked_fill(~key_mask, -1e9)
+                out = (scores.softmax(-1) @ v.float()).to(v.dtype)
         return self.proj(out.transpose(1, 2).reshape(B, N, H))
+
+
+class _SiLUGateFn(torch.autograd.Function):
+    """``silu(a)·b`` that saves only ``a`` and ``b`` for backward (not also ``silu(a)``)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        a, b = ctx.saved_tensors
+        a32, g32 = a.float(), g.float()
+        sig = torch.sigmoid(a32)
+        da = g32 * b.float() * sig * (1 + a32 * (1 - sig))
+        return da.to(a.dtype), (g32 * a32 * sig).to(b.dtype)
 
 
 class SwiGLU(nn.Module):
@@ -110,7 +170,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(self.drop(F.silu(a) * b))
+        return self.w3(self.drop(_SiLUGateFn.apply(a, b)))
 
 
 class Block(nn.Module):
@@ -124,8 +184,8 @@ class Block(nn.Module):
         self.mlp = SwiGLU(dim, mlp_hidden, dropout)
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.drop(self.attn(self.norm1(x), cos, sin, mask))
+    def forward(self, x, rope, mask=None):
+        x = x + self.drop(self.attn(self.norm1(x), rope, mask))
         return x + self.mlp(self.norm2(x))
 
 
@@ -164,6 +224,32 @@ class DecodeHead(nn.Module):
     def forward(self, x):
         return self.unembed(F.gelu(self.proj(x), approximate="tanh"))
 
+    def cross_entropy(self, x: torch.Tensor, targets: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
+        """Per-token cross-entropy (B, L) float32 of the logits ``self(x)`` (x (B, L, H)) against
+        ``targets`` (B, L) ids, without the (B, L, V) logits: only positions with ``targets >= 0``
+        are computed (the others get 0), ``chunk_tokens`` at a time (default
+        ``CE_CHUNK_ELEMENTS // V``); with several chunks and autograd on, each chunk's logits are
+        recomputed in backward, so one (chunk, V) block is alive at a time."""
+        if chunk_tokens is not None and chunk_tokens < 1:
+            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        flat = targets.flatten()
+        keep = (flat >= 0).nonzero().squeeze(1)  # host sync: the number of computed tokens
+        xs, ts = x.flatten(0, 1).index_select(0, keep), flat.index_select(0, keep).long()
+        size = chunk_tokens or max(1, CE_CHUNK_ELEMENTS // self.unembed.out_features)
+        if xs.shape[0] <= size:
+            ce = self._ce(xs, ts)
+        else:
+            recompute = torch.is_grad_enabled()
+            ce = torch.cat([
+                checkpoint(self._ce, xs[i : i + size], ts[i : i + size], use_reentrant=False, preserve_rng_state=False)
+                if recompute else self._ce(xs[i : i + size], ts[i : i + size])
+                for i in range(0, xs.shape[0], size)
+            ])
+        return ce.new_zeros(flat.shape).index_put((keep,), ce).view(targets.shape)
+
+    def _ce(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(self(x).float(), targets, reduction="none")
+
 
 class ELF(nn.Module):
     """The ELF transformer. ``forward`` maps ``x`` (B, L, 2C or C), ``t`` (B,), ``w`` (B,) or None
@@ -190,6 +276,7 @@ class ELF(nn.Module):
         )
         self.final_layer = FinalLayer(H, C)
         self.decoder = DecodeHead(H, C, c.vocab_size)
+        self._rope_cache: dict = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -257,23 +344,50 @@ class ELF(nn.Module):
             parts.append((self.mode_tokens * float(decode)).expand(B, -1, -1))
         return torch.cat(parts, dim=1).to(dtype)
 
-    def forward(self, x, t, w=None, decode: bool = False, attention_mask=None):
+    def rope(self, num_prefix: int, length: int, device) -> torch.Tensor:
+        """RoPE phases (P + L, head_dim/2) complex64 (:func:`rope_phases`), cached per (P, L, device)
+        outside ``torch.compile`` (inside, the tables are built in the graph)."""
+        make = lambda: rope_phases(*rope_tables(num_prefix, length, self.config.hidden_size // self.config.num_heads, device=device))
+        if torch.compiler.is_compiling():
+            return make()
+        key = (num_prefix, length, torch.device(device))
+        if key not in self._rope_cache:
+            if len(self._rope_cache) >= 64:  # many distinct lengths: start over rather than grow
+                self._rope_cache.clear()
+            self._rope_cache[key] = make()
+        return self._rope_cache[key]
+
+    def forward(self, x, t, w=None, decode: bool = False, attention_mask=None, targets=None):
         """x (B, L, 2C) = [z, x̂_prev] or (B, L, C) = z; t, w (B,); attention_mask (B, L) of valid
-        tokens or None (the official code never masks). Returns (x̂ (B, L, C), logits or None)."""
+        tokens or None (the official code never masks). Returns (x̂ (B, L, C), logits (B, L, V) or
+        None); with ``targets`` (B, L) ids (decode only) the second output is instead the per-token
+        cross-entropy (B, L) of :meth:`DecodeHead.cross_entropy` (targets < 0: skipped, 0).
+
+        Under autocast only the blocks run in low precision: the input projections, control
+        tokens and both heads run in the parameter dtype (float32 unless the model was cast)."""
         self._check_inputs(x, t, w)
-        if x.shape[-1] == 2 * self.config.encoder_dim:
-            x = self.self_cond_proj(x)
-        h = self.text_proj(x)
-        pre = self.prefix(t, w, decode, h.dtype)
+        if targets is not None and (not decode or tuple(targets.shape) != tuple(x.shape[:2])):
+            raise ValueError(f"targets must be (B, L) = {tuple(x.shape[:2])} ids with decode=True, got {tuple(targets.shape)}, decode={decode}")
+        dtype, device = self.text_proj.proj2.weight.dtype, x.device
+        with torch.autocast(device.type, enabled=False):
+            x = x.to(dtype)
+            if x.shape[-1] == 2 * self.config.encoder_dim:
+                x = self.self_cond_proj(x)
+            h = self.text_proj(x)
+            pre = self.prefix(t, w, decode, dtype)
         P, L = pre.shape[1], h.shape[1]
         h = torch.cat([pre, h], dim=1)
-        cos, sin = rope_tables(P, L, self.config.hidden_size // self.config.num_heads, device=h.device)
+        rope = self.rope(P, L, device)
         mask = None
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], P)
             mask = torch.cat([ones, attention_mask], dim=1).bool()
         for block in self.blocks:
-            h = block(h, cos, sin, mask)
-        h = h[:, P:]
-        logits = self.decoder(h) if decode else None
-        return self.final_layer(h), logits
+            h = block(h, rope, mask)
+        with torch.autocast(device.type, enabled=False):
+            h = h[:, P:].to(dtype)
+            if targets is not None:
+                second = self.decoder.cross_entropy(h, targets)
+            else:
+                second = self.decoder(h) if decode else None
+            return self.final_layer(h), second

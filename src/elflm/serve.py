@@ -1,0 +1,385 @@
+"""``elflm serve``: an HTTP generation server (FastAPI + uvicorn) that batches concurrent requests.
+
+``POST /generate`` takes one JSON request (unconditional, ``prompt``, ``template`` / ``segments``
+infilling, ``source`` for conditional checkpoints; sampler options ``method``, ``steps``, ``grid``,
+``w``, ``gamma``, ``cfg_scale``, ``seed``), validated by a pydantic model whose bounds (samples,
+steps, text size, gap and row lengths) come from :class:`Limits` and the checkpoint. A background
+task takes the oldest waiting request, waits up to ``batch_wait_ms`` (or until ``max_batch`` rows)
+for requests with the same sampler settings and row length, and runs them together as one
+:func:`elflm.infill.fill` call in a worker thread (the others wait for the next call, oldest
+first); the response says how many rows (``batch_size``) and requests (``batched_requests``)
+shared the call. ``GET /health`` reports the model, limits, queue and
+batching statistics; ``/docs`` and ``/openapi.json`` describe the API.
+
+Results do not depend on batching: the time grid of a setting is drawn once from ``grid_seed``
+(the same for every request; uniform grids need no draw) and a request's noise comes from its own
+``seed`` (random when not given) through per-row generators. fastapi, uvicorn and pydantic are
+imported when the app is built (``pip install 'elflm[serve]'``).
+"""
+import asyncio
+import os
+from collections import deque
+import time
+from dataclasses import asdict, dataclass, field, replace
+from typing import Literal, Optional, Union
+
+import torch
+
+from . import infill, sampling
+from .config import SampleConfig
+from .objective import model_config
+
+
+@dataclass
+class Limits:
+    """Bounds of one request and of the batcher."""
+
+    max_samples: int = 8  # samples per request
+    max_steps: int = 256  # sampler steps
+    max_chars: int = 4000  # characters of prompt / template / source (segments: all texts together)
+    max_segments: int = 256  # items of a segment list
+    max_batch: int = 32  # rows per sampler call
+    max_queue: int = 1024  # requests waiting; more get 503
+    batch_wait_ms: float = 5.0  # how long the batcher waits for company
+
+    def __post_init__(self):
+        for k, v in asdict(self).items():
+            if not v > 0 and not (k == "batch_wait_ms" and v == 0):
+                raise ValueError(f"server limit {k} must be > 0, got {v}")
+        if self.max_samples > self.max_batch:
+            raise ValueError(f"max_samples ({self.max_samples}) must not exceed max_batch ({self.max_batch}): "
+                             "a request's samples share one sampler call")
+
+
+def _require_serve():
+    try:
+        import fastapi  # noqa: F401
+        import pydantic  # noqa: F401
+    except ImportError as e:
+        raise ImportError("elflm serve needs fastapi and uvicorn: pip install 'elflm[serve]'") from e
+
+
+def request_models(limits: Limits, max_length: int):
+    """The pydantic request / response models with this server's bounds."""
+    from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+    class TextSegment(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        text: str = Field(max_length=limits.max_chars, description="known text, tokenised on its own")
+
+    class GapSegment(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        gap: int = Field(ge=1, le=max_length, description="number of tokens to generate here")
+
+    class GenerateRequest(BaseModel):
+        """At most one of ``prompt``, ``template``, ``segments``; none = unconditional."""
+
+        model_config = ConfigDict(extra="forbid")
+        prompt: Optional[str] = Field(None, min_length=1, max_length=limits.max_chars,
+                                      description="known prefix; the rest of the row is generated")
+        template: Optional[str] = Field(None, min_length=1, max_length=limits.max_chars,
+                                        description='text with gaps, e.g. "The cat [MASK:5] on the mat."')
+        segments: Optional[list[Union[TextSegment, GapSegment]]] = Field(
+            None, min_length=1, max_length=limits.max_segments, description='[{"text": ...} | {"gap": n}, ...]')
+        source: Optional[str] = Field(None, min_length=1, max_length=limits.max_chars,
+                                      description="condition (conditional checkpoints only)")
+        num_samples: int = Field(1, ge=1, le=limits.max_samples)
+        length: Optional[int] = Field(None, ge=2, le=max_length,
+                                      description="row length (default max_length); with a template the row is the template")
+        method: Optional[Literal["ode", "sde"]] = None
+        steps: Optional[int] = Field(None, ge=1, le=limits.max_steps)
+        grid: Optional[Literal["uniform", "logit_normal"]] = None
+        w: Optional[float] = Field(None, ge=0.0, le=20.0, description="self-conditioning guidance scale")
+        gamma: Optional[float] = Field(None, ge=0.0, le=100.0, description="SDE churn")
+        cfg_scale: Optional[float] = Field(None, ge=0.0, le=20.0, description="classifier-free guidance (with a source)")
+        seed: Optional[int] = Field(None, ge=0, lt=2**63, description="noise seed (default: random)")
+
+        @model_validator(mode="after")
+        def _one_kind(self):
+            given = [k for k in ("prompt", "template", "segments") if getattr(self, k) is not None]
+            if len(given) > 1:
+                raise ValueError(f"give at most one of prompt, template, segments (got {', '.join(given)})")
+            if self.segments is not None:
+                chars = sum(len(s.text) for s in self.segments if isinstance(s, TextSegment))
+                if chars > limits.max_chars:
+                    raise ValueError(f"the segments hold {chars} characters of text, more than {limits.max_chars}")
+            return self
+
+    class Gap(BaseModel):
+        start: int
+        end: int
+        text: str
+
+    class Sample(BaseModel):
+        text: str
+        ids: list[int]
+        generated: list[int] = Field(description="positions (in ids) that were sampled; the others are the known tokens")
+        gaps: list[Gap]
+
+    class GenerateResponse(BaseModel):
+        samples: list[Sample]
+        seed: int
+        settings: dict
+        batch_size: int = Field(description="rows in the sampler call that served this request")
+        batched_requests: int = Field(description="requests that shared that sampler call")
+        queue_ms: float
+        compute_ms: float
+
+    return GenerateRequest, GenerateResponse, TextSegment
+
+
+@dataclass
+class Job:
+    """A validated request: its rows, sampler settings, batching key and result future."""
+
+    rows: list[infill.Row]
+    cfg: SampleConfig
+    key: tuple
+    length: Optional[int]
+    future: asyncio.Future
+    queued: float = field(default_factory=time.perf_counter)
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Batcher:
+    """Holds the model; turns requests into :class:`Job` s and serves them in batched sampler calls."""
+
+    def __init__(self, model, encoder, settings, limits: Limits, grid_seed: int = 0):
+        self.model, self.encoder, self.settings, self.limits = model, encoder, settings, limits
+        self.defaults = settings.sample
+        self.max_length = model_config(model).max_length
+        self.max_in = settings.data.max_input_length
+        self.pad_token = settings.data.pad_token
+        self.grid_seed = grid_seed
+        self.grids: dict[tuple, torch.Tensor] = {}
+        self.pending: deque[Job] = deque()
+        self.arrived: Optional[asyncio.Event] = None
+        self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
+
+    # -- requests -------------------------------------------------------------------------------
+
+    def job(self, req, text_segment_cls) -> Job:
+        """Validate ``req`` against the model and build its rows; ValueError says what is wrong."""
+        over = {k: getattr(req, k) for k in ("method", "steps", "grid", "w", "gamma", "cfg_scale") if getattr(req, k) is not None}
+        cfg = replace(self.defaults, **over)
+        L = req.length or self.max_length
+        enc, pad = self.encoder, infill._pad_id(self.encoder, self.pad_token)
+        if req.source is not None:
+            if self.max_in is None:
+                raise ValueError("this model is unconditional: 'source' is not accepted")
+            n_src = infill.source_length(enc, req.source, self.max_in)
+            if n_src >= L:
+                raise ValueError(f"the source ({n_src} tokens) leaves nothing to generate in a row of {L}")
+            budget = L - n_src
+        else:
+            cfg = replace(cfg, cfg_scale=1.0)
+            budget = L
+        if req.prompt is not None:
+            template = infill.prompt_template(enc, req.prompt, budget, self.pad_token)
+        elif req.template is not None:
+            template = infill.make_template(req.template, enc, budget, self.pad_token)
+        elif req.segments is not None:
+            segs = [s.text if isinstance(s, text_segment_cls) else s.gap for s in req.segments]
+            template = infill.build_template(segs, enc.tokenizer, pad, budget)
+        else:
+            template = infill.Template(torch.full((budget,), pad, dtype=torch.long), torch.zeros(budget, dtype=torch.bool))
+        seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        rows = [infill.Row(template, req.source, seed, k) for k in range(req.num_samples)]
+        row_len = L if req.source is not None else template.length
+        key = (tuple(sorted(asdict(cfg).items())), row_len, req.source is not None)
+        return Job(rows, cfg, key, L if req.source is not None else None, asyncio.get_running_loop().create_future())
+
+    def start(self) -> None:
+        """Create the waiting list and its wake-up event (in the server's event loop)."""
+        self.pending = deque()
+        self.arrived = asyncio.Event()
+
+    def submit(self, job: Job) -> asyncio.Future:
+        if self.arrived is None:
+            raise RuntimeError("the batcher is not running: serve the app with its lifespan (uvicorn, or TestClient as a context manager)")
+        if len(self.pending) >= self.limits.max_queue:
+            raise QueueFull(f"the server is busy ({self.limits.max_queue} requests waiting); retry later")
+        self.pending.append(job)
+        self.arrived.set()
+        return job.future
+
+    # -- the batching loop ----------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Forever: wait for a job; wait up to ``batch_wait_ms`` for company (jobs with the same
+        key as the oldest one, until ``max_batch`` rows); run the oldest job with the company
+        that fits in ``max_batch`` rows as one sampler call in a worker thread."""
+        loop = asyncio.get_running_loop()
+        while True:
+            while not self.pending:
+                self.arrived.clear()
+                await self.arrived.wait()
+            key = self.pending[0].key
+            deadline = loop.time() + self.limits.batch_wait_ms / 1000
+            while sum(len(j.rows) for j in self.pending if j.key == key) < self.limits.max_batch and loop.time() < deadline:
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
+                except asyncio.TimeoutError:
+                    break
+            call, rest, rows = [], deque(), 0
+            for job in self.pending:
+                if job.future.done():  # the client went away
+                    continue
+                if job.key == key and rows + len(job.rows) <= self.limits.max_batch:
+                    call.append(job)
+                    rows += len(job.rows)
+                else:
+                    rest.append(job)
+            self.pending = rest
+            if call:
+                await self._serve(call)
+
+    def grid(self, cfg: SampleConfig) -> torch.Tensor:
+        key = (cfg.grid, cfg.steps, cfg.p_mean, cfg.p_std)
+        if key not in self.grids:
+            self.grids[key] = sampling.time_grid(cfg, generator=torch.Generator().manual_seed(self.grid_seed))
+        return self.grids[key]
+
+    def _sample(self, call: list[Job]) -> list[dict]:
+        rows = [r for job in call for r in job.rows]
+        cfg = call[0].cfg
+        return infill.fill(self.model, self.encoder, rows, cfg, self.grid(cfg), length=call[0].length,
+                           max_input_length=self.max_in, pad_token=self.pad_token)
+
+    async def _serve(self, call: list[Job]) -> None:
+        start = time.perf_counter()
+        try:
+            records = await asyncio.to_thread(self._sample, call)
+        except Exception as e:  # every waiting client gets the error
+            self.stats["errors"] += 1
+            for job in call:
+                if not job.future.done():
+                    job.future.set_exception(e)
+            return
+        compute = (time.perf_counter() - start) * 1000
+        n = sum(len(j.rows) for j in call)
+        self.stats["calls"] += 1
+        self.stats["rows"] += n
+        self.stats["requests"] += len(call)
+        k = 0
+        for job in call:
+            recs, k = records[k : k + len(job.rows)], k + len(job.rows)
+            if job.future.done():
+                continue
+            job.future.set_result({
+                "samples": [{key: r[key] for key in ("text", "ids", "generated", "gaps")} for r in recs],
+                "seed": job.rows[0].seed,
+                "settings": {k: v for k, v in asdict(job.cfg).items() if k != "num_samples"},
+                "batch_size": n,
+                "batched_requests": len(call),
+                "queue_ms": (start - job.queued) * 1000,
+                "compute_ms": compute,
+            })
+
+    def health(self) -> dict:
+        s = self.stats
+        return {
+            "status": "ok",
+            "model": {"max_length": self.max_length, "conditional": self.max_in is not None,
+                      "max_input_length": self.max_in, "pad_token": self.pad_token,
+                      "device": str(next(self.model.parameters()).device),
+                      "parameters": sum(p.numel() for p in self.model.parameters())},
+            "sample_defaults": {k: v for k, v in asdict(self.defaults).items() if k != "num_samples"},
+            "limits": asdict(self.limits),
+            "queue": len(self.pending),
+            "stats": {**s, "mean_batch_size": s["rows"] / s["calls"] if s["calls"] else 0.0,
+                      "mean_batched_requests": s["requests"] / s["calls"] if s["calls"] else 0.0},
+        }
+
+
+def create_app(model, encoder, settings, limits: Optional[Limits] = None, grid_seed: int = 0):
+    """The FastAPI app serving ``model`` / ``encoder`` with the checkpoint ``settings``."""
+    _require_serve()
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI, Request
+    from fastapi.responses import JSONResponse
+
+    limits = limits or Limits()
+    if encoder is None or encoder.tokenizer is None:
+        raise ValueError("the server needs the checkpoint's encoder and tokenizer")
+    batcher = Batcher(model, encoder, settings, limits, grid_seed)
+    GenerateRequest, GenerateResponse, TextSegment = request_models(limits, batcher.max_length)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        batcher.start()
+        task = asyncio.create_task(batcher.run())
+        try:
+            yield
+        finally:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+    app = FastAPI(title="elflm", version="1", lifespan=lifespan,
+                  description="Embedded Language Flows: unconditional, prompted, infilling and conditional generation.")
+    app.state.batcher = batcher
+
+    @app.exception_handler(ValueError)
+    async def _bad_value(request: Request, exc: ValueError):
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(QueueFull)
+    async def _busy(request: Request, exc: QueueFull):
+        return JSONResponse(status_code=503, content={"detail": str(exc)})
+
+    @app.post("/generate", response_model=GenerateResponse,
+              responses={422: {"description": "invalid request (the detail says what was expected)"},
+                         503: {"description": "queue full"}})
+    async def generate(req: GenerateRequest):
+        job = batcher.job(req, TextSegment)
+        return await batcher.submit(job)
+
+    @app.get("/health")
+    async def health():
+        return batcher.health()
+
+    return app
+
+
+def add_serve_args(p) -> None:
+    """Arguments of ``elflm serve``."""
+    d = Limits()
+    p.add_argument("--checkpoint", required=True, help="model folder, training checkpoint, or Hub id")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp64"], default="fp32")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per sampler call")
+    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long to wait for requests to batch")
+    p.add_argument("--max-samples", type=int, default=d.max_samples, help="samples per request")
+    p.add_argument("--max-steps", type=int, default=d.max_steps, help="sampler steps per request")
+    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters of prompt / template / source")
+    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")
+    p.add_argument("--grid-seed", type=int, default=0, help="seed of the shared logit-normal time grid")
+
+
+def run_serve(a) -> int:
+    """``elflm serve``: load the checkpoint and run uvicorn until interrupted."""
+    _require_serve()
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise ImportError("elflm serve needs uvicorn: pip install 'elflm[serve]'") from e
+    from .checkpoint import load_pretrained
+    from .generate import PRECISIONS, cli_device
+
+    limits = Limits(max_samples=a.max_samples, max_steps=a.max_steps, max_chars=a.max_chars, max_batch=a.max_batch,
+                    max_queue=a.max_queue, batch_wait_ms=a.batch_wait_ms)
+    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=cli_device(a.device), dtype=PRECISIONS[a.precision])
+    app = create_app(model, encoder, settings, limits, grid_seed=a.grid_seed)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    return 0

@@ -1,0 +1,372 @@
+"""``elflm sweep``: sample and evaluate one checkpoint over a grid of sampler settings.
+
+The grid is the product steps × method × γ × w (× cfg scale for conditional models); γ (the SDE
+churn) only varies for ``sde`` rows, ``ode`` rows are listed once with γ = 0. Each setting's
+samples go to ``samples/<name>.jsonl`` (the ``elflm sample`` format); a file that already holds
+the same settings, seed and count is reused, so an interrupted sweep resumes where it stopped.
+Metrics per setting: Gen PPL and entropy under a judge LM (:mod:`elflm.evaluate`), and BLEU /
+ROUGE against references for conditional sweeps. Results: ``sweep.csv``, ``sweep.md`` and PNG
+plots (Gen PPL vs entropy, Gen PPL vs steps, BLEU vs steps) drawn with matplotlib
+(``pip install 'elflm[plots]'``).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from .config import SampleConfig
+
+PLOTS_EXTRA = "pip install 'elflm[plots]'"
+AXES = ("method", "steps", "gamma", "w", "cfg_scale")
+METRICS = ("gen_ppl", "entropy", "num_empty", "bleu", "rouge1", "rouge2", "rougeL")
+
+
+# ----------------------------------------------------------------------------- the grid
+
+
+def grid_settings(
+    base: SampleConfig,
+    steps=None,
+    methods=None,
+    gammas=None,
+    ws=None,
+    cfg_scales=None,
+) -> list[SampleConfig]:
+    """The settings of the grid steps × method × γ × w × cfg scale, each axis defaulting to
+    ``base``'s single value. ``ode`` takes no churn: its rows get γ = 0, once. Order: method,
+    then γ, w, cfg scale, steps (so consecutive rows differ in steps)."""
+    axes = {"steps": steps, "method": methods, "gamma": gammas, "w": ws, "cfg_scale": cfg_scales}
+    values = {k: list(dict.fromkeys(v)) if v else [getattr(base, k)] for k, v in axes.items()}
+    out: list[SampleConfig] = []
+    for method, gamma, w, c, n in itertools.product(
+        values["method"], values["gamma"], values["w"], values["cfg_scale"], values["steps"]
+    ):
+        cfg = replace(base, method=method, gamma=0.0 if method == "ode" else float(gamma), w=float(w),
+                      cfg_scale=float(c), steps=int(n))
+        if cfg not in out:
+            out.append(cfg)
+    return out
+
+
+def setting_name(cfg: SampleConfig) -> str:
+    """File-name tag of a setting, e.g. ``sde-steps32-gamma1.5-w3-cfg1``."""
+    num = lambda x: f"{x:g}"
+    gamma = f"-gamma{num(cfg.gamma)}" if cfg.method != "ode" else ""
+    return f"{cfg.method}-steps{cfg.steps}{gamma}-w{num(cfg.w)}-cfg{num(cfg.cfg_scale)}-{cfg.grid}"
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def _cached(path: Path, expect: dict, count: int, sources: list[str] | None) -> list[dict] | None:
+    """The records of a samples file written for exactly ``expect`` (settings, seed …) and
+    ``sources``, else None."""
+    if not path.is_file():
+        return None
+    try:
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if len(rows) != count or not all(isinstance(r, dict) and all(r.get(k) == v for k, v in expect.items()) for r in rows):
+        return None
+    if sources is not None and [r.get("source") for r in rows] != list(sources):
+        return None
+    return rows
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def run_sweep(
+    model,
+    encoder,
+    configs: list[SampleConfig],
+    output_dir: str | Path,
+    *,
+    judge=None,
+    num_samples: int | None = None,
+    sources: list[str] | None = None,
+    references: list[str] | None = None,
+    batch_size: int = 32,
+    seed: int = 0,
+    length: int | None = None,
+    max_input_length: int | None = None,
+    pad_token: str = "pad",
+    judge_batch_size: int = 8,
+    extra: dict | None = None,
+    log=None,
+) -> list[dict]:
+    """Sample every setting of ``configs`` (unconditional ``num_samples``, or one per entry of
+    ``sources``) with :func:`elflm.generate.generate`, store the samples under
+    ``output_dir/samples/`` and measure them: ``judge`` = ``(model, tokenizer)`` of a causal LM
+    gives ``gen_ppl``, ``entropy``, ``num_empty``; ``references`` (one per source) give ``bleu``,
+    ``rouge1/2/L``. ``extra`` is added to every sample record (e.g. precision, checkpoint).
+    ``log(message)`` gets one line per setting. Returns one row per setting: its settings,
+    ``seconds`` and ``samples_per_s`` of sampling (None when reused), the metrics and ``samples``
+    (the file); ``sweep.csv`` and ``sweep.md`` are rewritten after each setting."""
+    from . import evaluate as ev
+    from .generate import generate
+    from .objective import model_config
+
+    if judge is None and references is None:
+        raise ValueError("nothing to measure: give a judge LM (Gen PPL, entropy) or references (BLEU, ROUGE)")
+    if references is not None and (sources is None or len(references) != len(sources)):
+        raise ValueError(f"references need one entry per condition: {len(references)} references, "
+                         f"{0 if sources is None else len(sources)} conditions")
+    out_dir = Path(output_dir)
+    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    count = len(sources) if sources is not None else num_samples
+    length = length or model_config(model).max_length
+    fixed = {**(extra or {}), "seed": seed, "batch_size": batch_size, "length": length, "num_samples": count}
+    if sources is not None:
+        fixed["max_input_length"] = max_input_length
+    rows: list[dict] = []
+    for k, cfg in enumerate(configs, 1):
+        name = setting_name(cfg)
+        path = out_dir / "samples" / f"{name}.jsonl"
+        records = _cached(path, {**asdict(cfg), **fixed}, count, sources)
+        seconds = None
+        if records is None:
+            t0 = time.perf_counter()
+            records = generate(model, encoder, cfg, num_samples=num_samples, sources=sources, batch_size=batch_size,
+                               seed=seed, length=length, max_input_length=max_input_length, pad_token=pad_token)
+            seconds = time.perf_counter() - t0
+            records = [{**r, **fixed} for r in records]
+            _write_jsonl(path, records)
+        texts = [r["text"] for r in records]
+        row = {"name": name, **{a: getattr(cfg, a) for a in AXES}, "grid": cfg.grid, "num_samples": len(texts),
+               "seconds": seconds, "samples_per_s": None if not seconds else len(texts) / seconds}
+        if judge is not None:
+            lm = ev.generative_perplexity(texts, *judge, batch_size=judge_batch_size)
+            row.update(gen_ppl=lm["gen_ppl"], entropy=lm["entropy"], num_empty=lm["num_empty"])
+        if references is not None:
+            row["bleu"] = ev.bleu(texts, references)
+            row.update(ev.rouge(texts, references))
+        row["samples"] = str(path.relative_to(out_dir))
+        rows.append(row)
+        write_table(rows, out_dir)
+        if log is not None:
+            done = "reused" if seconds is None else f"{seconds:.1f} s"
+            scores = ", ".join(f"{m} {row[m]:.4g}" for m in METRICS if row.get(m) is not None)
+            log(f"[{k}/{len(configs)}] {name}: {scores} ({done})")
+    return rows
+
+
+# ----------------------------------------------------------------------------- tables and plots
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    keys = ["name", *AXES, "grid", "num_samples", *METRICS, "seconds", "samples_per_s", "samples"]
+    return [k for k in keys if any(k in r for r in rows)]
+
+
+def format_markdown(rows: list[dict]) -> str:
+    """A Markdown table of sweep rows: the settings and the metrics that were measured."""
+    cols = [c for c in _columns(rows) if c not in ("name", "grid", "samples", "seconds")]
+    if all(r["cfg_scale"] == 1 for r in rows):
+        cols.remove("cfg_scale")
+    fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_table(rows: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``sweep.csv`` (all columns) and ``sweep.md`` into ``output_dir``; returns both paths."""
+    out = Path(output_dir)
+    csv_path, md_path = out / "sweep.csv", out / "sweep.md"
+    with open(csv_path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=_columns(rows))
+        writer.writeheader()
+        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    md_path.write_text(format_markdown(rows) + "\n", encoding="utf-8")
+    return csv_path, md_path
+
+
+def _pyplot_free_figure():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError(f"sweep plots need matplotlib: {PLOTS_EXTRA} (or pass --no-plots)") from e
+    return Figure(figsize=(6.4, 4.8), layout="constrained")
+
+
+def _label(key: tuple, names: tuple) -> str:
+    sym = {"gamma": "γ", "w": "w", "cfg_scale": "cfg", "steps": "steps"}
+    ode = dict(zip(names, key)).get("method") == "ode"
+    return " ".join(str(v) if n == "method" else f"{sym[n]}={v:g}" for n, v in zip(names, key) if not (ode and n == "gamma"))
+
+
+def _series(rows: list[dict], along: str, metric: str) -> dict[tuple, list[dict]]:
+    """Rows with ``metric`` grouped by every varying axis except ``along``, each sorted by it."""
+    varying = tuple(a for a in AXES if a != along and (a == "method" or len({r[a] for r in rows}) > 1))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r.get(metric) is not None:
+            groups.setdefault(tuple(r[a] for a in varying), []).append(r)
+    return {(varying, k): sorted(v, key=lambda r: r[along]) for k, v in groups.items()}
+
+
+def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
+    """Draw the figures the rows allow into ``output_dir``: ``ppl_vs_entropy.png`` (one curve
+    along w when several w were swept, else along steps), ``ppl_vs_steps.png`` and
+    ``bleu_vs_steps.png``. Returns the files written."""
+    out, written = Path(output_dir), []
+    if any(r.get("gen_ppl") is not None for r in rows):
+        along = "w" if len({r["w"] for r in rows}) > 1 else "steps"
+        fig = _pyplot_free_figure()
+        ax = fig.add_subplot()
+        for (names, key), rs in _series(rows, along, "gen_ppl").items():
+            pts = [r for r in rs if r.get("entropy") is not None]
+            line, = ax.plot([r["entropy"] for r in pts], [r["gen_ppl"] for r in pts], "o-", label=_label(key, names))
+            for r in pts:
+                ax.annotate(f"{along}={r[along]:g}", (r["entropy"], r["gen_ppl"]), textcoords="offset points",
+                            xytext=(4, 4), fontsize=7, color=line.get_color())
+        ax.set(xlabel="entropy (nats)", ylabel="Gen PPL", yscale="log", title=f"Gen PPL vs entropy (along {along})")
+        ax.legend(fontsize=8)
+        written.append(out / "ppl_vs_entropy.png")
+        fig.savefig(written[-1], dpi=120)
+    for metric, title in (("gen_ppl", "Gen PPL"), ("bleu", "BLEU")):
+        if not any(r.get(metric) is not None for r in rows):
+            continue
+        from matplotlib.ticker import NullLocator
+
+        fig = _pyplot_free_figure()
+        ax = fig.add_subplot()
+        for (names, key), rs in _series(rows, "steps", metric).items():
+            ax.plot([r["steps"] for r in rs], [r[metric] for r in rs], "o-", label=_label(key, names))
+        ax.set(xlabel="sampling steps", ylabel=title, xscale="log", title=f"{title} vs steps")
+        if metric == "gen_ppl":
+            ax.set_yscale("log")
+        steps = sorted({r["steps"] for r in rows})
+        ax.set_xticks(steps, [str(s) for s in steps])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.legend(fontsize=8)
+        written.append(out / f"{'ppl' if metric == 'gen_ppl' else metric}_vs_steps.png")
+        fig.savefig(written[-1], dpi=120)
+    return written
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def _list(kind, low=None, choices=None):
+    """argparse type: a comma-separated list of ``kind`` values (each >= ``low`` / in ``choices``)."""
+    what = {int: "integers", float: "numbers", str: "names"}[kind]
+    need = f" >= {low}" if low is not None else f" from {', '.join(choices)}" if choices else ""
+
+    def parse(text: str) -> list:
+        try:
+            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
+        except ValueError:
+            values = None
+        if not values or (low is not None and min(values) < low) or (choices and not set(values) <= set(choices)):
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {text!r}")
+        return values
+
+    return parse
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative(text: str) -> float:
+    """argparse type: a number >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """Arguments of ``elflm sweep``."""
+    p.add_argument("--checkpoint", required=True, help="model folder, training checkpoint, or Hub id")
+    p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
+    p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
+    p.add_argument("--input", default=None, help="conditions (text lines or JSONL): one sample per condition and setting")
+    p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
+    p.add_argument("--references", default=None, help="references for BLEU / ROUGE, one per condition (lines or JSONL)")
+    p.add_argument("--steps", type=_list(int, 1), default=None, help="e.g. 8,16,32,64 (default: the checkpoint's)")
+    p.add_argument("--method", type=_list(str, choices=("ode", "sde")), default=None, help="ode,sde")
+    p.add_argument("--gamma", type=_list(float, 0), default=None, help="SDE churn values, e.g. 1.0,1.5 (sde rows only)")
+    p.add_argument("--w", type=_list(float, 0), default=None, help="self-conditioning guidance scales, e.g. 1,2,3")
+    p.add_argument("--cfg-scale", type=_list(float, 0), default=None, help="classifier-free guidance scales (conditional)")
+    p.add_argument("--grid", choices=["uniform", "logit_normal", "logit-normal"], default=None, help="time grid")
+    p.add_argument("--judge", default="gpt2-large", help="causal LM for Gen PPL (as in `elflm eval`), or 'none'")
+    p.add_argument("--judge-batch-size", type=positive_int, default=8)
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--length", type=positive_int, default=None, help="tokens per sample (default: the model's max_length)")
+    p.add_argument("--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp64"], default="fp32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    p.add_argument("--no-plots", action="store_true", help="write only the tables (no matplotlib needed)")
+
+
+def run_sweep_cli(a) -> int:
+    """``elflm sweep``: run the grid, write tables and plots, print the Markdown table."""
+    from .checkpoint import load_pretrained
+    from .evaluate import load_judge, read_references
+    from .generate import PRECISIONS, cli_device, read_conditions, warn_truncated
+
+    if bool(a.input) == bool(a.num_samples):
+        raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
+    if a.references and not a.input:
+        raise ValueError("--references (BLEU / ROUGE) need --input: one reference per condition")
+    if a.cfg_scale and set(a.cfg_scale) != {1.0} and not a.input:
+        raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
+    judge_name = None if str(a.judge).lower() == "none" else a.judge
+    if judge_name is None and not a.references:
+        raise ValueError("nothing to measure: give --judge (Gen PPL, entropy) or --references (BLEU, ROUGE)")
+    out_dir = Path(a.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
+    if not a.no_plots:
+        _pyplot_free_figure()  # fail now, not after the sampling, when matplotlib is missing
+    device = cli_device(a.device)
+    sources = read_conditions(a.input, a.source_field) if a.input else None
+    references = read_references(a.references) if a.references else None
+    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
+    max_in = a.max_input_length or settings.data.max_input_length
+    if sources is not None:
+        if max_in is None:
+            raise ValueError(f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
+                             "or pass --max-input-length N to hold the inputs fixed as conditions")
+        warn_truncated(encoder, sources, max_in)
+    base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
+    configs = grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
+    judge = load_judge(judge_name, device=device) if judge_name else None
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    log(f"sweep: {len(configs)} settings × {len(sources) if sources else a.num_samples} samples -> {out_dir}")
+    rows = run_sweep(model, encoder, configs, out_dir, judge=judge, num_samples=a.num_samples, sources=sources,
+                     references=references, batch_size=a.batch_size, seed=a.seed, length=a.length, max_input_length=max_in,
+                     pad_token=settings.data.pad_token, judge_batch_size=a.judge_batch_size,
+                     extra={"precision": a.precision, "checkpoint": str(a.checkpoint)}, log=log)
+    files = [out_dir / "sweep.csv", out_dir / "sweep.md"] + ([] if a.no_plots else plot_sweep(rows, out_dir))
+    print(format_markdown(rows))
+    log("wrote " + ", ".join(map(str, files)))
+    return 0
