@@ -233,9 +233,11 @@ def test_bad_inputs_exit_2_with_a_message(models, tmp_path, capsys, case):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cuda_requested_without_cuda(models, capsys):
+def test_cuda_requested_without_cuda(models, judge, tmp_path, capsys):
     err = fails(capsys, ["sample", "--checkpoint", str(models["uncond"]), "--num-samples", "1", "--device", "cuda"])
     assert "CUDA is not available" in err
+    (tmp_path / "s.txt").write_text("hello there\n")
+    assert "CUDA is not available" in fails(capsys, ["eval", str(tmp_path / "s.txt"), "--judge", str(judge), "--device", "cuda"])
 
 
 def test_console_entry_in_a_subprocess_matches_in_process(models, tmp_path):

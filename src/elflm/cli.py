@@ -74,7 +74,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 def _run_eval(a) -> int:
     from .evaluate import run_eval_cli
+    from .generate import cli_device
 
+    cli_device(a.device)  # a clear error for an unknown device, or CUDA where there is none
     return run_eval_cli(a)
 
 

@@ -195,7 +195,7 @@ def write_table(rows: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def _pyplot_free_figure():
+def _figure():
     try:
         from matplotlib.figure import Figure
     except ImportError as e:
@@ -226,7 +226,7 @@ def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
     out, written = Path(output_dir), []
     if any(r.get("gen_ppl") is not None for r in rows):
         along = "w" if len({r["w"] for r in rows}) > 1 else "steps"
-        fig = _pyplot_free_figure()
+        fig = _figure()
         ax = fig.add_subplot()
         for (names, key), rs in _series(rows, along, "gen_ppl").items():
             pts = [r for r in rs if r.get("entropy") is not None]
@@ -243,7 +243,7 @@ def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
             continue
         from matplotlib.ticker import NullLocator
 
-        fig = _pyplot_free_figure()
+        fig = _figure()
         ax = fig.add_subplot()
         for (names, key), rs in _series(rows, "steps", metric).items():
             ax.plot([r["steps"] for r in rs], [r[metric] for r in rs], "o-", label=_label(key, names))
@@ -309,11 +309,11 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input", default=None, help="conditions (text lines or JSONL): one sample per condition and setting")
     p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
     p.add_argument("--references", default=None, help="references for BLEU / ROUGE, one per condition (lines or JSONL)")
-    p.add_argument("--steps", type=_list(int, 1), default=None, help="e.g. 8,16,32,64 (default: the checkpoint's)")
-    p.add_argument("--method", type=_list(str, choices=("ode", "sde")), default=None, help="ode,sde")
-    p.add_argument("--gamma", type=_list(float, 0), default=None, help="SDE churn values, e.g. 1.0,1.5 (sde rows only)")
-    p.add_argument("--w", type=_list(float, 0), default=None, help="self-conditioning guidance scales, e.g. 1,2,3")
-    p.add_argument("--cfg-scale", type=_list(float, 0), default=None, help="classifier-free guidance scales (conditional)")
+    p.add_argument("--steps", type=_list(int, 1), default=None, metavar="LIST", help="e.g. 8,16,32,64 (default: the checkpoint's)")
+    p.add_argument("--method", type=_list(str, choices=("ode", "sde")), default=None, metavar="LIST", help="ode,sde")
+    p.add_argument("--gamma", type=_list(float, 0), default=None, metavar="LIST", help="SDE churn values, e.g. 1.0,1.5 (sde rows only)")
+    p.add_argument("--w", type=_list(float, 0), default=None, metavar="LIST", help="self-conditioning guidance scales, e.g. 1,2,3")
+    p.add_argument("--cfg-scale", type=_list(float, 0), default=None, metavar="LIST", help="classifier-free guidance scales (conditional)")
     p.add_argument("--grid", choices=["uniform", "logit_normal", "logit-normal"], default=None, help="time grid")
     p.add_argument("--judge", default="gpt2-large", help="causal LM for Gen PPL (as in `elflm eval`), or 'none'")
     p.add_argument("--judge-batch-size", type=positive_int, default=8)
@@ -346,7 +346,7 @@ def run_sweep_cli(a) -> int:
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
     if not a.no_plots:
-        _pyplot_free_figure()  # fail now, not after the sampling, when matplotlib is missing
+        _figure()  # fail now, not after the sampling, when matplotlib is missing
     device = cli_device(a.device)
     sources = read_conditions(a.input, a.source_field) if a.input else None
     references = read_references(a.references) if a.references else None
