@@ -211,8 +211,6 @@ def cli_sample_config(cfg: SampleConfig, a) -> SampleConfig:
 
 def run_sample_cli(a) -> int:
     """``elflm sample``: load a checkpoint, sample, write JSONL."""
-    import json
-    import sys
     import time
 
     from .checkpoint import load_pretrained
@@ -242,7 +240,17 @@ def run_sample_cli(a) -> int:
     records = generate(model, encoder, cfg, num_samples=a.num_samples, sources=sources, batch_size=a.batch_size,
                        seed=a.seed, length=a.length, max_input_length=max_in, pad_token=data.pad_token, progress=True,
                        callback=recorder)
-    dt = time.perf_counter() - t0
+    write_records(a, records, time.perf_counter() - t0)
+    save_from_args(a, recorder)
+    return 0
+
+
+def write_records(a, records: list[dict], seconds: float) -> None:
+    """Write sample records as JSONL to ``a.output`` (``-``: stdout) with the precision and
+    checkpoint of the run; report the rate on stderr."""
+    import json
+    import sys
+
     out = sys.stdout if a.output == "-" else open(a.output, "w", encoding="utf-8")
     try:
         for r in records:
@@ -250,6 +258,4 @@ def run_sample_cli(a) -> int:
     finally:
         if out is not sys.stdout:
             out.close()
-    print(f"{len(records)} samples in {dt:.1f}s ({len(records) / dt:.2f} samples/s)", file=sys.stderr)
-    save_from_args(a, recorder)
-    return 0
+    print(f"{len(records)} samples in {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.2f} samples/s)", file=sys.stderr)

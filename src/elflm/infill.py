@@ -475,11 +475,10 @@ def wants_infill(a) -> bool:
 def run_sample_cli(a) -> int:
     """``elflm sample --prompt / --infill / --infill-file``: ``--num-samples`` (default 1) per
     template, JSONL out (one record per sample, with ``template`` or ``prompt``)."""
-    import sys
     import time
 
     from .checkpoint import load_pretrained
-    from .generate import PRECISIONS, check_output, cli_device, cli_sample_config
+    from .generate import PRECISIONS, check_output, cli_device, cli_sample_config, write_records
     from .trajectory import recorder_from_args, save_from_args
 
     if a.input:
@@ -505,14 +504,6 @@ def run_sample_cli(a) -> int:
             extra = {"template": item["template"], "template_index": k}
         for r in recs:
             records.append({**r, **extra, "sample": r["index"], "index": len(records)})
-    dt = time.perf_counter() - t0
-    out = sys.stdout if a.output == "-" else open(a.output, "w", encoding="utf-8")
-    try:
-        for r in records:
-            out.write(json.dumps({**r, "precision": a.precision, "checkpoint": str(a.checkpoint)}, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"{len(records)} samples in {dt:.1f}s", file=sys.stderr)
+    write_records(a, records, time.perf_counter() - t0)
     save_from_args(a, recorder)
     return 0
