@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {list(PATHS)}")
     p.add_argument("--encoder", default=None, help="T5 tokenizer folder: also time a random-weight T5 encoder")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", nargs="?", const="-", default=None, help="write the results as JSON (to a file, or stdout)")
+    p.add_argument("--json", nargs="?", const="-", default=None, help="write the results as JSON to a file, or alone to stdout (the table then goes to stderr)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.batch = a.batch or (64 if a.device == "cuda" else 8)
@@ -266,12 +266,13 @@ def main(argv=None) -> int:
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     setup = {"device": device_name, "model": a.model, "batch": a.batch, "length": a.length, "encoder_dim": a.encoder_dim,
              "vocab": a.vocab, "steps": a.steps, "warmup": a.warmup, "repeat": a.repeat, "torch": torch.__version__}
-    print(f"{a.model} on {device_name}: batch {a.batch} x {a.length} tokens, C={a.encoder_dim}, V={a.vocab}")
-    print(table(a, rows, extra))
+    report = sys.stderr if a.json == "-" else sys.stdout  # JSON alone on stdout
+    print(f"{a.model} on {device_name}: batch {a.batch} x {a.length} tokens, C={a.encoder_dim}, V={a.vocab}", file=report)
+    print(table(a, rows, extra), file=report)
     if summary:
-        print(f"speed-up over reference: denoise, decode, model step, full step (+ optimizer{' + encoder' if a.encoder else ''})")
+        print(f"speed-up over reference: denoise, decode, model step, full step (+ optimizer{' + encoder' if a.encoder else ''})", file=report)
         for name, s in summary.items():
-            print(f"  {name:22} " + "  ".join(f"{v:5.2f}x" for v in s.values()))
+            print(f"  {name:22} " + "  ".join(f"{v:5.2f}x" for v in s.values()), file=report)
     if a.json:
         doc = json.dumps({"setup": setup, "paths": rows, **extra, "speedup_vs_reference": summary}, indent=1)
         if a.json == "-":

@@ -1,5 +1,5 @@
-"""The fast paths against the reference paths: SDPA vs float32 attention, cached complex RoPE, float32
-heads under bf16 autocast, the chunked decode cross-entropy, the self-conditioning pass on the
+"""The fast paths against the reference paths: SDPA vs float32 attention, cached complex RoPE, the
+lean-memory RMSNorm and SwiGLU gate, float32 heads under bf16 autocast, the chunked decode cross-entropy, the self-conditioning pass on the
 self-conditioned rows only, and ``torch.compile`` of the blocks and of the sampler's forward.
 
 Tolerances: float32 paths agree to float rounding (1e-5 absolute on O(1) values, gradients 1e-5
@@ -57,6 +57,33 @@ def test_complex_rope_is_the_table_rotation():
     expected = x * cos.double() + rot * sin.double()
     assert torch.allclose(apply_rope(x, cos, sin).double(), expected, atol=1e-6)
     assert torch.equal(rotate_pairs(x, rope_phases(cos, sin))[..., :3, :], x[..., :3, :].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norm_and_gate_match_autograd_of_the_plain_expressions(dtype):
+    """RMSNorm and silu(a)·b save less for backward; values and gradients are those of autograd."""
+    tol = 1e-6 if dtype == torch.float32 else 1e-2
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 16, generator=g).to(dtype).requires_grad_()
+    norm = model_mod.RMSNorm(16)
+    with torch.no_grad():
+        norm.weight.normal_(generator=g)
+    gy = torch.randn(3, 5, 16, generator=g)
+    h = x.float()
+    plain = norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.eps))
+    lean = norm.normalize(x)
+    assert torch.equal(lean, plain)
+    want = torch.autograd.grad(plain, (x, norm.weight), gy)
+    got = torch.autograd.grad(lean, (x, norm.weight), gy)
+    for a, b in zip(got, want):
+        assert a.dtype == b.dtype and (a.float() - b.float()).abs().max() <= tol * b.float().abs().max()
+    a, b = (torch.randn(3, 5, 8, generator=g).to(dtype).requires_grad_() for _ in range(2))
+    gate = model_mod._SiLUGateFn.apply(a, b)
+    assert torch.equal(gate, F.silu(a) * b)
+    want = torch.autograd.grad(F.silu(a) * b, (a, b), gate.detach().float().cos().to(dtype))
+    got = torch.autograd.grad(gate, (a, b), gate.detach().float().cos().to(dtype))
+    for u, v in zip(got, want):
+        assert (u.float() - v.float()).abs().max() <= tol * v.float().abs().max()
 
 
 def test_rope_phases_are_cached_per_shape_and_device():

@@ -48,9 +48,10 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist, strategy: str, mixed_bf16: bool = False) -> nn.Module:
+def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
     """Wrap for data parallelism: ``ddp``, ``fsdp`` (FSDP2 ``fully_shard`` per block and at the
-    root) or ``none``; ``auto`` is DDP when there are several processes."""
+    root; float32 parameters, bf16 comes from autocast as with DDP, so the heads stay float32) or
+    ``none``; ``auto`` is DDP when there are several processes."""
     if strategy == "auto":
         strategy = "ddp" if d.world > 1 else "none"
     if strategy == "none" or d.world == 1 and strategy == "ddp":
@@ -62,12 +63,11 @@ def wrap(model: nn.Module, d: Dist, strategy: str, mixed_bf16: bool = False) -> 
         # each step takes one branch, so the other head gets no gradient
         return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        from torch.distributed.fsdp import fully_shard
 
-        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_bf16 else MixedPrecisionPolicy()
         for block in model.blocks:
-            fully_shard(block, mp_policy=mp)
-        fully_shard(model, mp_policy=mp)
+            fully_shard(block)
+        fully_shard(model)
         return model
     raise ValueError(f"unknown distributed strategy {strategy!r}; expected auto, none, ddp or fsdp")
 

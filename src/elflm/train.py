@@ -83,9 +83,10 @@ def flops_per_token(m, length: int, decode: bool) -> float:
 
 
 def step_flops_per_token(m, length: int, decoder_prob: float) -> float:
-    """Expected training FLOPs per token of one step: the denoise branch runs one no-grad
-    forward and one forward + backward (4 forwards), the decode branch forward + backward (3)."""
-    return (1 - decoder_prob) * 4 * flops_per_token(m, length, False) + decoder_prob * 3 * flops_per_token(m, length, True)
+    """Expected training FLOPs per token of one step: the denoise branch runs a no-grad forward
+    on the self-conditioned half of the rows and one forward + backward (3.5 forwards), the decode
+    branch forward + backward (3)."""
+    return (1 - decoder_prob) * 3.5 * flops_per_token(m, length, False) + decoder_prob * 3 * flops_per_token(m, length, True)
 
 
 PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 495.0}, "H200": {"bf16": 989.0, "fp32": 495.0}, "A100": {"bf16": 312.0, "fp32": 156.0}}
@@ -197,7 +198,9 @@ class Trainer:
         self.shared_branch = cfg.train.branch == "per_step" or (cfg.train.branch == "auto" and strategy == "fsdp")
         if strategy == "fsdp" and not self.shared_branch:
             raise ValueError("train.distributed=fsdp needs train.branch=per_step (or auto): FSDP ranks must run the same passes")
-        self.model = distributed.wrap(model, self.dist, cfg.train.distributed, mixed_bf16=self.bf16)
+        if dev.type == "cuda":  # float32 heads and encoder run on TF32 tensor cores
+            torch.set_float32_matmul_precision("high")
+        self.model = distributed.wrap(model, self.dist, cfg.train.distributed)
         self.net = distributed.unwrap(self.model)
         if cfg.train.compile:
             for block in self.net.blocks:  # in place: parameter names stay the same
