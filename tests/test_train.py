@@ -190,9 +190,11 @@ def test_cli_train_reports_bad_override(env, tmp_path):
     assert main(["train", "--config", str(path), "train.max_stepz=3"]) == 2
 
 
-def test_latent_stats_estimated_when_left_open(env, tmp_path):
-    cfg = tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"encoder.latent_mean": None, "encoder.latent_std": None, "train.max_steps": 1})
+def test_latent_stats_estimated_when_left_open(env, tmp_path, capsys):
+    cfg = tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"encoder.latent_mean": None, "encoder.latent_std": None,
+                                                                      "train.max_steps": 1, "train.preview_every": 1, "train.preview_samples": 2})
     t = train(cfg, progress=False)
+    assert capsys.readouterr().out.count("[step 1]") == 2  # the EMA preview
     assert t.cfg.encoder.latent_std is not None and t.encoder.latent_std == t.cfg.encoder.latent_std
     from elflm.data import collate
 
