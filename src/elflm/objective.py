@@ -147,13 +147,21 @@ def loss_from_latents(model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, re
     return LossOutput(loss=loss, decode=d.decode, tokens=lmask.sum())
 
 
+def encoder_mask(batch: dict) -> torch.Tensor:
+    """The encoder mask of a batch: the (B, L, L) mask of SPEC §1, or, when no row has a
+    condition, the (B, L) padding mask it then equals (any HF encoder takes that one)."""
+    if not bool(batch["cond_seq_mask"].any()):
+        return batch["attention_mask"]
+    return batch["encoder_attention_mask"]
+
+
 def encode_batch(encoder, batch: dict, label_drop: torch.Tensor | None = None) -> torch.Tensor:
     """Clean latents (B, L, C) of a batch; for label-dropped rows the target tokens may not attend
     to the condition in the encoder (SPEC §1)."""
     from .encoder import apply_label_drop
 
-    mask = batch["encoder_attention_mask"]
-    if label_drop is not None and bool(label_drop.any()):
+    mask = encoder_mask(batch)
+    if label_drop is not None and bool(label_drop.any()) and mask.dim() == 3:
         mask = apply_label_drop(mask, batch["cond_seq_mask"], label_drop)
     return encoder.encode(batch["input_ids"], mask)
 

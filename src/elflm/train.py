@@ -113,7 +113,7 @@ def estimate_latent_stats(encoder, dataset, device, rows: int = 256, batch: int 
     total, sq, count = 0.0, 0.0, 0
     for i in range(0, len(pick), batch):
         b = collate([dataset[int(j)] for j in pick[i : i + batch]])
-        h = encoder.hidden(b["input_ids"].to(device), b["encoder_attention_mask"].to(device)).double()
+        h = encoder.hidden(b["input_ids"].to(device), objective.encoder_mask(b).to(device)).double()
         valid = b["attention_mask"].to(device).bool()
         total += h[valid].sum().item()
         sq += h[valid].pow(2).sum().item()
