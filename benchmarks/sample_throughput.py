@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -29,6 +28,8 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+
+from common import peak_memory_gb, sync
 
 SHARED_T5 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers" / "t5-small"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -57,17 +58,6 @@ def parse_args(argv=None):
     if a.batch not in (None, "max") and not (a.batch.isdigit() and int(a.batch) >= 1):
         p.error(f"--batch: expected an integer >= 1 or 'max', got {a.batch!r}")
     return a
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def build(a, name: str, device, dtype):

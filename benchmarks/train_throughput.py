@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from common import peak_memory_gb, sync
 
 # path name -> settings; "fast" is the default training configuration in fp32
 PATHS = {
@@ -62,17 +63,6 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"unknown paths {sorted(unknown)}; expected some of {list(PATHS)}")
     return a
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def peak_memory_gb(device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def model_config(a):
