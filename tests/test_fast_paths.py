@@ -144,11 +144,30 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
     assert ce.shape == (B, L) and ce.dtype == torch.float32
     assert (ce - ref).abs().max() < 1e-5 and torch.all(ce[0, :7] == 0)
     weight = torch.rand(B, L)
-    (g_fast,) = torch.autograd.grad((ce * weight).sum(), h)
-    (g_ref,) = torch.autograd.grad((ref * weight).sum(), h)
-    assert (g_fast - g_ref).abs().max() < 1e-5 * g_ref.abs().max()
+    params = [h, m.decoder.proj.weight, m.decoder.unembed.weight, m.decoder.unembed.bias]
+    fast = torch.autograd.grad((ce * weight).sum(), params)
+    for g_fast, g_ref in zip(fast, torch.autograd.grad((ref * weight).sum(), params)):
+        assert (g_fast - g_ref).abs().max() < 1e-5 * g_ref.abs().max()
     with torch.no_grad():
         assert torch.allclose(m.decoder.cross_entropy(h, targets, chunk_tokens=chunk), ce, atol=1e-6)
+
+
+def test_fused_cross_entropy_under_bf16_autocast_and_single_backward():
+    """Under autocast the unembedding runs in bf16 like ``self(x)`` does (loss and gradients
+    within bf16 rounding of float32); a second backward through the same graph is refused."""
+    m = make_model()
+    h = torch.randn(B, L, CFG.hidden_size, requires_grad=True)
+    targets = torch.randint(0, CFG.vocab_size, (B, L))
+    ce32 = m.decoder.cross_entropy(h, targets)
+    (g32,) = torch.autograd.grad(ce32.sum(), h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ce = m.decoder.cross_entropy(h, targets)
+        ref = F.cross_entropy(m.decoder(h).float().flatten(0, 1), targets.flatten(), reduction="none").view(B, L)
+    assert ce.dtype == torch.float32 and (ce - ref).abs().max() < 1e-3 and (ce - ce32).abs().max() < 0.1
+    (g,) = torch.autograd.grad(ce.sum(), h, retain_graph=True)
+    assert g.dtype == torch.float32 and (g - g32).abs().max() < 0.05 * g32.abs().max()
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(ce.sum(), h)
 
 
 def test_cross_entropy_of_no_target_is_zero_and_chunk_size_is_checked():

@@ -11,7 +11,6 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
 
@@ -226,29 +225,55 @@ class DecodeHead(nn.Module):
 
     def cross_entropy(self, x: torch.Tensor, targets: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
         """Per-token cross-entropy (B, L) float32 of the logits ``self(x)`` (x (B, L, H)) against
-        ``targets`` (B, L) ids, without the (B, L, V) logits: only positions with ``targets >= 0``
-        are computed (the others get 0), ``chunk_tokens`` at a time (default
-        ``CE_CHUNK_ELEMENTS // V``); with several chunks and autograd on, each chunk's logits are
-        recomputed in backward, so one (chunk, V) block is alive at a time."""
+        ``targets`` (B, L) ids, without autograd's copies of the (B, L, V) logits: only positions
+        with ``targets >= 0`` are computed (the others get 0), ``chunk_tokens`` at a time (default
+        ``CE_CHUNK_ELEMENTS // V``) by :class:`_LinearCrossEntropyFn`; with several chunks and
+        autograd on, each chunk's logits are recomputed in backward, so one (chunk, V) block is
+        alive at a time."""
         if chunk_tokens is not None and chunk_tokens < 1:
             raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
         flat = targets.flatten()
         keep = (flat >= 0).nonzero().squeeze(1)  # host sync: the number of computed tokens
-        xs, ts = x.flatten(0, 1).index_select(0, keep), flat.index_select(0, keep).long()
+        h = F.gelu(self.proj(x.flatten(0, 1).index_select(0, keep)), approximate="tanh")
+        ts = flat.index_select(0, keep).long()
         size = chunk_tokens or max(1, CE_CHUNK_ELEMENTS // self.unembed.out_features)
-        if xs.shape[0] <= size:
-            ce = self._ce(xs, ts)
-        else:
-            recompute = torch.is_grad_enabled()
-            ce = torch.cat([
-                checkpoint(self._ce, xs[i : i + size], ts[i : i + size], use_reentrant=False, preserve_rng_state=False)
-                if recompute else self._ce(xs[i : i + size], ts[i : i + size])
-                for i in range(0, xs.shape[0], size)
-            ])
+        recompute = torch.is_grad_enabled() and h.shape[0] > size
+        w, b = self.unembed.weight, self.unembed.bias
+        ce = torch.cat([_LinearCrossEntropyFn.apply(h[i : i + size], w, b, ts[i : i + size], recompute)
+                        for i in range(0, max(h.shape[0], 1), size)])
         return ce.new_zeros(flat.shape).index_put((keep,), ce).view(targets.shape)
 
-    def _ce(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return F.cross_entropy(self(x).float(), targets, reduction="none")
+
+class _LinearCrossEntropyFn(torch.autograd.Function):
+    """Cross-entropy (N,) float32 of ``logits = x·Wᵀ + b`` against ``targets`` (N,), the matmuls in
+    ``x``'s dtype (autocast's when it is on; weights cast to it), logits in float32. Forward keeps
+    for backward either the logits (``recompute=False``) or only their log-sum-exp
+    (``recompute=True``: backward recomputes them); backward turns them in place into
+    ``(softmax − onehot)·grad``, so no second (N, V) tensor is made. One backward per forward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, recompute: bool):
+        with torch.autocast(x.device.type, enabled=False):
+            logits = torch.addmm(bias.to(x.dtype), x, weight.to(x.dtype).mT).float()
+            lse = torch.logsumexp(logits, -1)
+            ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
+        ctx.save_for_backward(x, weight, bias, targets, lse, None if recompute else logits)
+        ctx.done = False
+        return ce
+
+    @staticmethod
+    def backward(ctx, grad):
+        if ctx.done:
+            raise RuntimeError("backward ran twice through the fused decode cross-entropy (retain_graph is not supported)")
+        ctx.done = True
+        x, weight, bias, targets, lse, logits = ctx.saved_tensors
+        w = weight.to(x.dtype)
+        if logits is None:
+            logits = torch.addmm(bias.to(x.dtype), x, w.mT).float()
+        g = logits.sub_(lse[:, None]).exp_()
+        g.scatter_add_(1, targets[:, None], g.new_full((len(targets), 1), -1.0)).mul_(grad[:, None])
+        gx = g.to(x.dtype)
+        return gx @ w, (gx.mT @ x).to(weight.dtype), g.sum(0).to(bias.dtype), None, None
 
 
 class ELF(nn.Module):
