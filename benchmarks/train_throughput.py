@@ -3,8 +3,10 @@
 Each path runs in a fresh process (so peak memory is its own) on random latents and ids of one
 micro-batch: ``--warmup`` then ``--steps`` denoise steps and as many decode steps (forward +
 backward), timed apart and combined as the expected step ``(1 − p)·denoise + p·decode`` with
-``p = decoder_prob`` (0.2). The optimizer (Muon + clipping + EMA, the same for every path) and,
-with ``--encoder``, the frozen encoder's forward are timed once and added for the full step.
+``p = decoder_prob`` (0.2). The optimizer step (Muon + clipping + EMA; the reference path runs
+Newton–Schulz in the plain official form, the fast paths take the Gram form for the unembedding
+on CPU) is timed per path and, with ``--encoder``, the frozen encoder's forward once; both are
+added for the full step.
 
     python benchmarks/train_throughput.py                                   # tiny, CPU
     python benchmarks/train_throughput.py --device cuda --model elf-b --length 1024 --batch 64
@@ -29,14 +31,15 @@ from common import peak_memory_gb, sync
 
 # path name -> settings; "fast" is the default training configuration in fp32
 PATHS = {
-    "reference": dict(sdpa=False, bf16=False, compile=False, reuse=False, fused_ce=False),
-    "fast": dict(sdpa=True, bf16=False, compile=False, reuse=True, fused_ce=True),
-    "fast/ref-attention": dict(sdpa=False, bf16=False, compile=False, reuse=True, fused_ce=True),
-    "fast/official-passes": dict(sdpa=True, bf16=False, compile=False, reuse=False, fused_ce=True),
-    "fast/full-ce": dict(sdpa=True, bf16=False, compile=False, reuse=True, fused_ce=False),
-    "fast+bf16": dict(sdpa=True, bf16=True, compile=False, reuse=True, fused_ce=True),
-    "fast+compile": dict(sdpa=True, bf16=False, compile=True, reuse=True, fused_ce=True),
-    "fast+bf16+compile": dict(sdpa=True, bf16=True, compile=True, reuse=True, fused_ce=True),
+    "reference": dict(sdpa=False, bf16=False, compile=False, reuse=False, fused_ce=False, ns_gram=False),
+    "fast": dict(sdpa=True, bf16=False, compile=False, reuse=True, fused_ce=True, ns_gram=None),
+    "fast/ref-attention": dict(sdpa=False, bf16=False, compile=False, reuse=True, fused_ce=True, ns_gram=None),
+    "fast/official-passes": dict(sdpa=True, bf16=False, compile=False, reuse=False, fused_ce=True, ns_gram=None),
+    "fast/full-ce": dict(sdpa=True, bf16=False, compile=False, reuse=True, fused_ce=False, ns_gram=None),
+    "fast/plain-ns": dict(sdpa=True, bf16=False, compile=False, reuse=True, fused_ce=True, ns_gram=False),
+    "fast+bf16": dict(sdpa=True, bf16=True, compile=False, reuse=True, fused_ce=True, ns_gram=None),
+    "fast+compile": dict(sdpa=True, bf16=False, compile=True, reuse=True, fused_ce=True, ns_gram=None),
+    "fast+bf16+compile": dict(sdpa=True, bf16=True, compile=True, reuse=True, fused_ce=True, ns_gram=None),
 }
 
 
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.batch = a.batch or (64 if a.device == "cuda" else 8)
     a.length = a.length or (64 if a.model == "tiny" else 1024)
-    unknown = set(a.paths.split(",")) - set(PATHS) - {"optimizer", "encoder"}
+    unknown = set(a.paths.split(",")) - set(PATHS) - {"encoder"}
     if unknown:
         p.error(f"unknown paths {sorted(unknown)}; expected some of {list(PATHS)}")
     return a
@@ -118,12 +121,12 @@ def time_branch(a, device, model, path, decode: bool) -> tuple[float, float]:
     return statistics.median(times), peak_memory_gb(device)
 
 
-def time_optimizer(a, device) -> dict:
-    """Muon step + clipping + EMA update on random gradients (identical for every path)."""
-    from elflm.optim import EMA, Muon, clip_grad_norm_, newton_schulz
+def time_optimizer(a, device, model, path) -> float:
+    """Seconds of one Muon step (Newton–Schulz as ``path["ns_gram"]``) + clipping + EMA update
+    of ``model`` on random gradients."""
+    from elflm.optim import EMA, Muon, clip_grad_norm_
 
-    model = build_model(a, device, PATHS["fast"])
-    opt, ema = Muon(model.parameters(), lr=1e-4), EMA(model, 0.9999)
+    opt, ema = Muon(model.parameters(), lr=1e-4, ns_gram=path["ns_gram"]), EMA(model, 0.9999)
     times = []
     for i in range(a.warmup + a.steps):
         for p in model.parameters():
@@ -136,13 +139,7 @@ def time_optimizer(a, device) -> dict:
         sync(device)
         if i >= a.warmup:
             times.append(time.perf_counter() - t0)
-    unembed = model.decoder.unembed.weight
-    t0 = time.perf_counter()
-    for _ in range(a.steps):
-        newton_schulz(unembed.detach().mT)
-    sync(device)
-    return {"path": "optimizer", "step_s": statistics.median(times), "unembed_ns_s": (time.perf_counter() - t0) / a.steps,
-            "params": sum(p.numel() for p in model.parameters()), "peak_memory_gb": peak_memory_gb(device)}
+    return statistics.median(times)
 
 
 def time_encoder(a, device) -> dict:
@@ -166,14 +163,13 @@ def run_path(a, name: str) -> dict:
     from elflm.train import peak_flops, step_flops_per_token
 
     device = torch.device(a.device)
-    if name == "optimizer":
-        return time_optimizer(a, device)
     if name == "encoder":
         return time_encoder(a, device)
     path = PATHS[name]
     model = build_model(a, device, path)
     t_denoise, mem_denoise = time_branch(a, device, model, path, decode=False)
     t_decode, mem_decode = time_branch(a, device, model, path, decode=True)
+    t_opt = time_optimizer(a, device, model, path)
     from elflm.config import ObjectiveConfig
 
     p = ObjectiveConfig().decoder_prob
@@ -181,7 +177,7 @@ def run_path(a, name: str) -> dict:
     tokens = a.batch * a.length
     flops = step_flops_per_token(model.config, a.length, p) * tokens
     peak = peak_flops(device, "bf16" if path["bf16"] else "fp32")
-    return {"path": name, **path, "denoise_s": t_denoise, "decode_s": t_decode, "step_s": step,
+    return {"path": name, **path, "denoise_s": t_denoise, "decode_s": t_decode, "step_s": step, "optimizer_s": t_opt,
             "tokens_per_s": tokens / step, "samples_per_s": a.batch / step, "tflops_per_s": flops / step / 1e12,
             "mfu": flops / step / peak if peak else None, "peak_memory_gb": max(mem_denoise, mem_decode)}
 
@@ -197,7 +193,8 @@ def run_isolated(a, name: str, argv: list[str]) -> dict:
 
 
 def table(a, rows: list[dict], extra: dict) -> str:
-    head = f"{'path':22} {'denoise ms':>10} {'decode ms':>10} {'step ms':>9} {'tok/s':>9} {'samples/s':>9} {'MFU':>6} {'peak GB':>8} {'+opt tok/s':>10}"
+    head = (f"{'path':22} {'denoise ms':>10} {'decode ms':>10} {'step ms':>9} {'tok/s':>9} {'samples/s':>9} {'MFU':>6} {'peak GB':>8} "
+            f"{'opt ms':>7} {'+opt tok/s':>10}")
     out = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -206,13 +203,10 @@ def table(a, rows: list[dict], extra: dict) -> str:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         full = f"{r['full_tokens_per_s']:.0f}" if "full_tokens_per_s" in r else "-"
         out.append(f"{r['path']:22} {r['denoise_s']*1e3:10.1f} {r['decode_s']*1e3:10.1f} {r['step_s']*1e3:9.1f} "
-                   f"{r['tokens_per_s']:9.0f} {r['samples_per_s']:9.1f} {mfu:>6} {r['peak_memory_gb']:8.2f} {full:>10}")
+                   f"{r['tokens_per_s']:9.0f} {r['samples_per_s']:9.1f} {mfu:>6} {r['peak_memory_gb']:8.2f} {r['optimizer_s']*1e3:7.1f} {full:>10}")
     for name, r in extra.items():
         if "error" in r:
             out.append(f"{name}: error: {r['error']}")
-        elif name == "optimizer":
-            out.append(f"optimizer (Muon + clip + EMA, {r['params']/1e6:.1f}M params): {r['step_s']*1e3:.1f} ms/step, "
-                       f"of which Newton-Schulz of the {a.vocab}x{a.encoder_dim} unembedding {r['unembed_ns_s']*1e3:.1f} ms")
         else:
             out.append(f"encoder forward: {r['step_s']*1e3:.1f} ms/step")
     return "\n".join(out)
@@ -230,7 +224,7 @@ def main(argv=None) -> int:
         print("--device cuda: no CUDA device available", file=sys.stderr)
         return 2
     names = a.paths.split(",")
-    extra_names = ["optimizer"] + (["encoder"] if a.encoder else [])
+    extra_names = ["encoder"] if a.encoder else []
     extra = {n: run_isolated(a, n, argv) for n in extra_names}
     overhead = sum(r["step_s"] for r in extra.values() if "error" not in r)
     best: dict[str, dict] = {}
@@ -245,7 +239,7 @@ def main(argv=None) -> int:
     rows = list(best.values())
     for r in rows:
         if "error" not in r:
-            r["full_step_s"] = r["step_s"] + overhead
+            r["full_step_s"] = r["step_s"] + r["optimizer_s"] + overhead
             r["full_tokens_per_s"] = a.batch * a.length / r["full_step_s"]
     by = {r["path"]: r for r in rows if "error" not in r}
     summary = {}

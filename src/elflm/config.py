@@ -162,6 +162,7 @@ class TrainConfig:
     muon_ns_steps: int = 5
     muon_eps: float = 1e-8
     muon_adam_betas: tuple[float, float] = (0.9, 0.999)
+    muon_ns_gram: bool | None = None  # Newton–Schulz on the Gram matrix: null = for wide (embedding-like) matrices
     adam_b1: float = 0.9
     adam_b2: float = 0.95
     weight_decay: float = 0.0

@@ -21,6 +21,7 @@ from torch import nn
 from .distributed import unwrap
 
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
+GRAM_MIN_RATIO = 16  # newton_schulz(gram=None) takes the Gram form for matrices at least this wide
 
 
 # ---------------------------------------------------------------------------- clipping
@@ -54,10 +55,17 @@ def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Ten
 
 
 # ---------------------------------------------------------------------------- Muon
-def newton_schulz(x: torch.Tensor, coeffs=NS_COEFFS, steps: int = 5, eps: float = 1e-8) -> torch.Tensor:
+def newton_schulz(x: torch.Tensor, coeffs=NS_COEFFS, steps: int = 5, eps: float = 1e-8, gram: bool | None = None) -> torch.Tensor:
     """optax ``orthogonalize_via_newton_schulz`` of a matrix ``x`` (m, n): work on the wide
     orientation (transpose when m > n), ``X ← X / (‖X‖_F + eps)``, then ``steps`` times
-    ``A = X·Xᵀ; X ← a·X + (b·A + c·A²)·X``; returned in the input orientation, input dtype."""
+    ``A = X·Xᵀ; X ← a·X + (b·A + c·A²)·X``; returned in the input orientation, input dtype.
+
+    ``gram=True`` runs the same iteration on the small side: every iterate is ``X_k = Q_k·X_0``,
+    so with ``G = X_0·X_0ᵀ`` (k, k), ``A_k = Q_k·G·Q_kᵀ`` and ``Q_{k+1} = (a·I + b·A_k + c·A_k²)·Q_k``;
+    two (k, k)×(k, N) products in all instead of two per step (k = min(m, n), N = max(m, n)).
+    ``G`` and ``Q`` are float64 (in float32 the squared condition number costs ~100× the plain
+    iteration's rounding error; in float64 it is below it). ``None``: Gram for CPU matrices with
+    ``N >= GRAM_MIN_RATIO·k`` (embedding-like; there it is ~2-3× cheaper than the plain form)."""
     if x.ndim != 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(x.shape)}")
     a, b, c = coeffs
@@ -65,9 +73,22 @@ def newton_schulz(x: torch.Tensor, coeffs=NS_COEFFS, steps: int = 5, eps: float 
     if tall:
         x = x.mT
     x = x / (torch.linalg.vector_norm(x) + eps)
-    for _ in range(steps):
-        A = x @ x.mT
-        x = torch.addmm(x, torch.addmm(A, A, A, beta=b, alpha=c), x, beta=a)
+    if gram is None:
+        gram = x.device.type == "cpu" and x.shape[1] >= GRAM_MIN_RATIO * x.shape[0]
+    if gram:
+        x64 = x.double()
+        g = x64 @ x64.mT
+        q = None
+        for _ in range(steps):
+            A = g if q is None else q @ g @ q.mT
+            p = torch.addmm(A, A, A, beta=b, alpha=c)
+            p.diagonal().add_(a)
+            q = p if q is None else p @ q
+        x = q.to(x.dtype) @ x
+    else:
+        for _ in range(steps):
+            A = x @ x.mT
+            x = torch.addmm(x, torch.addmm(A, A, A, beta=b, alpha=c), x, beta=a)
     return x.mT if tall else x
 
 
@@ -76,7 +97,7 @@ def _orthogonalized(m: torch.Tensor, group: dict) -> torch.Tensor:
     orientation the official code uses. An FSDP2 ``DTensor`` is gathered, orthogonalised whole
     (on every rank) and handed back with the input's sharding."""
     full = m.full_tensor() if hasattr(m, "full_tensor") else m
-    o = newton_schulz(full.mT, group["ns_coeffs"], group["ns_steps"], group["eps"]).mT
+    o = newton_schulz(full.mT, group["ns_coeffs"], group["ns_steps"], group["eps"], group["ns_gram"]).mT
     if full is m:
         return o
     from torch.distributed.tensor import DTensor, Replicate
@@ -101,6 +122,8 @@ class Muon(torch.optim.Optimizer):
         m̂ = b1·m/(1 − b1^(n+1)) + (1−b1)·g/(1 − b1^n);   v̂ = v/(1 − b2^n)
         p ← p − lr·m̂/(sqrt(v̂) + eps)
 
+    ``ns_gram``: how NS runs (:func:`newton_schulz`'s ``gram``; default: the Gram form for
+    CPU matrices at least 16 times as wide as tall, within float rounding of the plain one).
     ``eps`` serves both branches, as in optax. No weight decay (the official run passes none).
     A parameter without ``.grad`` is stepped with a zero gradient, as optax steps every leaf:
     its momentum keeps moving it. ``lr`` is read from each param group at every :meth:`step`
@@ -117,6 +140,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         eps: float = 1e-8,
         adam_betas: tuple[float, float] = (0.9, 0.999),
+        ns_gram: bool | None = None,
     ):
         if lr < 0:
             raise ValueError(f"lr must be >= 0, got {lr}")
@@ -131,7 +155,7 @@ class Muon(torch.optim.Optimizer):
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas}")
         defaults = dict(lr=lr, momentum=momentum, ns_coeffs=tuple(ns_coeffs), ns_steps=ns_steps,
-                        eps=eps, adam_betas=tuple(adam_betas))
+                        eps=eps, adam_betas=tuple(adam_betas), ns_gram=ns_gram)
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -177,14 +201,14 @@ class Muon(torch.optim.Optimizer):
         p.addcdiv_(mu_hat, denom, value=-group["lr"])
 
 
-_HPARAMS = ("momentum", "ns_coeffs", "ns_steps", "eps", "adam_betas")
+_HPARAMS = ("momentum", "ns_coeffs", "ns_steps", "eps", "adam_betas", "ns_gram")
 
 
 def build_optimizer(model: nn.Module, cfg=None) -> torch.optim.Optimizer:
     """:class:`Muon` over the trainable parameters of ``model`` (DDP / ``torch.compile``
     wrappers unwrapped; FSDP2 modules as they are), one param group, ``lr`` 0 until the
     schedule sets it. Hyper-parameters come from ``cfg.muon_<name>`` for ``<name>`` in
-    momentum, ns_coeffs, ns_steps, eps, adam_betas where ``cfg`` has that attribute, else the
+    momentum, ns_coeffs, ns_steps, eps, adam_betas, ns_gram where ``cfg`` has that attribute, else the
     official defaults; ``cfg.optimizer == "adamw"`` gives ``torch.optim.AdamW`` with
     ``adam_b1``, ``adam_b2``, ``weight_decay``. (The official ``adam_b1``/``adam_b2``/``weight_decay`` config fields do
     not reach Muon; its Adam branch always uses 0.9/0.999 and no decay.)"""
