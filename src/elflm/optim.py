@@ -64,7 +64,7 @@ def newton_schulz(x: torch.Tensor, coeffs=NS_COEFFS, steps: int = 5, eps: float 
     so with ``G = X_0·X_0ᵀ`` (k, k), ``A_k = Q_k·G·Q_kᵀ`` and ``Q_{k+1} = (a·I + b·A_k + c·A_k²)·Q_k``;
     two (k, k)×(k, N) products in all instead of two per step (k = min(m, n), N = max(m, n)).
     ``G`` and ``Q`` are float64 (in float32 the squared condition number costs ~100× the plain
-    iteration's rounding error; in float64 it is below it). ``None``: Gram for CPU matrices with
+    iteration's rounding error; in float64 it is of the plain iteration's order). ``None``: Gram for CPU matrices with
     ``N >= GRAM_MIN_RATIO·k`` (embedding-like; there it is ~2-3× cheaper than the plain form)."""
     if x.ndim != 2:
         raise ValueError(f"Newton-Schulz needs a matrix, got shape {tuple(x.shape)}")
@@ -123,7 +123,7 @@ class Muon(torch.optim.Optimizer):
         p ← p − lr·m̂/(sqrt(v̂) + eps)
 
     ``ns_gram``: how NS runs (:func:`newton_schulz`'s ``gram``; default: the Gram form for
-    CPU matrices at least 16 times as wide as tall, within float rounding of the plain one).
+    CPU matrices at least 16 times as wide as tall, within a few times the plain form's float32 rounding of the plain one).
     ``eps`` serves both branches, as in optax. No weight decay (the official run passes none).
     A parameter without ``.grad`` is stepped with a zero gradient, as optax steps every leaf:
     its momentum keeps moving it. ``lr`` is read from each param group at every :meth:`step`
