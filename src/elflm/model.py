@@ -17,30 +17,36 @@ from .config import ModelConfig
 CE_CHUNK_ELEMENTS = 2**26  # logits per chunk of the fused decode cross-entropy (256 MiB in float32)
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32, or as it is when float64: norms, RoPE, gates and the decode loss compute
+    in at least float32 (in float64 for a model cast to float64)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
 class _RMSNormFn(torch.autograd.Function):
-    """``w·x·rsqrt(mean(x²) + eps)`` in float32 that saves only ``x`` and the per-row scale for
+    """``w·x·rsqrt(mean(x²) + eps)`` in float32 (float64 for float64 ``x``) that saves only ``x`` and the per-row scale for
     backward (autograd of the plain expression would keep two float32 copies of ``x``'s size)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps):
-        h = x.float()
+        h = _wide(x)
         rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight.float() * (h * rstd)
+        return weight.to(h.dtype) * (h * rstd)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         x, weight, rstd = ctx.saved_tensors
-        xhat = x.float() * rstd
+        xhat = _wide(x) * rstd
         dw = (g * xhat).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dxhat = g * weight.float()
+        dxhat = g * weight.to(xhat.dtype)
         dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
         return dx.to(x.dtype), dw, None
 
 
 class RMSNorm(nn.Module):
-    """RMS layer norm over the last dim, computed in float32, eps 1e-6."""
+    """RMS layer norm over the last dim, computed in float32 (float64 inputs: float64), eps 1e-6."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -51,15 +57,17 @@ class RMSNorm(nn.Module):
         return self.normalize(x).to(x.dtype)
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        """The scaled, normalised ``x`` in float32 (``forward`` casts it back to ``x.dtype``)."""
+        """The scaled, normalised ``x`` in float32 or float64 (``forward`` casts it back to ``x.dtype``)."""
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoid of the raw scalar (no ×1000): (B,) -> (B, dim) as ``[cos, sin]`` halves."""
+    """Sinusoid of the raw scalar (no ×1000): (B,) -> (B, dim) as ``[cos, sin]`` halves, float32
+    (float64 for float64 ``t``)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t.float()[:, None] * freqs[None]
+    t = _wide(t)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype, device=t.device) / half)
+    args = t[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
@@ -73,31 +81,33 @@ class TimestepEmbedder(nn.Module):
         self.mlp_2 = nn.Linear(hidden_size, hidden_size)
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        emb = timestep_embedding(t, self.freq_dim).to(self.mlp_0.weight.dtype)
+        dtype = self.mlp_0.weight.dtype
+        emb = timestep_embedding(t.to(dtype) if dtype == torch.float64 else t, self.freq_dim).to(dtype)
         return self.mlp_2(F.silu(self.mlp_0(emb)))
 
 
-def rope_tables(num_prefix: int, length: int, head_dim: int, theta: float = 10000.0, device=None):
-    """Interleaved 1-D RoPE tables (num_prefix + length, head_dim): prefix rows unrotated
-    (cos 1, sin 0), text position p at angle p·theta^(-2k/head_dim) for pair k."""
-    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
-    angles = torch.arange(length, dtype=torch.float32, device=device)[:, None] * freqs[None]
+def rope_tables(num_prefix: int, length: int, head_dim: int, theta: float = 10000.0, device=None, dtype=torch.float32):
+    """Interleaved 1-D RoPE tables (num_prefix + length, head_dim) in ``dtype``: prefix rows
+    unrotated (cos 1, sin 0), text position p at angle p·theta^(-2k/head_dim) for pair k."""
+    freqs = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=dtype, device=device) / head_dim)
+    angles = torch.arange(length, dtype=dtype, device=device)[:, None] * freqs[None]
     angles = angles.repeat_interleave(2, dim=-1)
-    cos = torch.cat([torch.ones(num_prefix, head_dim, device=device), torch.cos(angles)])
-    sin = torch.cat([torch.zeros(num_prefix, head_dim, device=device), torch.sin(angles)])
+    cos = torch.cat([torch.ones(num_prefix, head_dim, dtype=dtype, device=device), torch.cos(angles)])
+    sin = torch.cat([torch.zeros(num_prefix, head_dim, dtype=dtype, device=device), torch.sin(angles)])
     return cos, sin
 
 
 def rope_phases(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The tables (N, d) as unit complex numbers (N, d/2) ``cos + i·sin`` of each pair (complex64)."""
-    return torch.complex(cos[:, ::2].float(), sin[:, ::2].float())
+    """The tables (N, d) as unit complex numbers (N, d/2) ``cos + i·sin`` of each pair (complex64;
+    complex128 for float64 tables)."""
+    return torch.complex(_wide(cos[:, ::2]), _wide(sin[:, ::2]))
 
 
 def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
     """RoPE as one complex product: pair (x_2i, x_2i+1) of x (B, heads, N, d) is the complex number
-    x_2i + i·x_2i+1 times ``phases`` (N, d/2); float32 out, no (B, heads, N, d) temporaries
-    besides the result."""
-    pairs = torch.view_as_complex(x.float().contiguous().unflatten(-1, (-1, 2)))
+    x_2i + i·x_2i+1 times ``phases`` (N, d/2); float32 out (float64 for float64 ``x``), no
+    (B, heads, N, d) temporaries besides the result."""
+    pairs = torch.view_as_complex(_wide(x).contiguous().unflatten(-1, (-1, 2)))
     return torch.view_as_real(pairs * phases).flatten(-2)
 
 
@@ -133,10 +143,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                scores = (q.float() @ k.float().transpose(-1, -2)) / math.sqrt(self.head_dim)
+                scores = (_wide(q) @ _wide(k).transpose(-1, -2)) / math.sqrt(self.head_dim)
                 if key_mask is not None:
                     scores = scores.masked_fill(~key_mask, -1e9)
-                out = (scores.softmax(-1) @ v.float()).to(v.dtype)
+                out = (scores.softmax(-1) @ _wide(v)).to(v.dtype)
         return self.proj(out.transpose(1, 2).reshape(B, N, H))
 
 
@@ -152,9 +162,9 @@ class _SiLUGateFn(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, g):
         a, b = ctx.saved_tensors
-        a32, g32 = a.float(), g.float()
+        a32, g32 = _wide(a), _wide(g)
         sig = torch.sigmoid(a32)
-        da = g32 * b.float() * sig * (1 + a32 * (1 - sig))
+        da = g32 * _wide(b) * sig * (1 + a32 * (1 - sig))
         return da.to(a.dtype), (g32 * a32 * sig).to(b.dtype)
 
 
@@ -245,31 +255,31 @@ class DecodeHead(nn.Module):
 
 
 class _LinearCrossEntropyFn(torch.autograd.Function):
-    """Cross-entropy (N,) float32 of ``logits = x·Wᵀ + b`` against ``targets`` (N,), the matmuls in
-    ``x``'s dtype (autocast's when it is on; weights cast to it), logits in float32. Forward keeps
-    for backward either the logits (``recompute=False``) or only their log-sum-exp
-    (``recompute=True``: backward recomputes them); backward turns them in place into
-    ``(softmax − onehot)·grad``, so no second (N, V) tensor is made. One backward per forward."""
+    """Cross-entropy (N,) of ``logits = x·Wᵀ + b`` against ``targets`` (N,), the matmuls in
+    ``x``'s dtype (autocast's when it is on; weights cast to it), logits in float32 (float64 for
+    float64 ``x``). Forward keeps for backward the log-sum-exp and either the logits
+    (``recompute=False``, on the context) or nothing more (``recompute=True``: backward recomputes
+    them); backward turns them in place into
+    ``(softmax − onehot)·grad``, so no second (N, V) tensor is made (a repeated backward, with
+    ``retain_graph``, recomputes the logits)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, targets, recompute: bool):
         with torch.autocast(x.device.type, enabled=False):
-            logits = torch.addmm(bias.to(x.dtype), x, weight.to(x.dtype).mT).float()
+            logits = _wide(torch.addmm(bias.to(x.dtype), x, weight.to(x.dtype).mT))
             lse = torch.logsumexp(logits, -1)
             ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
-        ctx.save_for_backward(x, weight, bias, targets, lse, None if recompute else logits)
-        ctx.done = False
+        ctx.save_for_backward(x, weight, bias, targets, lse)
+        ctx.logits = None if recompute else logits  # not a saved tensor: backward overwrites it
         return ce
 
     @staticmethod
     def backward(ctx, grad):
-        if ctx.done:
-            raise RuntimeError("backward ran twice through the fused decode cross-entropy (retain_graph is not supported)")
-        ctx.done = True
-        x, weight, bias, targets, lse, logits = ctx.saved_tensors
+        x, weight, bias, targets, lse = ctx.saved_tensors
+        logits, ctx.logits = ctx.logits, None  # a repeated backward (retain_graph) recomputes them
         w = weight.to(x.dtype)
         if logits is None:
-            logits = torch.addmm(bias.to(x.dtype), x, w.mT).float()
+            logits = _wide(torch.addmm(bias.to(x.dtype), x, w.mT))
         g = logits.sub_(lse[:, None]).exp_()
         g.scatter_add_(1, targets[:, None], g.new_full((len(targets), 1), -1.0)).mul_(grad[:, None])
         gx = g.to(x.dtype)
@@ -369,13 +379,16 @@ class ELF(nn.Module):
             parts.append((self.mode_tokens * float(decode)).expand(B, -1, -1))
         return torch.cat(parts, dim=1).to(dtype)
 
-    def rope(self, num_prefix: int, length: int, device) -> torch.Tensor:
-        """RoPE phases (P + L, head_dim/2) complex64 (:func:`rope_phases`), cached per (P, L, device)
-        outside ``torch.compile`` (inside, the tables are built in the graph)."""
-        make = lambda: rope_phases(*rope_tables(num_prefix, length, self.config.hidden_size // self.config.num_heads, device=device))
+    def rope(self, num_prefix: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
+        """RoPE phases (P + L, head_dim/2) complex64 (complex128 for ``dtype`` float64;
+        :func:`rope_phases`), cached per (P, L, device, dtype) outside ``torch.compile`` (inside,
+        the tables are built in the graph)."""
+        table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        head_dim = self.config.hidden_size // self.config.num_heads
+        make = lambda: rope_phases(*rope_tables(num_prefix, length, head_dim, device=device, dtype=table_dtype))  # noqa: E731
         if torch.compiler.is_compiling():
             return make()
-        key = (num_prefix, length, torch.device(device))
+        key = (num_prefix, length, torch.device(device), table_dtype)
         if key not in self._rope_cache:
             if len(self._rope_cache) >= 64:  # many distinct lengths: start over rather than grow
                 self._rope_cache.clear()
@@ -402,7 +415,7 @@ class ELF(nn.Module):
             pre = self.prefix(t, w, decode, dtype)
         P, L = pre.shape[1], h.shape[1]
         h = torch.cat([pre, h], dim=1)
-        rope = self.rope(P, L, device)
+        rope = self.rope(P, L, device, dtype)
         mask = None
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], P)
