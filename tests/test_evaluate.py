@@ -284,3 +284,16 @@ def test_smollm2_gguf_judge_prefers_ordered_text():
     print(f"SmolLM2 Gen PPL: ordered {ordered['gen_ppl']:.1f}, shuffled {shuffled['gen_ppl']:.1f}")
     assert ordered["num_tokens"] > 40 and ordered["gen_ppl"] < 100
     assert shuffled["gen_ppl"] > 10 * ordered["gen_ppl"]
+
+
+def test_encoder_only_judge_is_refused(assets_dir, tmp_path):
+    """An encoder-only checkpoint would load as a causal LM with a random head: refused, by name."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from elflm.evaluate import load_judge
+
+    tok = AutoTokenizer.from_pretrained(assets_dir / "tokenizers" / "gpt2")
+    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"not a complete causal language model: \d+ weights are missing .*cls\.predictions"):
+        load_judge(tmp_path, device="cpu")

@@ -222,7 +222,8 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
     ``judge``: a Hub id (``"gpt2-large"``), a local folder, a ``.gguf`` file, or ``"smollm2"``
     (the GGUF of :func:`smollm2_gguf`); ``gguf_file``: a GGUF file name inside the folder / repo
     ``judge`` (needs ``gguf`` and ``accelerate``). A Hub id that cannot be fetched raises an
-    ``OSError`` that says how to work offline."""
+    ``OSError`` that says how to work offline; a checkpoint without causal-LM weights (an
+    encoder-only model) a ``ValueError``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .encoder import _pretrained
@@ -242,7 +243,13 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
             raise ImportError(f"a GGUF judge needs the packages {missing}: pip install gguf accelerate")
         kw["gguf_file"] = str(gguf_file)
     tokenizer = _pretrained(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
-    model = _pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, **kw), judge, "judge model")
+    model, info = _pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
+                              judge, "judge model")
+    if info["missing_keys"]:  # e.g. an encoder-only folder: transformers would add a random LM head
+        missing = sorted(info["missing_keys"])
+        raise ValueError(f"judge {str(judge)!r} is not a complete causal language model: {len(missing)} weights are missing "
+                         f"from its checkpoint ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) and would be random; "
+                         "use a causal LM such as gpt2-large, a .gguf file, or 'smollm2'")
     return model.to(device=resolve_device(device), dtype=torch.float32).eval(), tokenizer
 
 
