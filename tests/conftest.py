@@ -1,4 +1,7 @@
-"""Shared test fixtures: the golden numbers and offline assets in ``../shared``."""
+"""Shared test fixtures: the golden numbers and offline assets in ``../shared``, and the one way
+a test may skip (:func:`skip_unless`), which fails instead when ``CI`` is set."""
+import importlib
+import importlib.util
 import os
 from pathlib import Path
 
@@ -11,12 +14,25 @@ GOLDEN = SHARED / "golden"
 ASSETS = SHARED / "assets"
 
 
-def _need(path: Path) -> Path:
-    if path.exists():
-        return path
+def skip_unless(ok: bool, reason: str) -> None:
+    """Skip the calling test when ``ok`` is false, or fail it under CI (``CI`` set), where every
+    requirement must be installed and ``../shared`` present."""
+    if ok:
+        return
     if os.environ.get("CI"):
-        pytest.fail(f"{path} is missing: CI must run with ../shared beside the checkout")
-    pytest.skip(f"{path} not found (set ELFLM_SHARED or put shared/ beside the repository)")
+        pytest.fail(f"{reason}: CI must provide it")
+    pytest.skip(reason)
+
+
+def need_module(name: str, install: str):
+    """Import ``name``, or skip (fail under CI) saying how to install it."""
+    skip_unless(importlib.util.find_spec(name) is not None, f"needs the package {name} ({install})")
+    return importlib.import_module(name)
+
+
+def _need(path: Path) -> Path:
+    skip_unless(path.exists(), f"{path} not found (set ELFLM_SHARED or put shared/ beside the repository)")
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -75,9 +75,9 @@ def test_converted_flax_model_runs_like_the_npz_model(flax_folder):
     with torch.no_grad():
         for name in ("uncond", "cond"):
             x, t, w = T(g, f"{name}/x_in"), T(g, f"{name}/t"), T(g, f"{name}/w")
-            assert torch.equal(model(x, t, w)[0], reference(x, t, w)[0])
+            assert torch.equal(model(x, t, w).x_hat, reference(x, t, w).x_hat)
             a, b = model(T(g, f"{name}/x_dec_in"), torch.ones(3), w, decode=True), reference(T(g, f"{name}/x_dec_in"), torch.ones(3), w, decode=True)
-            assert torch.equal(a[1], b[1])
+            assert torch.equal(a.logits, b.logits)
     raw, _, _ = load_pretrained(flax_folder, raw=True, encoder=False)
     assert_same_weights(raw.state_dict(), expected(f"{STEP2}/params_after"))
 
@@ -92,8 +92,8 @@ def test_torch_port_reproduces_the_official_forward(port_folder):
     with torch.no_grad():
         for name in ("uncond", "cond"):
             w = T(g, f"{name}/w")
-            assert_close(model(T(g, f"{name}/x_in"), T(g, f"{name}/t"), w)[0], g[f"{name}/denoise_out"], 1e-5, "denoise_out")
-            logits = model(T(g, f"{name}/x_dec_in"), torch.ones(3), w, decode=True)[1]
+            assert_close(model(T(g, f"{name}/x_in"), T(g, f"{name}/t"), w).x_hat, g[f"{name}/denoise_out"], 1e-5, "denoise_out")
+            logits = model(T(g, f"{name}/x_dec_in"), torch.ones(3), w, decode=True).logits
             assert_close(logits, g[f"{name}/decode_logits"], 5e-5, "decode_logits")
 
 

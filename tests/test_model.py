@@ -22,21 +22,21 @@ def test_forward_matches_official(g, name, fast):
     k = lambda s: T(g, f"{name}/{s}")
     ones = torch.ones(3)
     with torch.no_grad():
-        out, logits = m(k("x_in"), k("t"), k("w"))
+        out, logits, _ = m(k("x_in"), k("t"), k("w"))
         assert logits is None
         assert_close(out, g[f"{name}/denoise_out"], 1e-5, "denoise_out")
         assert_close(out, g[f"{name}/denoise_out_active_false"], 1e-5, "denoise_out_active_false")
-        out, logits = m(k("x_dec_in"), ones, k("w"), decode=True)
+        out, logits, _ = m(k("x_dec_in"), ones, k("w"), decode=True)
         assert_close(out, g[f"{name}/decode_out"], 1e-5, "decode_out")
         assert_close(logits, g[f"{name}/decode_logits"], 5e-5, "decode_logits")
-        out, logits = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))
+        out, logits, _ = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))
         assert_close(out, g[f"{name}/masked/denoise_out"], 1e-5, "masked/denoise_out")
-        out, logits = m(k("x_dec_in"), ones, k("w"), decode=True, attention_mask=k("attention_mask"))
+        out, logits, _ = m(k("x_dec_in"), ones, k("w"), decode=True, attention_mask=k("attention_mask"))
         assert_close(out, g[f"{name}/masked/decode_out"], 1e-5, "masked/decode_out")
         assert_close(logits, g[f"{name}/masked/decode_logits"], 5e-5, "masked/decode_logits")
-        out, _ = m(k("x_in"), k("t"), None)
+        out, _, _ = m(k("x_in"), k("t"), None)
         assert_close(out, g[f"{name}/no_sccfg/denoise_out"], 1e-5, "no_sccfg")
-        out, _ = m(k("z"), k("t"), k("w"))
+        out, _, _ = m(k("z"), k("t"), k("w"))
         assert_close(out, g[f"{name}/c_input/denoise_out"], 1e-5, "c_input")
 
 
@@ -54,8 +54,8 @@ def test_padding_mask_changes_padded_rows_only_through_attention(g):
     m = tiny_model()
     k = lambda s: T(g, "uncond/" + s)
     with torch.no_grad():
-        a = m(k("x_in"), k("t"), k("w"))[0]
-        b = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))[0]
+        a = m(k("x_in"), k("t"), k("w")).x_hat
+        b = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask")).x_hat
     full = k("attention_mask").bool().all(-1)
     assert torch.allclose(a[full], b[full], atol=1e-5)
     assert (a[~full] - b[~full]).abs().max() > 1e-3
@@ -65,8 +65,8 @@ def test_shorter_rows_use_the_same_positions(g):
     m = tiny_model()
     k = lambda s: T(g, "uncond/" + s)
     with torch.no_grad():
-        full = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask"))[0]
-        short = m(k("x_in")[:, :8], k("t"), k("w"), attention_mask=k("attention_mask")[:, :8])[0]
+        full = m(k("x_in"), k("t"), k("w"), attention_mask=k("attention_mask")).x_hat
+        short = m(k("x_in")[:, :8], k("t"), k("w"), attention_mask=k("attention_mask")[:, :8]).x_hat
     # row 2 has 6 valid tokens: with masking, its outputs do not depend on the padded tail
     assert_close(short[2, :6], full[2, :6], 1e-5, "short row")
 

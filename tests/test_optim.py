@@ -4,7 +4,7 @@ import socket
 
 import pytest
 import torch
-from conftest import load_npz
+from conftest import load_npz, skip_unless
 from golden_utils import TINY, assert_close, tree
 
 from elflm.checkpoint import flax_params_to_state_dict
@@ -216,8 +216,7 @@ def test_optimizer_and_ema_api():
 
 def test_torch_muon_is_not_the_official_optimizer():
     """``torch.optim.Muon`` (bf16 Newton–Schulz, no bias correction) misses the golden step."""
-    if not hasattr(torch.optim, "Muon"):
-        pytest.skip("this torch has no torch.optim.Muon")
+    skip_unless(hasattr(torch.optim, "Muon"), "this torch has no torch.optim.Muon")
     p = torch.nn.Parameter(golden("params0")["blocks.0.attn.qkv.weight"].clone())
     ours = torch.nn.Parameter(p.detach().clone())
     g = golden("trainstep/step2/grads")["blocks.0.attn.qkv.weight"]
@@ -274,7 +273,6 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
 def test_fsdp2_dtensor_matches_official():
     """Two CPU processes, FSDP2-sharded tiny ELF: clipping, Muon (gathered Newton–Schulz) and
     EMA on DTensors reproduce the official train-step updates."""
-    if not torch.distributed.is_available():
-        pytest.skip("torch.distributed is not available")
+    skip_unless(torch.distributed.is_available(), "torch.distributed is not available")
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2)
 

@@ -8,15 +8,11 @@ import time
 
 import pytest
 
+from conftest import need_module
 
-def _need(name: str):
-    """The [serve] extra: skipped locally when missing, an error in CI."""
-    return importlib.import_module(name) if os.environ.get("CI") else pytest.importorskip(name)
-
-
-_need("fastapi")
-httpx = _need("httpx")
-uvicorn = _need("uvicorn")
+need_module("fastapi", "pip install 'elflm[serve]'")
+httpx = need_module("httpx", "pip install httpx")
+uvicorn = need_module("uvicorn", "pip install 'elflm[serve]'")
 
 from elflm.checkpoint import load_pretrained  # noqa: E402
 from elflm.cli import main  # noqa: E402

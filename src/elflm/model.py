@@ -7,6 +7,7 @@ mode (4, zero vectors unless decoding); the text follows. Time convention: t = 0
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -286,9 +287,19 @@ class _LinearCrossEntropyFn(torch.autograd.Function):
         return gx @ w, (gx.mT @ x).to(weight.dtype), g.sum(0).to(bias.dtype), None, None
 
 
+class ELFOutput(NamedTuple):
+    """What :meth:`ELF.forward` returns: ``x_hat`` (B, L, C) from the denoise head; with
+    ``decode=True`` either ``logits`` (B, L, V) or, when targets were given, ``token_ce`` (B, L)."""
+
+    x_hat: torch.Tensor
+    logits: torch.Tensor | None = None
+    token_ce: torch.Tensor | None = None
+
+
 class ELF(nn.Module):
     """The ELF transformer. ``forward`` maps ``x`` (B, L, 2C or C), ``t`` (B,), ``w`` (B,) or None
-    to ``(x̂ (B, L, C), logits (B, L, V) or None)``; logits only with ``decode=True``."""
+    to an :class:`ELFOutput`: ``x_hat`` (B, L, C), and with ``decode=True`` the decode head's
+    ``logits`` (B, L, V) or its per-token cross-entropy ``token_ce`` (B, L)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -397,9 +408,10 @@ class ELF(nn.Module):
 
     def forward(self, x, t, w=None, decode: bool = False, attention_mask=None, targets=None):
         """x (B, L, 2C) = [z, x̂_prev] or (B, L, C) = z; t, w (B,); attention_mask (B, L) of valid
-        tokens or None (the official code never masks). Returns (x̂ (B, L, C), logits (B, L, V) or
-        None); with ``targets`` (B, L) ids (decode only) the second output is instead the per-token
-        cross-entropy (B, L) of :meth:`DecodeHead.cross_entropy` (targets < 0: skipped, 0).
+        tokens or None (the official code never masks). Returns :class:`ELFOutput`: ``x_hat``
+        (B, L, C); with ``decode=True`` the ``logits`` (B, L, V), or with ``targets`` (B, L) ids the
+        per-token cross-entropy ``token_ce`` (B, L) of :meth:`DecodeHead.cross_entropy` instead
+        (targets < 0: skipped, 0).
 
         Under autocast only the blocks run in low precision: the input projections, control
         tokens and both heads run in the parameter dtype (float32 unless the model was cast)."""
@@ -424,8 +436,7 @@ class ELF(nn.Module):
             h = block(h, rope, mask)
         with torch.autocast(device.type, enabled=False):
             h = h[:, P:].to(dtype)
+            x_hat = self.final_layer(h)
             if targets is not None:
-                second = self.decoder.cross_entropy(h, targets)
-            else:
-                second = self.decoder(h) if decode else None
-            return self.final_layer(h), second
+                return ELFOutput(x_hat, token_ce=self.decoder.cross_entropy(h, targets))
+            return ELFOutput(x_hat, logits=self.decoder(h) if decode else None)

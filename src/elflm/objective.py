@@ -84,7 +84,7 @@ def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_p
     z = flow.add_noise(x0, d.eps, d.t, cfg.noise_scale, cond)
     target = flow.velocity(x0, z, d.t, cfg.t_eps)
     if cfg.self_cond_prob == 0 or not mcfg.self_cond:
-        v = flow.velocity(model(z, d.t, w)[0], z, d.t, cfg.t_eps)
+        v = flow.velocity(model(z, d.t, w).x_hat, z, d.t, cfg.t_eps)
         return masked_mean((v - target).pow(2).mean(-1), lmask)
     use = d.self_cond.to(x0.device)[:, None, None]
     with torch.no_grad():
@@ -94,17 +94,17 @@ def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_p
             used = use.flatten().nonzero().flatten()  # host sync: the batch size of the pass
             rows = used if used.numel() else rows[:1]
         pick = lambda a: None if a is None else a.index_select(0, rows)
-        o0 = model(torch.cat([pick(z), pick(sc0)], -1), pick(d.t), pick(w))[0].to(x0.dtype)
+        o0 = model(torch.cat([pick(z), pick(sc0)], -1), pick(d.t), pick(w)).x_hat.to(x0.dtype)
         x_u = sc0.index_copy(0, rows, flow.restore(o0, pick(x0), pick(cond)))
         v_u = torch.zeros_like(z).index_copy(0, rows, flow.velocity(o0, pick(z), pick(d.t), cfg.t_eps))
     sc = flow.restore(x_u * use.to(x_u.dtype), x0, cond)
-    v = flow.velocity(model(torch.cat([z, sc], -1), d.t, w)[0], z, d.t, cfg.t_eps)
+    v = flow.velocity(model(torch.cat([z, sc], -1), d.t, w).x_hat, z, d.t, cfg.t_eps)
     if w is not None:
         with torch.no_grad():
             if reuse_prediction and not (model.training and mcfg.dropout > 0):
                 v_c = v.detach()
             else:
-                v_c = flow.velocity(model(torch.cat([z, x_u], -1), d.t, w)[0], z, d.t, cfg.t_eps)
+                v_c = flow.velocity(model(torch.cat([z, x_u], -1), d.t, w).x_hat, z, d.t, cfg.t_eps)
             guide = (1 - 1 / flow.expand(w, x0)) * (v_c - v_u)
             target = target + torch.where(use, guide, 0.0)
     return masked_mean((v - target.float()).float().pow(2).mean(-1), lmask)
@@ -122,9 +122,9 @@ def decode_loss(model, x0, input_ids, lmask, cfg: ObjectiveConfig, d: Draws, fus
     x = torch.cat([z, torch.zeros_like(z)], -1) if mcfg.self_cond and cfg.self_cond_prob > 0 else z
     if fused_ce:
         targets = torch.where(lmask > 0, input_ids.long(), -1)
-        ce = model(x, torch.ones_like(d.t), w, decode=True, targets=targets)[1]
+        ce = model(x, torch.ones_like(d.t), w, decode=True, targets=targets).token_ce
     else:
-        logits = model(x, torch.ones_like(d.t), w, decode=True)[1]
+        logits = model(x, torch.ones_like(d.t), w, decode=True).logits
         ce = F.cross_entropy(logits.float().flatten(0, 1), input_ids.flatten().long(), reduction="none")
     return masked_mean(ce.view_as(input_ids).float(), lmask)
 

@@ -71,7 +71,7 @@ def make_predictor(model, cfg: SampleConfig, cond: Condition | None = None, comp
         x_in = torch.cat([z, x_prev], -1) if mcfg.self_cond else z
         if compiled:
             torch.compiler.cudagraph_mark_step_begin()
-        x = forward(x_in.to(_param_dtype(model)), tt, w)[0].to(z.dtype, copy=compiled)
+        x = forward(x_in.to(_param_dtype(model)), tt, w).x_hat.to(z.dtype, copy=compiled)
         return flow.velocity(x, z, tt, cfg.t_eps), x
 
     def fix(v, x, c: Condition | None):
@@ -167,7 +167,7 @@ def decode_logits(model, z: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
     x = torch.cat([z, torch.zeros_like(z)], -1) if mcfg.self_cond else z
     t = torch.full((B,), float(cfg.t_final), device=z.device)
     w = torch.full((B,), float(cfg.w), device=z.device) if mcfg.num_self_cond_cfg_tokens else None
-    return model(x, t, w, decode=True)[1]
+    return model(x, t, w, decode=True).logits
 
 
 def mask_after_eos(ids: torch.Tensor, eos_id: int, pad_id: int) -> torch.Tensor:
