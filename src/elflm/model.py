@@ -13,41 +13,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import kernels
 from .config import ModelConfig
 
-CE_CHUNK_ELEMENTS = 2**26  # logits per chunk of the fused decode cross-entropy (256 MiB in float32)
-
-
-def _wide(x: torch.Tensor) -> torch.Tensor:
-    """``x`` in float32, or as it is when float64: norms, RoPE, gates and the decode loss compute
-    in at least float32 (in float64 for a model cast to float64)."""
-    return x if x.dtype == torch.float64 else x.float()
-
-
-class _RMSNormFn(torch.autograd.Function):
-    """``w·x·rsqrt(mean(x²) + eps)`` in float32 (float64 for float64 ``x``) that saves only ``x`` and the per-row scale for
-    backward (autograd of the plain expression would keep two float32 copies of ``x``'s size)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        h = _wide(x)
-        rstd = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, weight, rstd)
-        return weight.to(h.dtype) * (h * rstd)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        x, weight, rstd = ctx.saved_tensors
-        xhat = _wide(x) * rstd
-        dw = (g * xhat).reshape(-1, g.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dxhat = g * weight.to(xhat.dtype)
-        dx = rstd * (dxhat - xhat * (dxhat * xhat).mean(-1, keepdim=True))
-        return dx.to(x.dtype), dw, None
-
-
 class RMSNorm(nn.Module):
-    """RMS layer norm over the last dim, computed in float32 (float64 inputs: float64), eps 1e-6."""
+    """RMS layer norm over the last dim, ``w·x·rsqrt(mean(x²) + eps)``, eps 1e-6, computed in
+    float32 (float64 inputs: float64) by :func:`elflm.kernels.rms_norm`."""
 
     def __init__(self, dim: int, eps: float = 1e-6):
         super().__init__()
@@ -59,14 +30,14 @@ class RMSNorm(nn.Module):
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
         """The scaled, normalised ``x`` in float32 or float64 (``forward`` casts it back to ``x.dtype``)."""
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+        return kernels.rms_norm(x, self.weight, self.eps)
 
 
 def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoid of the raw scalar (no ×1000): (B,) -> (B, dim) as ``[cos, sin]`` halves, float32
     (float64 for float64 ``t``)."""
     half = dim // 2
-    t = _wide(t)
+    t = kernels.wide(t)
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=t.dtype, device=t.device) / half)
     args = t[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
@@ -98,24 +69,14 @@ def rope_tables(num_prefix: int, length: int, head_dim: int, theta: float = 1000
     return cos, sin
 
 
-def rope_phases(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The tables (N, d) as unit complex numbers (N, d/2) ``cos + i·sin`` of each pair (complex64;
-    complex128 for float64 tables)."""
-    return torch.complex(_wide(cos[:, ::2]), _wide(sin[:, ::2]))
-
-
-def rotate_pairs(x: torch.Tensor, phases: torch.Tensor) -> torch.Tensor:
-    """RoPE as one complex product: pair (x_2i, x_2i+1) of x (B, heads, N, d) is the complex number
-    x_2i + i·x_2i+1 times ``phases`` (N, d/2); float32 out (float64 for float64 ``x``), no
-    (B, heads, N, d) temporaries besides the result."""
-    pairs = torch.view_as_complex(_wide(x).contiguous().unflatten(-1, (-1, 2)))
-    return torch.view_as_real(pairs * phases).flatten(-2)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate pairs (2i, 2i+1) of x (B, heads, N, d) by the tables (N, d) of :func:`rope_tables`:
-    ``x·cos + rot(x)·sin`` with ``rot(x)_(2i, 2i+1) = (−x_2i+1, x_2i)``; float32 out."""
-    return rotate_pairs(x, rope_phases(cos, sin))
+    ``x·cos + rot(x)·sin`` with ``rot(x)_(2i, 2i+1) = (−x_2i+1, x_2i)``, in float32 (the model
+    applies the same rotation as one complex product, :func:`elflm.kernels.rotate_pairs`)."""
+    x = kernels.wide(x)
+    pairs = x.unflatten(-1, (-1, 2))
+    rot = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).flatten(-2)
+    return x * kernels.wide(cos) + rot * kernels.wide(sin)
 
 
 class Attention(nn.Module):
@@ -133,44 +94,27 @@ class Attention(nn.Module):
         self.fast = True
 
     def forward(self, x, rope, mask=None):
-        """x (B, N, H); rope (N, head_dim/2) complex phases (:func:`rope_phases`); mask (B, N) bool
-        of valid keys or None (the official path: no mask)."""
+        """x (B, N, H); rope (N, head_dim/2) complex phases (:func:`elflm.kernels.rope_phases`);
+        mask (B, N) bool of valid keys or None (the official path: no mask)."""
         B, N, H = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q = rotate_pairs(self.q_norm.normalize(q), rope).to(v.dtype)
-        k = rotate_pairs(self.k_norm.normalize(k), rope).to(v.dtype)
+        q = kernels.rotate_pairs(self.q_norm.normalize(q), rope).to(v.dtype)
+        k = kernels.rotate_pairs(self.k_norm.normalize(k), rope).to(v.dtype)
         key_mask = None if mask is None else mask[:, None, None, :]
         if self.fast:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)
         else:
             with torch.autocast(x.device.type, enabled=False):
-                scores = (_wide(q) @ _wide(k).transpose(-1, -2)) / math.sqrt(self.head_dim)
+                scores = (kernels.wide(q) @ kernels.wide(k).transpose(-1, -2)) / math.sqrt(self.head_dim)
                 if key_mask is not None:
                     scores = scores.masked_fill(~key_mask, -1e9)
-                out = (scores.softmax(-1) @ _wide(v)).to(v.dtype)
+                out = (scores.softmax(-1) @ kernels.wide(v)).to(v.dtype)
         return self.proj(out.transpose(1, 2).reshape(B, N, H))
 
 
-class _SiLUGateFn(torch.autograd.Function):
-    """``silu(a)·b`` that saves only ``a`` and ``b`` for backward (not also ``silu(a)``)."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return F.silu(a) * b
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        a, b = ctx.saved_tensors
-        a32, g32 = _wide(a), _wide(g)
-        sig = torch.sigmoid(a32)
-        da = g32 * _wide(b) * sig * (1 + a32 * (1 - sig))
-        return da.to(a.dtype), (g32 * a32 * sig).to(b.dtype)
-
-
 class SwiGLU(nn.Module):
-    """Fused SwiGLU: Linear(H -> 2·hidden) split into (a, b); Linear(silu(a)·b)."""
+    """Fused SwiGLU: Linear(H -> 2·hidden) split into (a, b); Linear(silu(a)·b) (the gate by
+    :func:`elflm.kernels.silu_gate`)."""
 
     def __init__(self, dim: int, hidden: int, dropout: float = 0.0):
         super().__init__()
@@ -180,7 +124,7 @@ class SwiGLU(nn.Module):
 
     def forward(self, x):
         a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(self.drop(_SiLUGateFn.apply(a, b)))
+        return self.w3(self.drop(kernels.silu_gate(a, b)))
 
 
 class Block(nn.Module):
@@ -236,55 +180,14 @@ class DecodeHead(nn.Module):
 
     def cross_entropy(self, x: torch.Tensor, targets: torch.Tensor, chunk_tokens: int | None = None) -> torch.Tensor:
         """Per-token cross-entropy (B, L) float32 of the logits ``self(x)`` (x (B, L, H)) against
-        ``targets`` (B, L) ids, without autograd's copies of the (B, L, V) logits: only positions
-        with ``targets >= 0`` are computed (the others get 0), ``chunk_tokens`` at a time (default
-        ``CE_CHUNK_ELEMENTS // V``) by :class:`_LinearCrossEntropyFn`; with several chunks and
-        autograd on, each chunk's logits are recomputed in backward, so one (chunk, V) block is
-        alive at a time."""
-        if chunk_tokens is not None and chunk_tokens < 1:
-            raise ValueError(f"chunk_tokens must be >= 1, got {chunk_tokens}")
+        ``targets`` (B, L) ids without the (B, L, V) logits: only positions with ``targets >= 0``
+        are computed (the others get 0), by :func:`elflm.kernels.linear_cross_entropy` in chunks
+        of ``chunk_tokens``."""
         flat = targets.flatten()
         keep = (flat >= 0).nonzero().squeeze(1)  # host sync: the number of computed tokens
         h = F.gelu(self.proj(x.flatten(0, 1).index_select(0, keep)), approximate="tanh")
-        ts = flat.index_select(0, keep).long()
-        size = chunk_tokens or max(1, CE_CHUNK_ELEMENTS // self.unembed.out_features)
-        recompute = torch.is_grad_enabled() and h.shape[0] > size
-        w, b = self.unembed.weight, self.unembed.bias
-        ce = torch.cat([_LinearCrossEntropyFn.apply(h[i : i + size], w, b, ts[i : i + size], recompute)
-                        for i in range(0, max(h.shape[0], 1), size)])
+        ce = kernels.linear_cross_entropy(h, self.unembed.weight, self.unembed.bias, flat.index_select(0, keep), chunk_tokens)
         return ce.new_zeros(flat.shape).index_put((keep,), ce).view(targets.shape)
-
-
-class _LinearCrossEntropyFn(torch.autograd.Function):
-    """Cross-entropy (N,) of ``logits = x·Wᵀ + b`` against ``targets`` (N,), the matmuls in
-    ``x``'s dtype (autocast's when it is on; weights cast to it), logits in float32 (float64 for
-    float64 ``x``). Forward keeps for backward the log-sum-exp and either the logits
-    (``recompute=False``, on the context) or nothing more (``recompute=True``: backward recomputes
-    them); backward turns them in place into
-    ``(softmax − onehot)·grad``, so no second (N, V) tensor is made (a repeated backward, with
-    ``retain_graph``, recomputes the logits)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, targets, recompute: bool):
-        with torch.autocast(x.device.type, enabled=False):
-            logits = _wide(torch.addmm(bias.to(x.dtype), x, weight.to(x.dtype).mT))
-            lse = torch.logsumexp(logits, -1)
-            ce = lse - logits.gather(1, targets[:, None]).squeeze(1)
-        ctx.save_for_backward(x, weight, bias, targets, lse)
-        ctx.logits = None if recompute else logits  # not a saved tensor: backward overwrites it
-        return ce
-
-    @staticmethod
-    def backward(ctx, grad):
-        x, weight, bias, targets, lse = ctx.saved_tensors
-        logits, ctx.logits = ctx.logits, None  # a repeated backward (retain_graph) recomputes them
-        w = weight.to(x.dtype)
-        if logits is None:
-            logits = _wide(torch.addmm(bias.to(x.dtype), x, w.mT))
-        g = logits.sub_(lse[:, None]).exp_()
-        g.scatter_add_(1, targets[:, None], g.new_full((len(targets), 1), -1.0)).mul_(grad[:, None])
-        gx = g.to(x.dtype)
-        return gx @ w, (gx.mT @ x).to(weight.dtype), g.sum(0).to(bias.dtype), None, None
 
 
 class ELFOutput(NamedTuple):
@@ -392,11 +295,11 @@ class ELF(nn.Module):
 
     def rope(self, num_prefix: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
         """RoPE phases (P + L, head_dim/2) complex64 (complex128 for ``dtype`` float64;
-        :func:`rope_phases`), cached per (P, L, device, dtype) outside ``torch.compile`` (inside,
+        :func:`elflm.kernels.rope_phases`), cached per (P, L, device, dtype) outside ``torch.compile`` (inside,
         the tables are built in the graph)."""
         table_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         head_dim = self.config.hidden_size // self.config.num_heads
-        make = lambda: rope_phases(*rope_tables(num_prefix, length, head_dim, device=device, dtype=table_dtype))  # noqa: E731
+        make = lambda: kernels.rope_phases(*rope_tables(num_prefix, length, head_dim, device=device, dtype=table_dtype))
         if torch.compiler.is_compiling():
             return make()
         key = (num_prefix, length, torch.device(device), table_dtype)
