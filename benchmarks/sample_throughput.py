@@ -32,7 +32,7 @@ import torch
 from common import peak_memory_gb, sync
 
 SHARED_T5 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers" / "t5-small"
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+PRECISIONS = ("fp32", "bf16", "fp64")  # bf16: autocast of the blocks (elflm.sampling.Sampler)
 
 
 def parse_args(argv=None):
@@ -60,27 +60,28 @@ def parse_args(argv=None):
     return a
 
 
-def build(a, name: str, device, dtype):
-    """Random ELF of preset ``name`` on ``device`` in ``dtype``, a random T5-small encoder, and the sampler settings."""
+def build(a, name: str, device, precision: str):
+    """Random ELF of preset ``name`` on ``device`` (float64 for fp64), a random T5-small encoder, and the sampler settings."""
     from elflm.config import SampleConfig, model_preset
     from elflm.encoder import TextEncoder
     from elflm.model import ELF
 
     length = 64 if name == "tiny" else a.length
     torch.manual_seed(0)
+    dtype = torch.float64 if precision == "fp64" else torch.float32
     model = ELF(model_preset(name, encoder_dim=512, vocab_size=32128, max_length=length)).to(device, dtype).eval()
     encoder = TextEncoder.t5(tokenizer=a.tokenizer)
     return model, encoder, SampleConfig(method=a.method, steps=a.steps), length
 
 
-def sample(model, encoder, cfg, batch: int, batches: int = 1) -> float:
+def sample(model, encoder, cfg, batch: int, batches: int = 1, precision: str = "fp32") -> float:
     """Seconds to sample ``batches`` batches of ``batch``."""
     from elflm.generate import generate
 
     device = next(model.parameters()).device
     sync(device)
     t0 = time.perf_counter()
-    generate(model, encoder, cfg, num_samples=batch * batches, batch_size=batch)
+    generate(model, encoder, cfg, num_samples=batch * batches, batch_size=batch, precision=precision)
     sync(device)
     return time.perf_counter() - t0
 
@@ -124,15 +125,15 @@ def run(a, spec: str) -> dict:
     """One run in this process."""
     name, dev, prec = spec.split(":")
     device = torch.device(dev)
-    model, encoder, cfg, length = build(a, name, device, PRECISIONS[prec])
+    model, encoder, cfg, length = build(a, name, device, prec)
     want = a.batch or ("max" if device.type == "cuda" else "32")
     if want == "max" and device.type != "cuda":
         raise SystemExit("--batch max needs CUDA (on CPU the search would only stop when the process is killed)")
     batch = largest_batch(model, encoder, cfg, a.max_batch) if want == "max" else int(want)
-    sample(model, encoder, replace(cfg, steps=2), batch)  # warm-up: kernels, allocator, RoPE tables
+    sample(model, encoder, replace(cfg, steps=2), batch, precision=prec)  # warm-up: kernels, allocator, RoPE tables
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    seconds = sample(model, encoder, cfg, batch, a.batches)
+    seconds = sample(model, encoder, cfg, batch, a.batches, prec)
     n = batch * a.batches
     return {"run": spec, "model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
             f"CPU ({torch.get_num_threads()} threads)", "precision": prec, "params_m": model.num_params() / 1e6,

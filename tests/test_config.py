@@ -252,8 +252,24 @@ def test_mirror_contradiction_in_a_file(tmp_path):
 
 
 def test_missing_file_and_malformed_override(tmp_path):
-    with pytest.raises(ConfigError, match="cannot read config"):
+    with pytest.raises(ConfigError, match="nope.yaml' not found: give a YAML file or one of the bundled configs"):
         load_config(tmp_path / "nope.yaml")
+    (tmp_path / "folder.yaml").mkdir()
+    with pytest.raises(ConfigError, match="folder.yaml' not found"):
+        load_config(tmp_path / "folder.yaml")
+
+
+def test_bundled_configs_load_by_name():
+    """The run configs ship inside the package (a wheel has them too) and load by name."""
+    from elflm.config import bundled_configs, config_path
+
+    assert {"elf-b-owt", "elf-m-owt", "elf-l-owt", "elf-b-de-en", "elf-b-xsum", "quickstart", "tiny-owt"} <= set(bundled_configs())
+    assert config_path("elf-b-owt") == config_path("elf-b-owt.yaml") and config_path("elf-b-owt").is_file()
+    cfg = load_config("elf-b-owt", ["train.max_steps=3"])
+    assert cfg.model.hidden_size == 768 and cfg.train.max_steps == 3
+
+
+def test_malformed_overrides():
     with pytest.raises(ConfigError, match="section.key=value"):
         apply_overrides({}, ["train.blr"])
     with pytest.raises(ConfigError, match="one dot"):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from conftest import skip_unless
+from conftest import need_module, skip_unless
 from elflm import evaluate as ev
 
 LN2 = math.log(2.0)
@@ -55,6 +55,26 @@ def test_rouge_hand_computed():
     assert got["rouge2"] == pytest.approx(100 * (4 / 7 + 1) / 2, abs=1e-9)
     assert got["rougeL"] == pytest.approx(100 * (2 / 3 + 1) / 2, abs=1e-9)
     assert set(got) == {"rouge1", "rouge2", "rougeL"}
+
+
+PAIRS = [("The cat sat on the mat.", "the cat is sitting on the mat"), ("A dog ran", "Dogs were running in the park."),
+         ("Nothing in common", "completely different words here"), ("", "an empty hypothesis"),
+         ("Les chats courent vite.", "Cats run fast."), ("the the the the", "the cat")]
+
+
+def test_bleu_and_rouge_are_those_of_the_reference_packages():
+    """The paper's settings of sacreBLEU (corpus BLEU, lowercase, effective order) and rouge-score
+    (F-measure with the Porter stemmer, mean × 100), called here directly on the same texts."""
+    sacrebleu = need_module("sacrebleu", "pip install 'elflm[eval]'")
+    rouge_scorer = need_module("rouge_score.rouge_scorer", "pip install 'elflm[eval]'")
+    hyps, refs = [h for h, _ in PAIRS], [r for _, r in PAIRS]
+    want = sacrebleu.corpus_bleu(hyps, [refs], lowercase=True, use_effective_order=True).score
+    assert ev.bleu(hyps, refs) == pytest.approx(want, abs=1e-9)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    scores = [scorer.score(r, h) for h, r in PAIRS]
+    got = ev.rouge(hyps, refs)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        assert got[key] == pytest.approx(100 * sum(s[key].fmeasure for s in scores) / len(scores), abs=1e-9)
 
 
 def test_pair_metrics_reject_bad_input(monkeypatch):

@@ -291,11 +291,10 @@ def test_compiled_blocks_match_eager():
 def test_compiled_sampler_matches_eager():
     m = make_model(depth=1).eval()
     cfg = SampleConfig(method="ode", steps=3, grid="uniform")
-    z = torch.randn(2, 8, C, generator=torch.Generator().manual_seed(0)) * cfg.noise_scale
-    grid = sampling.time_grid(cfg)
     seen = []
-    eager = sampling.sample_latents(m, cfg, z, grid)
-    compiled = sampling.sample_latents(m, cfg, z, grid, compiled=True, callback=lambda i, t, tn, zz, x: seen.append(x))
+    eager = sampling.Sampler(m, cfg).sample(sampling.Sampler(m, cfg).start([0, 1], 8, 0))
+    fast = sampling.Sampler(m, cfg, compiled=True)
+    compiled = fast.sample(fast.start([0, 1], 8, 0), callback=lambda i, t, tn, zz, x: seen.append(x))
     assert (compiled - eager).abs().max() < 1e-5
     assert len({x.data_ptr() for x in seen}) == len(seen)  # outputs are copies, not a reused buffer
     flow.check_finite(compiled=compiled)

@@ -5,10 +5,12 @@ from dataclasses import replace
 import pytest
 import torch
 
-from elflm import infill, sampling
+from elflm import infill
 from elflm.checkpoint import load_pretrained
 from elflm.cli import main
 from elflm.config import SampleConfig
+from elflm.generate import Row, encode_known, finish, known_mask, layout, sample_rows
+from elflm.sampling import Sampler
 from tiny_model import make_tiny_model
 
 CFG = SampleConfig(method="sde", steps=4, grid="logit_normal")
@@ -117,7 +119,7 @@ def test_infill_keeps_known_tokens_and_fills_gaps(unc):
         assert r["generated"] == (~t.known).nonzero().flatten().tolist()
         assert [(g["start"], g["end"]) for g in r["gaps"]] == [(2, 14), (t.length - 7, t.length)]
         assert r["text"].startswith("The cat") and "on the mat." in r["text"]
-        assert r["num_samples"] == 3 and r["steps"] == 4
+        assert r["steps"] == 4 and "cfg_scale" not in r and r["length"] == t.length
     assert len({tuple(r["ids"]) for r in recs}) > 1  # different noise streams, different fills
     again = infill.infill(model, enc, template, CFG, num_samples=3, seed=1)
     assert [r["ids"] for r in again] == [r["ids"] for r in recs]  # reproducible
@@ -125,9 +127,9 @@ def test_infill_keeps_known_tokens_and_fills_gaps(unc):
 
 def test_known_latents_are_held_every_step(unc):
     model, enc = unc
-    rows = [infill.Row(infill.make_template("The cat [MASK:5] on the mat.", enc), seed=3)]
-    lay = infill.layout(enc, rows, None, None, enc.pad_id)
-    held = infill.encode_known(enc, lay)
+    rows = [Row(0, 3, template=infill.make_template("The cat [MASK:5] on the mat.", enc))]
+    lay = layout(enc, rows, None, None, enc.pad_id)
+    held = encode_known(enc, lay)
     seen = []
 
     def check(i, t, t_next, z, x):
@@ -136,20 +138,19 @@ def test_known_latents_are_held_every_step(unc):
         assert torch.allclose(x[held.mask], held.latents[held.mask])
         assert not torch.allclose(z[~held.mask], held.latents[~held.mask])
 
-    grid = sampling.time_grid(CFG, generator=torch.Generator().manual_seed(0))
-    infill.fill(model, enc, rows, CFG, grid, callback=check)
+    sample_rows(Sampler(model, CFG), enc, rows, callback=check)
     assert seen == [0, 1, 2, 3]
 
 
 def test_known_latents_see_only_known_columns(unc):
     model, enc = unc
     a = infill.make_template("The cat [MASK:4] on the mat.", enc)
-    lay = infill.layout(enc, [infill.Row(a)], None, None, enc.pad_id)
-    got = infill.encode_known(enc, lay).latents[0, a.known]
+    lay = layout(enc, [Row(0, template=a)], None, None, enc.pad_id)
+    got = encode_known(enc, lay).latents[0, a.known]
     # the known tokens alone, at their positions: changing the gap ids must not matter
     ids = lay.ids.clone()
     ids[0, ~a.known] = 100
-    other = enc.encode(ids, infill.known_mask(lay.cond, lay.target))[0, a.known]
+    other = enc.encode(ids, known_mask(lay.cond, lay.target))[0, a.known]
     assert torch.allclose(got, other, atol=1e-5)
     full = enc.encode(ids)[0, a.known]  # without the mask the gap ids leak in
     assert not torch.allclose(got, full, atol=1e-3)
@@ -167,12 +168,12 @@ def test_batching_does_not_change_a_row(unc):
     t = infill.make_template("The cat [MASK:6] on the mat.", enc)
     u = infill.make_template("Every [MASK:3] day I [MASK:4] .", enc)
     assert t.length == u.length
-    grid = sampling.time_grid(CFG, generator=torch.Generator().manual_seed(0))
-    alone = infill.fill(model, enc, [infill.Row(t, seed=7)], CFG, grid)
-    together = infill.fill(model, enc, [infill.Row(u, seed=9), infill.Row(t, seed=7)], CFG, grid)
+    sampler = Sampler(model, CFG)
+    alone = sample_rows(sampler, enc, [Row(0, 7, template=t)])
+    together = sample_rows(sampler, enc, [Row(3, 9, template=u), Row(0, 7, template=t)])
     assert together[1]["ids"] == alone[0]["ids"]
     with pytest.raises(ValueError, match="same length"):
-        infill.fill(model, enc, [infill.Row(t), infill.Row(infill.make_template("x [MASK:1]", enc))], CFG, grid)
+        sample_rows(sampler, enc, [Row(0, template=t), Row(1, template=infill.make_template("x [MASK:1]", enc))])
 
 
 def test_eos_in_the_last_gap_ends_the_text(unc):
@@ -182,7 +183,7 @@ def test_eos_in_the_last_gap_ends_the_text(unc):
     ids = torch.full((t.length,), 7)
     ids[2] = enc.eos_id  # EOS in an interior gap: kept
     ids[n + 3] = enc.eos_id  # EOS in the last gap: the rest becomes padding
-    rec = infill._finish(infill.Row(t), ids, 0, enc.eos_id, enc.pad_id, enc.tokenizer)
+    rec = finish(Row(0, template=t), ids, enc, enc.pad_id)
     assert rec["ids"][2] == enc.eos_id
     assert rec["ids"][n + 3 :] == [enc.pad_id] * (t.length - n - 3)
     assert rec["ids"][n + 2] == 7
@@ -203,21 +204,21 @@ def test_conditional_infill_layout_and_guidance(cond):
     model, enc = cond
     t = infill.make_template("Das [MASK:3] Haus.", enc)
     src = enc.tokenizer("The house is big", add_special_tokens=False)["input_ids"] + [enc.eos_id]
-    lay = infill.layout(enc, [infill.Row(t, source="The house is big")], 32, 16, enc.eos_id)
+    lay = layout(enc, [Row(0, source="The house is big", template=t)], 32, 16, enc.eos_id)
     n, T = len(src), t.length
-    assert lay.ids[0, :n].tolist() == src and lay.start == [n]
+    assert lay.ids[0, :n].tolist() == src and lay.start == [n] and lay.size == [T]
     assert lay.ids[0, n : n + T].tolist() == t.ids.tolist() and lay.ids[0, n + T] == enc.eos_id
     assert lay.held[0].tolist() == [True] * n + t.known.tolist() + [True] * (32 - n - T)
-    m = infill.known_mask(lay.cond, lay.target)[0]
+    m = known_mask(lay.cond, lay.target)[0]
     visible = lay.cond[0] | lay.target[0]
     assert torch.equal(m[0], lay.cond[0])  # the source sees only itself
     assert torch.equal(m[n], visible)  # a known target token sees the source and the known target (and the closing EOS)
     assert not m[:, n + T + 1 :].any()  # nobody sees the padding
-    dropped = infill.known_mask(lay.cond, lay.target, drop=True)[0]
+    dropped = known_mask(lay.cond, lay.target, drop=True)[0]
     assert torch.equal(dropped[n], lay.target[0])  # label drop: the target loses the source
-    held = infill.encode_known(enc, lay, guidance=True)
-    assert (held.unconditional[0, :n] == 0).all()
-    assert not torch.allclose(held.unconditional[0, n], held.latents[0, n])  # encoded without the source
+    held = encode_known(enc, lay, guidance=True)
+    assert (held.dropped[0, :n] == 0).all()
+    assert not torch.allclose(held.dropped[0, n], held.latents[0, n])  # encoded without the source
 
     cfg = replace(CFG, cfg_scale=2.0, method="ode")
     recs = infill.infill(model, enc, "Das [MASK:3] Haus.", cfg, source="The house is big", max_input_length=16,

@@ -4,11 +4,11 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from elflm import sampling
 from elflm.checkpoint import load_pretrained
 from elflm.cli import main
 from elflm.config import SampleConfig
 from elflm.generate import generate
+from elflm.sampling import Sampler, decode_logits
 from elflm.trajectory import Trajectory, render_html, write_png
 from tiny_model import make_tiny_model
 
@@ -64,21 +64,20 @@ def parse(page: str) -> Table:
 def test_trajectory_rows_and_last_step_is_the_final_decode(tiny):
     _, model, enc = tiny
     traj = Trajectory(model, enc.tokenizer, CFG, max_samples=2)
-    gen = torch.Generator().manual_seed(0)
-    z = torch.randn(3, 10, 32, generator=gen) * CFG.noise_scale
-    grid = sampling.time_grid(CFG)
-    final = sampling.sample_latents(model, CFG, z, grid, callback=traj)
+    sampler = Sampler(model, CFG)
+    final = sampler.sample(sampler.start(range(3), 10, 0), callback=traj)
+    grid = torch.linspace(0, 1, 6)
     assert [s.index for s in traj.steps] == list(range(5)) and traj.num_samples == 2
-    assert [s.t for s in traj.steps] == pytest.approx(grid[:-1].tolist())
+    assert torch.allclose(torch.stack([s.t for s in traj.steps]), grid[:-1, None].expand(5, 2))
     # uniform grid: the last step lands exactly on x̂, so its decode is the sampler's final decode
-    assert torch.equal(traj.steps[-1].ids, sampling.decode_logits(model, final, CFG).argmax(-1)[:2])
+    assert torch.equal(traj.steps[-1].ids, decode_logits(model, final, CFG).argmax(-1)[:2])
 
     page = parse(render_html(traj, title="a <b> title"))
     assert len(page.rows) == 5 and page.refs == []
     for step, row in zip(traj.steps, page.rows):
-        assert row[0] == str(step.index) and row[1] == f"{step.t:.4f} → {step.t_next:.4f}"
-        assert len(row) == 3 + 2  # step, time, changed, one cell per recorded sample
-    assert page.rows[0][2].strip() == "20"  # every token is new at step 0 (2 samples × 10)
+        assert row[0] == str(step.index) and len(row) == 2 + 2  # step, changed, one cell per recorded sample
+        assert row[2].startswith(f"t {step.t[0]:.4f} → {step.t_next[0]:.4f}")
+    assert page.rows[0][1].strip() == "20"  # every token is new at step 0 (2 samples × 10)
     assert "a &lt;b&gt; title" in render_html(traj, title="a <b> title")
 
 

@@ -459,10 +459,34 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+BUNDLED = Path(__file__).parent / "configs"
+
+
+def config_path(name: str | Path) -> Path:
+    """``name`` as a path, or, when no such file exists, the config of that name shipped with
+    elflm (``elf-b-owt`` or ``elf-b-owt.yaml``: see :func:`bundled_configs`)."""
+    path = Path(name).expanduser()
+    if path.exists() or path.parent != Path("."):
+        return path
+    for candidate in (BUNDLED / path.name, BUNDLED / f"{path.name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    return path
+
+
+def bundled_configs() -> list[str]:
+    """Names of the run configs shipped with elflm (``elflm train --config <name>``)."""
+    return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
+
+
 def load_config(path: str | Path, overrides=()) -> Config:
-    """Read a YAML config, apply dotted overrides (``["model.depth=24", "train.blr=1e-3"]``)
-    and validate. Errors name the file (and line for malformed YAML) and the key."""
-    path = Path(path)
+    """Read a YAML config (a file, or the name of a bundled one: :func:`config_path`), apply
+    dotted overrides (``["model.depth=24", "train.blr=1e-3"]``) and validate. Errors name the file
+    (and line for malformed YAML) and the key."""
+    path = config_path(path)
+    if not path.is_file():
+        raise ConfigError(f"config {str(path)!r} not found: give a YAML file or one of the bundled configs "
+                          f"({', '.join(bundled_configs())})")
     try:
         text = path.read_text()
     except OSError as e:

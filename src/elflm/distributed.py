@@ -23,21 +23,33 @@ class Dist:
         return self.rank == 0
 
 
+def resolve_device(name: str | torch.device = "auto") -> torch.device:
+    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked: an
+    unknown name or CUDA where there is none is a ``ValueError`` that says what to pass."""
+    if str(name) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device {str(name)!r}: expected auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(name)!r}: expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device}: CUDA is not available here; use cpu (or auto)")
+    return device
+
+
 def setup(device: str = "auto") -> Dist:
     """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on
-    CUDA, gloo on CPU. ``device`` is ``auto``, ``cpu`` or ``cuda``."""
+    CUDA, gloo on CPU. ``device`` is ``auto``, ``cpu`` or ``cuda`` (each process takes
+    ``cuda:LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device 'cuda' requested but no CUDA device is available; use device=cpu")
-        torch.cuda.set_device(local)
-        dev = torch.device("cuda", local)
-    else:
-        dev = torch.device("cpu")
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
+        torch.cuda.set_device(dev)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local, dev)

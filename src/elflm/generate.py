@@ -1,261 +1,305 @@
-"""Text in, text out: unconditional and conditional generation with a trained ELF.
+"""Text in, text out: every kind of generation as rows for the sampling engine.
 
-``generate(model, encoder, sample_cfg, ...)`` batches the sampler of :mod:`elflm.sampling`, encodes
-conditions with the frozen encoder, decodes token ids and text. Same seed → same samples.
+A :class:`Row` is one sample to draw: its noise stream ``(seed, index)``, an optional condition
+``source`` (conditional checkpoints) and an optional :class:`Template` of known target tokens
+(prompts and infilling; :mod:`elflm.infill` turns text into templates). Unconditional, conditional,
+prompted and infilled rows are one mechanism: the row is laid out as a training row, the known
+positions (the source and its EOS, the template's known tokens and the closing EOS) are encoded
+by the frozen encoder and held at their clean latents during sampling
+(:class:`elflm.sampling.Known`), the rest is sampled. Results do not depend on how rows are
+batched: a row's draws come from its own stream (:mod:`elflm.sampling`).
+
+Layout of a row of L tokens: with a source, ``source ids ++ EOS`` truncated to
+``max_input_length`` (the condition, encoded on its own: it sees only itself), then the target:
+the template (known ids, the pad id at the gaps), the closing EOS and the pad id up to L (held, as
+padding is in training), or, without a template, every position generated. Known target tokens see
+the source and the other known tokens, never the gaps (so the gap content cannot shape them).
+Without a source the row is the template (L = its length), or L free positions.
+
+Decoding: argmax of the decode head; the known ids are written back; an EOS after the last known
+token ends the text (everything after it becomes the pad id), as the official decoding cuts at
+the first EOS; a conditional row without template keeps ``L − max_input_length`` tokens, as the
+official sampler does. Time: t = 0 noise, t = 1 data.
 """
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from . import sampling
 from .config import SampleConfig
-from .objective import model_config
+from .encoder import encoder_attention_mask
+from .model import model_config
+from .sampling import Known, Sampler, mask_after_eos, used_settings
 
 
-def batch_generator(seed: int, index: int, device) -> torch.Generator:
-    """Independent, reproducible generator for batch ``index`` of a run seeded with ``seed``."""
-    state = int(np.random.SeedSequence([seed, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
+@dataclass
+class Template:
+    """Known target tokens: ``ids`` (T,) int64 (the known ids, the pad id at gaps) and ``known``
+    (T,) bool."""
+
+    ids: torch.Tensor
+    known: torch.Tensor
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+    def gaps(self) -> list[tuple[int, int]]:
+        """The ``[start, end)`` spans of the gaps."""
+        spans, start = [], None
+        for i, k in enumerate(self.known.tolist() + [True]):
+            if not k and start is None:
+                start = i
+            elif k and start is not None:
+                spans.append((start, i))
+                start = None
+        return spans
 
 
-def condition_rows(encoder, sources: list[str], length: int, max_input_length: int, pad_id: int):
-    """Tokenise ``sources`` ending with EOS, as the training conditions are, truncated to
-    ``max_input_length``, into rows of ``length``; returns ``(input_ids (B, L), cond_mask (B, L)
-    bool, truncated count)``."""
-    ids = [row + [encoder.eos_id] for row in encoder.tokenizer(list(sources), add_special_tokens=False)["input_ids"]]
-    rows = torch.full((len(ids), length), pad_id, dtype=torch.long)
-    mask = torch.zeros(len(ids), length, dtype=torch.bool)
-    truncated = 0
-    for i, row in enumerate(ids):
-        truncated += len(row) > max_input_length
-        row = row[:max_input_length]
-        rows[i, : len(row)] = torch.tensor(row, dtype=torch.long)
-        mask[i, : len(row)] = True
-    return rows, mask, truncated
+@dataclass
+class Row:
+    """One sample to draw: the noise stream ``(seed, index)``, an optional condition ``source``
+    and an optional ``template`` of known target tokens (None: every target position sampled)."""
+
+    index: int
+    seed: int = 0
+    source: str | None = None
+    template: Template | None = None
 
 
-def encode_condition(encoder, input_ids: torch.Tensor, cond_mask: torch.Tensor) -> sampling.Condition:
-    """Clean condition latents: the condition attends only to itself in the encoder (SPEC §1)."""
-    from .encoder import encoder_attention_mask
+@dataclass
+class Layout:
+    """Rows laid out as one (B, L) batch: ``ids``, and (B, L) bool masks ``cond`` (the source),
+    ``target`` (known target tokens and the closing EOS) and ``held`` (every position held: source,
+    known target, pad tail); ``start`` (B,) where each row's output begins and ``size`` (B,) how
+    many tokens it has."""
 
-    mask = encoder_attention_mask(cond_mask, cond_mask)
-    return sampling.Condition(encoder.encode(input_ids, mask), cond_mask)
+    ids: torch.Tensor
+    cond: torch.Tensor
+    target: torch.Tensor
+    held: torch.Tensor
+    start: list[int]
+    size: list[int]
+
+
+def pad_id(encoder, pad_token: str) -> int:
+    """The id that pads rows: EOS for ``pad_token == "eos"`` (conditional configs), else the pad id."""
+    return encoder.eos_id if pad_token == "eos" else encoder.pad_id
+
+
+def source_ids(encoder, sources: Sequence[str]) -> list[list[int]]:
+    """Token ids of each condition followed by EOS, as the training conditions are tokenised."""
+    if encoder.tokenizer is None:
+        raise ValueError("conditional generation needs an encoder with a tokenizer")
+    return [ids + [encoder.eos_id] for ids in encoder.token_ids(list(sources))]
+
+
+def truncated_sources(encoder, sources: Sequence[str], max_input_length: int) -> list[int]:
+    """Indices of the conditions longer than ``max_input_length`` tokens (EOS included), which a
+    row truncates."""
+    return [i for i, ids in enumerate(source_ids(encoder, sources)) if len(ids) > max_input_length]
+
+
+def layout(encoder, rows: Sequence[Row], length: int | None, max_input_length: int | None, pad: int) -> Layout:
+    """Lay ``rows`` out in one (B, L) batch (the rule in the module docstring). Rows must agree on
+    having a source. Without sources L is the templates' length (they must all have it) or
+    ``length``; with sources L = ``length``."""
+    if not rows:
+        raise ValueError("nothing to sample: no rows")
+    conditional = rows[0].source is not None
+    if any((r.source is not None) != conditional for r in rows):
+        raise ValueError("rows with and without a source cannot share a sampler call")
+    sizes = {r.template.length if r.template is not None else length for r in rows}
+    if conditional:
+        if max_input_length is None or length is None:
+            raise ValueError("a source needs a conditional checkpoint (max_input_length) and a row length")
+        L = length
+    elif len(sizes) != 1 or None in sizes:
+        raise ValueError(f"rows of one sampler call must have the same length, got {sorted(map(str, sizes))}")
+    else:
+        L = sizes.pop()
+    B = len(rows)
+    ids = torch.full((B, L), pad, dtype=torch.long)
+    cond, target = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
+    held, start, size = torch.zeros(B, L, dtype=torch.bool), [], []
+    srcs = source_ids(encoder, [r.source for r in rows]) if conditional else [[] for _ in rows]
+    for b, (r, src) in enumerate(zip(rows, srcs)):
+        n = min(len(src), max_input_length or 0)
+        ids[b, :n], cond[b, :n] = torch.tensor(src[:n], dtype=torch.long), True
+        if r.template is None:
+            start.append(n)
+            size.append(L - max_input_length if conditional else L)
+            continue
+        T = r.template.length
+        if n + T > L:
+            raise ValueError(f"row {r.index}: the source ({n} tokens) and the template ({T}) do not fit in {L} tokens")
+        ids[b, n : n + T] = r.template.ids
+        target[b, n : n + T] = r.template.known
+        if conditional and n + T < L:
+            ids[b, n + T] = encoder.eos_id
+            target[b, n + T] = True
+            held[b, n + T :] = True
+        start.append(n)
+        size.append(T)
+    held |= cond | target
+    return Layout(ids, cond, target, held, start, size)
+
+
+def known_mask(cond: torch.Tensor, target: torch.Tensor, drop: bool = False) -> torch.Tensor:
+    """(B, L, L) encoder mask of held rows: the source sees only itself, every other position the
+    known target tokens and (unless ``drop``, the label drop of classifier-free guidance) the
+    source; a position left with nothing to see sees itself. This is SPEC §1's encoder mask with
+    the known tokens as the visible columns."""
+    m = encoder_attention_mask(target | (cond & (not drop)), cond).bool()
+    eye = torch.eye(cond.shape[1], dtype=torch.bool, device=cond.device)
+    return m | (eye & ~m.any(-1, keepdim=True))
+
+
+def encode_known(encoder, lay: Layout, guidance: bool = False) -> Known | None:
+    """The held positions' clean latents, or None when nothing is held; ``guidance`` adds, for
+    rows with a source, the condition-dropped values of classifier-free guidance (the source
+    zeroed, the known target encoded without it)."""
+    if not lay.held.any():
+        return None
+    dev = encoder.device
+    ids, cond, target = lay.ids.to(dev), lay.cond.to(dev), lay.target.to(dev)
+    latents = encoder.encode(ids, known_mask(cond, target))
+    dropped = None
+    if guidance and cond.any():
+        dropped = encoder.encode(ids, known_mask(cond, target, drop=True)).masked_fill(cond[..., None], 0.0)
+    return Known(latents, lay.held.to(dev), dropped)
+
+
+def finish(row: Row, ids: torch.Tensor, encoder, pad: int) -> dict:
+    """The record of a row from its output ids (its ``size`` tokens from ``start``): the known ids
+    written back, an EOS after the last known token ends the text."""
+    t = row.template
+    out = ids.clone()
+    tail = 0
+    if t is not None:
+        out = torch.where(t.known, t.ids, out)
+        known_at = t.known.nonzero()
+        tail = int(known_at[-1]) + 1 if len(known_at) else 0
+    out[tail:] = mask_after_eos(out[None, tail:], encoder.eos_id, pad)[0]
+    ids_list = out.tolist()
+    decode = lambda x: encoder.tokenizer.decode(x, skip_special_tokens=True)
+    rec = {"index": row.index, "seed": row.seed, "text": decode(ids_list), "ids": ids_list}
+    if row.source is not None:
+        rec["source"] = row.source
+    if t is not None:
+        rec["generated"] = (~t.known).nonzero().flatten().tolist()
+        rec["gaps"] = [{"start": a, "end": b, "text": decode(ids_list[a:b])} for a, b in t.gaps()]
+    return rec
 
 
 @torch.no_grad()
+def sample_rows(
+    sampler: Sampler,
+    encoder,
+    rows: Sequence[Row],
+    *,
+    length: int | None = None,
+    max_input_length: int | None = None,
+    pad_token: str = "pad",
+    callback: Callable | None = None,
+) -> list[dict]:
+    """Sample ``rows`` in one sampler call and decode them; one record per row (:func:`finish`)
+    with the sampler settings that were used and the row ``length``."""
+    pad = pad_id(encoder, pad_token)
+    lay = layout(encoder, rows, length, max_input_length, pad)
+    conditional = bool(lay.cond.any())
+    known = encode_known(encoder, lay, guidance=sampler.cfg.cfg_scale != 1)
+    L = lay.ids.shape[1]
+    state = sampler.start([r.index for r in rows], L, [r.seed for r in rows], known)
+    ids = sampler.decode(sampler.sample(state, callback)).argmax(-1).cpu()
+    settings = {**used_settings(sampler.cfg, conditional), "length": L}
+    return [{**finish(r, ids[b, lay.start[b] : lay.start[b] + lay.size[b]], encoder, pad), **settings}
+            for b, r in enumerate(rows)]
+
+
+def generate_rows(
+    model,
+    encoder,
+    rows: Sequence[Row],
+    cfg: SampleConfig | None = None,
+    *,
+    batch_size: int = 32,
+    length: int | None = None,
+    max_input_length: int | None = None,
+    pad_token: str = "pad",
+    precision: str = "fp32",
+    compiled: bool = False,
+    progress: bool = False,
+    callback: Callable | None = None,
+) -> list[dict]:
+    """Sample any ``rows`` with ``model`` and its frozen ``encoder``, ``batch_size`` rows per
+    sampler call (rows that can share a call: same length, all with or all without a source); one
+    record per row, in the order of ``rows``. ``length`` is the row length of conditional and
+    template-free rows (default the model's ``max_length``); ``max_input_length`` the condition
+    budget of a conditional checkpoint. ``precision``/``compiled``: :class:`~elflm.sampling.Sampler`.
+    ``callback(i, t, t_next, z, x̂)`` sees every step of every call."""
+    mcfg = model_config(model)
+    length = length or mcfg.max_length
+    if not 0 < length <= mcfg.max_length:
+        raise ValueError(f"length must be in [1, {mcfg.max_length}] (the model's max_length), got {length}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if any(r.source is not None for r in rows) and (max_input_length is None or not 0 < max_input_length < length):
+        raise ValueError(f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}")
+    sampler = Sampler(model, cfg or SampleConfig(), precision=precision, compiled=compiled)
+    groups: dict[tuple, list[int]] = {}
+    for k, r in enumerate(rows):
+        size = r.template.length if r.template is not None and r.source is None else length
+        groups.setdefault((r.source is not None, size), []).append(k)
+    calls = [idx[i : i + batch_size] for idx in groups.values() for i in range(0, len(idx), batch_size)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(rows), desc="sampling", unit="sample")
+    out: list[dict | None] = [None] * len(rows)
+    for call in calls:
+        recs = sample_rows(sampler, encoder, [rows[k] for k in call], length=length, max_input_length=max_input_length,
+                           pad_token=pad_token, callback=callback)
+        for k, rec in zip(call, recs):
+            out[k] = rec
+        if bar is not None:
+            bar.update(len(call))
+    if bar is not None:
+        bar.close()
+    return out
+
+
 def generate(
     model,
     encoder,
     cfg: SampleConfig | None = None,
     num_samples: int | None = None,
-    sources: list[str] | None = None,
-    batch_size: int = 32,
+    sources: Sequence[str] | None = None,
+    *,
     seed: int = 0,
+    batch_size: int = 32,
     length: int | None = None,
     max_input_length: int | None = None,
     pad_token: str = "pad",
+    precision: str = "fp32",
+    compiled: bool = False,
     progress: bool = False,
-    callback=None,
+    callback: Callable | None = None,
 ) -> list[dict]:
-    """Sample texts. Unconditional: ``num_samples`` rows of ``length`` tokens (default the model's
-    ``max_length``). Conditional: one sample per entry of ``sources``, each condition truncated to
-    ``max_input_length`` tokens and the remaining ``length − max_input_length`` tokens generated.
-    A sample depends on ``seed``, ``batch_size`` and the settings (each batch draws from its own
-    generator). Returns one dict per sample: ``text``, ``ids``, ``seed``, ``index``, the settings
-    (``cfg`` with the actual ``num_samples``, ``batch_size``, ``length``), and ``source``.
-    ``callback(i, t, t_next, z, x̂)`` sees every step of every batch (:func:`sampling.sample_latents`)."""
-    cfg = cfg or SampleConfig()
-    mcfg = model_config(model)
-    length = length or mcfg.max_length
-    device = next(model.parameters()).device
-    if not 0 < length <= mcfg.max_length:
-        raise ValueError(f"length must be in [1, {mcfg.max_length}] (the model's max_length), got {length}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    for key, low in (("steps", 1), ("gamma", 0), ("w", 0), ("cfg_scale", 0)):
-        if getattr(cfg, key) < low:
-            raise ValueError(f"sampler setting {key} must be >= {low}, got {getattr(cfg, key)}")
+    """Sample texts: ``num_samples`` unconditional rows of ``length`` tokens (default the model's
+    ``max_length``), or one conditional sample per entry of ``sources`` (each condition truncated
+    to ``max_input_length`` tokens; ``length − max_input_length`` tokens generated). Row k uses the
+    noise stream ``(seed, k)``, so a sample does not depend on ``batch_size``. Returns one record
+    per sample: ``index``, ``seed``, ``text``, ``ids``, ``source`` (conditional), the sampler
+    settings used and ``length`` (see :func:`generate_rows` for the other arguments)."""
     if sources is not None:
-        if max_input_length is None or not 0 < max_input_length < length:
-            raise ValueError(f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}")
-        num_samples = len(sources)
-    if not num_samples or num_samples < 1:
+        rows = [Row(k, seed, source=s) for k, s in enumerate(sources)]
+    else:
+        rows = [Row(k, seed) for k in range(num_samples or 0)]
+    if not rows:
         raise ValueError("nothing to generate: give num_samples >= 1 or a non-empty list of sources")
-    eos, pad = encoder.eos_id, (encoder.eos_id if pad_token == "eos" else encoder.pad_id)
-    settings = {**asdict(cfg), "num_samples": num_samples, "batch_size": batch_size, "length": length}
-    out: list[dict] = []
-    starts = range(0, num_samples, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        starts = tqdm(starts, desc="sampling", unit="batch")
-    for b, start in enumerate(starts):
-        n = min(batch_size, num_samples - start)
-        gen = batch_generator(seed, b, device)
-        z = torch.randn(n, length, mcfg.encoder_dim, generator=gen, device=device) * cfg.noise_scale
-        grid = sampling.time_grid(cfg, generator=gen, device=device)
-        cond, cond_mask = None, None
-        if sources is not None:
-            ids, cond_mask, _ = condition_rows(encoder, sources[start : start + n], length, max_input_length, pad)
-            cond = encode_condition(encoder, ids.to(device), cond_mask.to(device))
-        final = sampling.sample_latents(
-            model, cfg, z, grid, cond=cond, noise=lambda i: torch.randn(z.shape, generator=gen, device=device),
-            state_dtype=torch.float64 if next(model.parameters()).dtype == torch.float64 else torch.float32,
-            callback=callback,
-        )
-        logits = sampling.decode_logits(model, final, cfg)
-        gen_len = None if sources is None else length - max_input_length
-        ids = sampling.tokens_from_logits(logits, eos, pad, None if cond is None else cond.mask, gen_len).cpu()
-        for i in range(n):
-            row = ids[i].tolist()
-            record = {"index": start + i, "text": encoder.tokenizer.decode(row, skip_special_tokens=True), "ids": row, "seed": seed, **settings}
-            if sources is not None:
-                record["source"] = sources[start + i]
-            out.append(record)
-    return out
-
-
-def read_conditions(path: str, field: str = "source") -> list[str]:
-    """Conditions from a text file (one per line) or JSONL (``field`` of each object, a string;
-    blank lines skipped). Empty conditions, bytes that are not UTF-8 and malformed JSON are errors
-    naming the line."""
-    import json
-    from pathlib import Path
-
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"input file {path} does not exist")
-    raw = p.read_bytes().splitlines()
-    jsonl = p.suffix == ".jsonl"
-    out = []
-    for i, line in enumerate(raw, 1):
-        try:
-            text = line.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}:{i}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-        if jsonl:
-            if not text.strip():
-                continue
-            try:
-                obj = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON object per line") from None
-            if not isinstance(obj, dict) or field not in obj:
-                raise ValueError(f"{path}:{i}: expected a JSON object with the field {field!r} (see --source-field)")
-            if not isinstance(obj[field], str):
-                raise ValueError(f"{path}:{i}: field {field!r} must be a string, got {type(obj[field]).__name__}")
-            text = obj[field]
-        if not text.strip():
-            raise ValueError(f"{path}:{i}: empty condition")
-        out.append(text)
-    if not out:
-        raise ValueError(f"{path}: no conditions found")
-    return out
-
-
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
-
-
-def cli_device(name: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``, checked."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ValueError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available here; use --device cpu (or auto)")
-    return device
-
-
-def check_output(path: str) -> None:
-    """Fail before any work when the output file ``path`` (``-`` = stdout) cannot be written."""
-    from pathlib import Path
-
-    if path == "-":
-        return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--output {path} is a folder; expected a file name")
-    if not p.parent.is_dir():
-        raise ValueError(f"--output {path}: the folder {p.parent} does not exist")
-
-
-def warn_truncated(encoder, sources: list[str], max_input_length: int) -> int:
-    """Print a warning on stderr naming the conditions longer than ``max_input_length`` tokens
-    (EOS included), which :func:`condition_rows` truncates; returns their count."""
-    import sys
-
-    long = [i for i, ids in enumerate(encoder.token_ids(sources), 1) if len(ids) + 1 > max_input_length]
-    if long:
-        which = ", ".join(map(str, long[:10])) + (" …" if len(long) > 10 else "")
-        print(f"warning: {len(long)} condition(s) longer than {max_input_length} tokens (EOS included) were truncated "
-              f"to fit: condition no. {which}", file=sys.stderr)
-    return len(long)
-
-
-def cli_sample_config(cfg: SampleConfig, a) -> SampleConfig:
-    """``cfg`` with the sampler options given on the command line (``--method`` ... ``--cfg-scale``)."""
-    from dataclasses import replace
-
-    for key, value in (("method", a.method), ("steps", a.steps), ("grid", a.grid and a.grid.replace("-", "_")),
-                       ("gamma", a.gamma), ("w", a.w), ("cfg_scale", a.cfg_scale)):
-        if value is not None:
-            cfg = replace(cfg, **{key: value})
-    return cfg
-
-
-def run_sample_cli(a) -> int:
-    """``elflm sample``: load a checkpoint, sample, write JSONL."""
-    import time
-
-    from .checkpoint import load_pretrained
-
-    if a.input and a.num_samples:
-        raise ValueError("give either --num-samples N (unconditional) or --input FILE (one sample per condition), not both")
-    if not a.input and not a.num_samples:
-        raise ValueError("give --num-samples N (unconditional) or --input FILE (conditional)")
-    if a.cfg_scale not in (None, 1) and not a.input:
-        raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
-    check_output(a.output)
-    device = cli_device(a.device)
-    sources = read_conditions(a.input, a.source_field) if a.input else None
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
-    cfg = cli_sample_config(settings.sample, a)
-    data = settings.data
-    max_in = a.max_input_length or data.max_input_length
-    if sources is not None and max_in is None:
-        raise ValueError(f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
-                         "or pass --max-input-length N to hold the inputs fixed as conditions")
-    if sources is not None:
-        warn_truncated(encoder, sources, max_in)
-    from .trajectory import recorder_from_args, save_from_args
-
-    recorder = recorder_from_args(a, model, encoder, cfg)
-    t0 = time.perf_counter()
-    records = generate(model, encoder, cfg, num_samples=a.num_samples, sources=sources, batch_size=a.batch_size,
-                       seed=a.seed, length=a.length, max_input_length=max_in, pad_token=data.pad_token, progress=True,
-                       callback=recorder)
-    write_records(a, records, time.perf_counter() - t0)
-    save_from_args(a, recorder)
-    return 0
-
-
-def write_records(a, records: list[dict], seconds: float) -> None:
-    """Write sample records as JSONL to ``a.output`` (``-``: stdout) with the precision and
-    checkpoint of the run; report the rate on stderr."""
-    import json
-    import sys
-
-    out = sys.stdout if a.output == "-" else open(a.output, "w", encoding="utf-8")
-    try:
-        for r in records:
-            out.write(json.dumps({**r, "precision": a.precision, "checkpoint": str(a.checkpoint)}, ensure_ascii=False) + "\n")
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    print(f"{len(records)} samples in {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.2f} samples/s)", file=sys.stderr)
+    return generate_rows(model, encoder, rows, cfg, batch_size=batch_size, length=length, max_input_length=max_input_length,
+                         pad_token=pad_token, precision=precision, compiled=compiled, progress=progress, callback=callback)

@@ -190,6 +190,11 @@ class DecodeHead(nn.Module):
         return ce.new_zeros(flat.shape).index_put((keep,), ce).view(targets.shape)
 
 
+def model_config(model: nn.Module) -> ModelConfig:
+    """The :class:`ModelConfig` of an :class:`ELF`, also through a DDP wrapper (``.module``)."""
+    return getattr(model, "module", model).config
+
+
 class ELFOutput(NamedTuple):
     """What :meth:`ELF.forward` returns: ``x_hat`` (B, L, C) from the denoise head; with
     ``decode=True`` either ``logits`` (B, L, V) or, when targets were given, ``token_ce`` (B, L)."""

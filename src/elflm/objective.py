@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import flow
 from .config import ObjectiveConfig
+from .model import model_config
 
 
 @dataclass
@@ -62,13 +63,6 @@ def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Σ per_token·mask / max(Σ mask, 1) over the whole batch; (B, L) -> ()."""
     mask = mask.to(per_token.dtype)
     return (torch.where(mask > 0, per_token, 0.0) * mask).sum() / mask.sum().clamp(min=1.0)
-
-
-def model_config(model):
-    """The :class:`ModelConfig` of a model, also through DDP / compile wrappers."""
-    while not hasattr(model, "config"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model.config
 
 
 def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True):

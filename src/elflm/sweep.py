@@ -11,17 +11,20 @@ plots (Gen PPL vs entropy, Gen PPL vs steps, BLEU vs steps) drawn with matplotli
 """
 from __future__ import annotations
 
-import argparse
 import csv
+import io
 import itertools
 import json
-import os
-import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
+from . import evaluate as ev
 from .config import SampleConfig
+from .files import write_jsonl, write_text
+from .generate import generate
+from .model import model_config
+from .sampling import used_settings
 
 PLOTS_EXTRA = "pip install 'elflm[plots]'"
 AXES = ("method", "steps", "gamma", "w", "cfg_scale")
@@ -81,14 +84,6 @@ def _cached(path: Path, expect: dict, count: int, sources: list[str] | None) -> 
     return rows
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def run_sweep(
     model,
     encoder,
@@ -105,6 +100,7 @@ def run_sweep(
     max_input_length: int | None = None,
     pad_token: str = "pad",
     judge_batch_size: int = 8,
+    precision: str = "fp32",
     extra: dict | None = None,
     log=None,
 ) -> list[dict]:
@@ -116,10 +112,6 @@ def run_sweep(
     ``log(message)`` gets one line per setting. Returns one row per setting: its settings,
     ``seconds`` and ``samples_per_s`` of sampling (None when reused), the metrics and ``samples``
     (the file); ``sweep.csv`` and ``sweep.md`` are rewritten after each setting."""
-    from . import evaluate as ev
-    from .generate import generate
-    from .objective import model_config
-
     if judge is None and references is None:
         raise ValueError("nothing to measure: give a judge LM (Gen PPL, entropy) or references (BLEU, ROUGE)")
     if references is not None and (sources is None or len(references) != len(sources)):
@@ -129,24 +121,26 @@ def run_sweep(
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     count = len(sources) if sources is not None else num_samples
     length = length or model_config(model).max_length
-    fixed = {**(extra or {}), "seed": seed, "batch_size": batch_size, "length": length, "num_samples": count}
+    fixed = {**(extra or {}), "seed": seed, "length": length}
     if sources is not None:
         fixed["max_input_length"] = max_input_length
     rows: list[dict] = []
     for k, cfg in enumerate(configs, 1):
         name = setting_name(cfg)
         path = out_dir / "samples" / f"{name}.jsonl"
-        records = _cached(path, {**asdict(cfg), **fixed}, count, sources)
+        records = _cached(path, {**used_settings(cfg, sources is not None), **fixed}, count, sources)
         seconds = None
         if records is None:
             t0 = time.perf_counter()
             records = generate(model, encoder, cfg, num_samples=num_samples, sources=sources, batch_size=batch_size,
-                               seed=seed, length=length, max_input_length=max_input_length, pad_token=pad_token)
+                               seed=seed, length=length, max_input_length=max_input_length, pad_token=pad_token,
+                               precision=precision)
             seconds = time.perf_counter() - t0
             records = [{**r, **fixed} for r in records]
-            _write_jsonl(path, records)
+            write_jsonl(path, records)
         texts = [r["text"] for r in records]
-        row = {"name": name, **{a: getattr(cfg, a) for a in AXES}, "grid": cfg.grid, "num_samples": len(texts),
+        used = used_settings(cfg, sources is not None)
+        row = {"name": name, **{a: used.get(a) for a in AXES}, "grid": cfg.grid, "num_samples": len(texts),
                "seconds": seconds, "samples_per_s": None if not seconds else len(texts) / seconds}
         if judge is not None:
             lm = ev.generative_perplexity(texts, *judge, batch_size=judge_batch_size)
@@ -175,7 +169,7 @@ def _columns(rows: list[dict]) -> list[str]:
 def format_markdown(rows: list[dict]) -> str:
     """A Markdown table of sweep rows: the settings and the metrics that were measured."""
     cols = [c for c in _columns(rows) if c not in ("name", "grid", "samples", "seconds")]
-    if all(r["cfg_scale"] == 1 for r in rows):
+    if all(r["cfg_scale"] in (None, 1) for r in rows):
         cols.remove("cfg_scale")
     fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -186,13 +180,11 @@ def format_markdown(rows: list[dict]) -> str:
 def write_table(rows: list[dict], output_dir: str | Path) -> tuple[Path, Path]:
     """Write ``sweep.csv`` (all columns) and ``sweep.md`` into ``output_dir``; returns both paths."""
     out = Path(output_dir)
-    csv_path, md_path = out / "sweep.csv", out / "sweep.md"
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=_columns(rows))
-        writer.writeheader()
-        writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
-    md_path.write_text(format_markdown(rows) + "\n", encoding="utf-8")
-    return csv_path, md_path
+    table = io.StringIO(newline="")
+    writer = csv.DictWriter(table, fieldnames=_columns(rows))
+    writer.writeheader()
+    writer.writerows({k: ("" if v is None else v) for k, v in r.items()} for r in rows)
+    return write_text(out / "sweep.csv", table.getvalue()), write_text(out / "sweep.md", format_markdown(rows) + "\n")
 
 
 def _figure():
@@ -257,116 +249,3 @@ def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
         written.append(out / f"{'ppl' if metric == 'gen_ppl' else metric}_vs_steps.png")
         fig.savefig(written[-1], dpi=120)
     return written
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def _list(kind, low=None, choices=None):
-    """argparse type: a comma-separated list of ``kind`` values (each >= ``low`` / in ``choices``)."""
-    what = {int: "integers", float: "numbers", str: "names"}[kind]
-    need = f" >= {low}" if low is not None else f" from {', '.join(choices)}" if choices else ""
-
-    def parse(text: str) -> list:
-        try:
-            values = [kind(v.strip()) for v in text.split(",") if v.strip()]
-        except ValueError:
-            values = None
-        if not values or (low is not None and min(values) < low) or (choices and not set(values) <= set(choices)):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {text!r}")
-        return values
-
-    return parse
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
-    return value
-
-
-def non_negative(text: str) -> float:
-    """argparse type: a number >= 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def add_sweep_args(p: argparse.ArgumentParser) -> None:
-    """Arguments of ``elflm sweep``."""
-    p.add_argument("--checkpoint", required=True, help="model folder, training checkpoint, or Hub id")
-    p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
-    p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
-    p.add_argument("--input", default=None, help="conditions (text lines or JSONL): one sample per condition and setting")
-    p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
-    p.add_argument("--references", default=None, help="references for BLEU / ROUGE, one per condition (lines or JSONL)")
-    p.add_argument("--steps", type=_list(int, 1), default=None, metavar="LIST", help="e.g. 8,16,32,64 (default: the checkpoint's)")
-    p.add_argument("--method", type=_list(str, choices=("ode", "sde")), default=None, metavar="LIST", help="ode,sde")
-    p.add_argument("--gamma", type=_list(float, 0), default=None, metavar="LIST", help="SDE churn values, e.g. 1.0,1.5 (sde rows only)")
-    p.add_argument("--w", type=_list(float, 0), default=None, metavar="LIST", help="self-conditioning guidance scales, e.g. 1,2,3")
-    p.add_argument("--cfg-scale", type=_list(float, 0), default=None, metavar="LIST", help="classifier-free guidance scales (conditional)")
-    p.add_argument("--grid", choices=["uniform", "logit_normal", "logit-normal"], default=None, help="time grid")
-    p.add_argument("--judge", default="gpt2-large", help="causal LM for Gen PPL (as in `elflm eval`), or 'none'")
-    p.add_argument("--judge-batch-size", type=positive_int, default=8)
-    p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--length", type=positive_int, default=None, help="tokens per sample (default: the model's max_length)")
-    p.add_argument("--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--precision", choices=["fp32", "bf16", "fp64"], default="fp32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
-    p.add_argument("--no-plots", action="store_true", help="write only the tables (no matplotlib needed)")
-
-
-def run_sweep_cli(a) -> int:
-    """``elflm sweep``: run the grid, write tables and plots, print the Markdown table."""
-    from .checkpoint import load_pretrained
-    from .evaluate import load_judge, read_references
-    from .generate import PRECISIONS, cli_device, read_conditions, warn_truncated
-
-    if bool(a.input) == bool(a.num_samples):
-        raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
-    if a.references and not a.input:
-        raise ValueError("--references (BLEU / ROUGE) need --input: one reference per condition")
-    if a.cfg_scale and set(a.cfg_scale) != {1.0} and not a.input:
-        raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
-    judge_name = None if str(a.judge).lower() == "none" else a.judge
-    if judge_name is None and not a.references:
-        raise ValueError("nothing to measure: give --judge (Gen PPL, entropy) or --references (BLEU, ROUGE)")
-    out_dir = Path(a.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
-    if not a.no_plots:
-        _figure()  # fail now, not after the sampling, when matplotlib is missing
-    device = cli_device(a.device)
-    sources = read_conditions(a.input, a.source_field) if a.input else None
-    references = read_references(a.references) if a.references else None
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
-    max_in = a.max_input_length or settings.data.max_input_length
-    if sources is not None:
-        if max_in is None:
-            raise ValueError(f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
-                             "or pass --max-input-length N to hold the inputs fixed as conditions")
-        warn_truncated(encoder, sources, max_in)
-    base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
-    configs = grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
-    judge = load_judge(judge_name, device=device) if judge_name else None
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    log(f"sweep: {len(configs)} settings × {len(sources) if sources else a.num_samples} samples -> {out_dir}")
-    rows = run_sweep(model, encoder, configs, out_dir, judge=judge, num_samples=a.num_samples, sources=sources,
-                     references=references, batch_size=a.batch_size, seed=a.seed, length=a.length, max_input_length=max_in,
-                     pad_token=settings.data.pad_token, judge_batch_size=a.judge_batch_size,
-                     extra={"precision": a.precision, "checkpoint": str(a.checkpoint)}, log=log)
-    files = [out_dir / "sweep.csv", out_dir / "sweep.md"] + ([] if a.no_plots else plot_sweep(rows, out_dir))
-    print(format_markdown(rows))
-    log("wrote " + ", ".join(map(str, files)))
-    return 0

@@ -21,14 +21,9 @@ import numpy as np
 import torch
 
 from . import distributed, objective
+from .flow import seeded
 from .config import Config, dump_config
 from .model import ELF
-
-
-def seeded(seed: int, *counters: int, device="cpu") -> torch.Generator:
-    """A generator whose state is a pure function of ``(seed, *counters)``."""
-    state = int(np.random.SeedSequence([seed, *counters]).generate_state(1, dtype=np.uint64)[0] >> 1)
-    return torch.Generator(device=device).manual_seed(state)
 
 
 @functools.lru_cache(maxsize=2)

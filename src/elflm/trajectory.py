@@ -1,10 +1,11 @@
 """Trajectory view: the text of x̂ at every sampling step, as a self-contained HTML page and a PNG strip.
 
-:class:`Trajectory` is a ``callback`` for :func:`elflm.sampling.sample_latents` (or
+:class:`Trajectory` is a ``callback`` for :meth:`elflm.sampling.Sampler.sample` (or
 :func:`elflm.generate.generate`, :func:`elflm.infill.infill`): at step i it decodes the current clean
 estimate x̂ (B, L, C) with the decode head exactly like the final decode (t = ``cfg.t_final``, zero
-self-conditioning input, argmax) and keeps the ids of the first ``max_samples`` rows. Only the first
-sampler call is recorded (a call starts when step 0 comes again). Time: t = 0 noise, t = 1 data.
+self-conditioning input, argmax) and keeps the ids and times of the first ``max_samples`` rows (every
+row has its own time grid). Only the first sampler call is recorded (a call starts when step 0 comes
+again). Time: t = 0 noise, t = 1 data.
 """
 from __future__ import annotations
 
@@ -20,11 +21,12 @@ from .config import SampleConfig
 
 @dataclass
 class Step:
-    """One sampler step ``t → t_next`` and the decoded ids (S, L) of x̂ after it."""
+    """One sampler step: the recorded rows' times ``t → t_next`` (S,) and the decoded ids (S, L)
+    of x̂ after it."""
 
     index: int
-    t: float
-    t_next: float
+    t: torch.Tensor
+    t_next: torch.Tensor
     ids: torch.Tensor
 
 
@@ -40,12 +42,13 @@ class Trajectory:
     done: bool = False
 
     @torch.no_grad()
-    def __call__(self, i: int, t: float, t_next: float, z: torch.Tensor, x: torch.Tensor) -> None:
+    def __call__(self, i: int, t: torch.Tensor, t_next: torch.Tensor, z: torch.Tensor, x: torch.Tensor) -> None:
         if self.done or (i == 0 and self.steps):
             self.done = True
             return
-        logits = sampling.decode_logits(self.model, x[: self.max_samples], self.cfg)
-        self.steps.append(Step(i, float(t), float(t_next), logits.argmax(-1).cpu()))
+        S = self.max_samples
+        logits = sampling.decode_logits(self.model, x[:S], self.cfg)
+        self.steps.append(Step(i, t[:S].float().cpu(), t_next[:S].float().cpu(), logits.argmax(-1).cpu()))
 
     @property
     def num_samples(self) -> int:
@@ -86,14 +89,15 @@ td.num{font-family:ui-monospace,monospace;white-space:nowrap;text-align:right}
 td.txt{font-family:ui-monospace,monospace;white-space:pre-wrap;word-break:break-word}
 span.chg{background:#ffe08a}
 span.sp{color:#aaa}
+span.t{display:block;color:#777;font-size:85%}
 .bar{display:inline-block;height:8px;background:#4a7bd0}
 """
 
 
 def render_html(traj: Trajectory, title: str = "ELF sampling trajectory") -> str:
     """A self-contained page (inline CSS, no scripts or external assets): one table row per step
-    with its index, ``t → t_next``, the number of tokens that changed since the previous step and,
-    per recorded sample, the decoded x̂ with changed tokens highlighted."""
+    with its index, the number of tokens that changed since the previous step and, per recorded
+    sample, its ``t → t_next`` and the decoded x̂ with changed tokens highlighted."""
     if not traj.steps:
         raise ValueError("the trajectory is empty: was it passed as callback to a sampler?")
     tok, cache = traj.tokenizer, {}
@@ -115,10 +119,11 @@ def render_html(traj: Trajectory, title: str = "ELF sampling trajectory") -> str
                 spans.append(f'<span class="{cls}">{html.escape(text)}</span>' if cls else html.escape(text))
             if end < len(ids):
                 spans.append(f'<span class="sp"> ·×{len(ids) - end}</span>')
-            cells.append(f'<td class="txt">{"".join(spans)}</td>')
+            when = f'<span class="t">t {float(step.t[s]):.4f} → {float(step.t_next[s]):.4f}</span>'
+            cells.append(f'<td class="txt">{when}{"".join(spans)}</td>')
         width = max(1, round(100 * changed / max(1, step.ids.numel())))
         rows.append(
-            f'<tr><td class="num">{step.index}</td><td class="num">{step.t:.4f} → {step.t_next:.4f}</td>'
+            f'<tr><td class="num">{step.index}</td>'
             f'<td class="num">{changed} <span class="bar" style="width:{width}px"></span></td>{"".join(cells)}</tr>'
         )
         prev = step.ids
@@ -130,7 +135,7 @@ def render_html(traj: Trajectory, title: str = "ELF sampling trajectory") -> str
         "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(info)}</p>\n"
-        f"<table>\n<thead><tr><th>step</th><th>t → t_next</th><th>changed</th>{head}</tr></thead>\n"
+        f"<table>\n<thead><tr><th>step</th><th>changed</th>{head}</tr></thead>\n"
         f"<tbody>\n{chr(10).join(rows)}\n</tbody>\n</table>\n</body>\n</html>\n"
     )
 
@@ -140,6 +145,14 @@ def write_html(traj: Trajectory, path: str | Path, title: str = "ELF sampling tr
     path = Path(path)
     path.write_text(render_html(traj, title), encoding="utf-8")
     return path
+
+
+def require_matplotlib(hint: str = "pip install 'elflm[plots]'") -> None:
+    """Fail early, naming the install command, when matplotlib is missing."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError(f"this needs matplotlib: {hint}") from e
 
 
 def write_png(traj: Trajectory, path: str | Path, sample: int = 0, width: int = 110) -> Path:
@@ -163,7 +176,7 @@ def write_png(traj: Trajectory, path: str | Path, sample: int = 0, width: int = 
         1, 2, figsize=(14, 1.2 + 0.28 * N), gridspec_kw={"width_ratios": [1, 4]}, squeeze=True
     )
     ax_map.imshow(settled, aspect="auto", cmap="Blues", vmin=0, vmax=1, interpolation="nearest")
-    ax_map.set_yticks(range(N), [f"{s.t_next:.3f}" for s in traj.steps], fontsize=7)
+    ax_map.set_yticks(range(N), [f"{float(s.t_next[sample]):.3f}" for s in traj.steps], fontsize=7)
     ax_map.set_ylabel("t after step")
     ax_map.set_xlabel("position (dark: final token)")
     ax_txt.set_xlim(0, 1)
@@ -179,37 +192,3 @@ def write_png(traj: Trajectory, path: str | Path, sample: int = 0, width: int = 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-def add_trajectory_args(p) -> None:
-    """``elflm sample`` options ``--trajectory`` and ``--trajectory-png``."""
-    p.add_argument("--trajectory", default=None, metavar="HTML", help="write a page showing x̂ decoded at every step (first batch)")
-    p.add_argument("--trajectory-png", default=None, metavar="PNG", help="draw the trajectory as a PNG strip (needs the [plots] extra: matplotlib)")
-
-
-def recorder_from_args(a, model, encoder, cfg: SampleConfig) -> Trajectory | None:
-    """A :class:`Trajectory` when ``elflm sample`` got ``--trajectory`` or ``--trajectory-png``."""
-    html_path, png_path = getattr(a, "trajectory", None), getattr(a, "trajectory_png", None)
-    if not html_path and not png_path:
-        return None
-    if png_path:  # fail before sampling, not after
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError as e:
-            raise ImportError("--trajectory-png needs matplotlib: pip install 'elflm[plots]'") from e
-    for path in (html_path, png_path):
-        if path and not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{path}: the folder {Path(path).parent} does not exist")
-    return Trajectory(model, encoder.tokenizer, cfg)
-
-
-def save_from_args(a, traj: Trajectory | None) -> None:
-    """Write the ``--trajectory`` page and ``--trajectory-png`` strip and say where (stderr)."""
-    import sys
-
-    if traj is None:
-        return
-    for path, write in ((getattr(a, "trajectory", None), write_html), (getattr(a, "trajectory_png", None), write_png)):
-        if path:
-            write(traj, path)
-            print(f"trajectory of {traj.num_samples} sample(s) over {len(traj.steps)} steps -> {path}", file=sys.stderr)
