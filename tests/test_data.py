@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from conftest import load_npz, need_module
-from elflm.data import (
-    PackedDataset,
-    _looks_like_saved_metadata,
-    batch_from_rows,
-    build_rows,
-    collate,
-    load_hf_dataset,
-    prepare,
-)
+from elflm.data import PackedDataset, batch_from_rows, build_rows, collate, load_hf_dataset, prepare
+from elflm.data.readers import _looks_like_saved_metadata
 
 EOS, PAD = 1, 0
 KEYS = ["input_ids", "attention_mask", "cond_seq_mask", "encoder_attention_mask"]

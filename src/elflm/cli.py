@@ -83,10 +83,11 @@ def _run_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import checkpoint, data, quickstart, serve, sweep
+    from . import checkpoint, quickstart, serve, sweep
+    from .data.prepare import add_prepare_args, run_prepare
 
     commands = {
-        "prepare": (data.add_prepare_args, data.run_prepare, "tokenise and pack a corpus into training shards"),
+        "prepare": (add_prepare_args, run_prepare, "tokenise and pack a corpus into training shards"),
         "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
         "sample": (_sample_args, _run_sample, "generate text from a checkpoint"),
         "eval": (_eval_args, _run_eval, "Gen PPL, entropy, BLEU, ROUGE of a samples file"),
