@@ -4,10 +4,11 @@
 ``generate`` samples text, ``TextEncoder`` is the frozen embedding space, ``load_config`` reads a
 run's YAML.
 """
+__version__ = "0.1.0"  # before the imports: elflm.data.prepare reads it while this package loads
+
 from .config import Config, ModelConfig, ObjectiveConfig, SampleConfig, load_config, model_preset
 from .encoder import TextEncoder
 from .generate import generate
 from .model import ELF
 
-__version__ = "0.1.0"
 __all__ = ["ELF", "Config", "ModelConfig", "ObjectiveConfig", "SampleConfig", "TextEncoder", "generate", "load_config", "model_preset"]

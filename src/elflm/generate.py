@@ -39,7 +39,7 @@ def condition_rows(encoder, sources: list[str], length: int, max_input_length: i
 
 def encode_condition(encoder, input_ids: torch.Tensor, cond_mask: torch.Tensor) -> sampling.Condition:
     """Clean condition latents: the condition attends only to itself in the encoder (SPEC §1)."""
-    from .encoder import encoder_attention_mask
+    from .data.rows import encoder_attention_mask
 
     mask = encoder_attention_mask(cond_mask, cond_mask)
     return sampling.Condition(encoder.encode(input_ids, mask), cond_mask)

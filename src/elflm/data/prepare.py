@@ -41,8 +41,9 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from .. import __version__
-from ..encoder import load_tokenizer
+# the module, not its names: elflm.encoder imports the mask rules from .rows, so while it is first
+# imported this package is loaded before encoder's own names exist
+from .. import __version__, encoder
 from .dataset import FORMAT, FORMAT_VERSION, META, read_meta
 from .readers import FORMATS, chunks, records, resolve_sources, source_fingerprint
 from .rows import rows_from_flat
@@ -202,7 +203,7 @@ def _plan(inputs: list, tokenizer: str, asked: dict) -> _Plan:
     packing, shard size)."""
     conditional = asked["max_input_length"] is not None
     sources = resolve_sources(inputs, asked["format"], conditional, asked["split"])
-    tok = load_tokenizer(tokenizer)
+    tok = encoder.load_tokenizer(tokenizer)
     pad_token = asked["pad_token"] or ("eos" if conditional else "pad")
     eos_id = tok.eos_token_id
     pad_id = eos_id if pad_token == "eos" else tok.pad_token_id
@@ -293,7 +294,7 @@ _WORKER: dict = {}
 
 def _worker_init(tokenizer: str) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the worker processes
-    _WORKER["tokenizer"] = load_tokenizer(tokenizer)
+    _WORKER["tokenizer"] = encoder.load_tokenizer(tokenizer)
 
 
 def _flatten(lists, dtype) -> tuple[np.ndarray, np.ndarray]:

@@ -1,4 +1,4 @@
-"""Rows (SPEC §1): the official row rule and the model batch of a list of rows.
+"""Rows and masks (SPEC §1): the official row rule and every mask derived from a row.
 
 A row follows the official collate (``utils/data_utils.py``): ``condition[:max_input_length] ++
 target`` truncated / padded to ``max_length`` with the pad id (EOS for conditional data,
@@ -12,8 +12,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from ..encoder import encoder_attention_mask
 
 
 def _offsets(lens: np.ndarray) -> np.ndarray:
@@ -73,6 +71,33 @@ def build_rows(
     return rows_from_flat(ids, lens, max_length, pad_id, np.int64, cond, cond_lens, max_input_length)
 
 
+def encoder_attention_mask(attention_mask: torch.Tensor, cond_seq_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L, L) float32 encoder mask from ``attention_mask`` (B, L) (valid tokens) and
+    ``cond_seq_mask`` (B, L) (condition tokens): a condition row attends only to condition
+    columns, every other row (padding rows included) to every valid column."""
+    if attention_mask.dim() != 2 or attention_mask.shape != cond_seq_mask.shape:
+        raise ValueError(
+            f"expected attention_mask and cond_seq_mask of the same shape (B, L), got "
+            f"{tuple(attention_mask.shape)} and {tuple(cond_seq_mask.shape)}"
+        )
+    valid, cond = attention_mask.bool(), cond_seq_mask.bool()
+    rows = cond[:, :, None]
+    return ((rows & cond[:, None, :]) | (~rows & valid[:, None, :])).float()
+
+
+def apply_label_drop(mask: torch.Tensor, cond_seq_mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+    """The (B, L, L) encoder ``mask`` after label drop: in rows with ``drop`` (B,) set, non-condition
+    rows lose the condition columns, ``mask·(1 − drop·(1 − cond)_i·cond_j)``. Returns float32."""
+    B, L = cond_seq_mask.shape[0], cond_seq_mask.shape[-1]
+    if cond_seq_mask.dim() != 2 or mask.shape != (B, L, L) or drop.shape != (B,):
+        raise ValueError(
+            f"expected mask (B, L, L), cond_seq_mask (B, L) and drop (B,), got {tuple(mask.shape)}, "
+            f"{tuple(cond_seq_mask.shape)} and {tuple(drop.shape)}"
+        )
+    cond, d = cond_seq_mask.float(), drop.float()
+    return mask.float() * (1 - d[:, None, None] * (1 - cond)[:, :, None] * cond[:, None, :])
+
+
 def batch_from_rows(rows, lengths) -> dict[str, torch.Tensor]:
     """The model batch from rows (B, L) of ids and lengths (B, 2) ``[cond_len, total_len]``:
     ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) float32 (``i < total_len``),
@@ -101,3 +126,23 @@ def collate(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     rows = np.stack([np.asarray(it["input_ids"]) for it in items])
     lengths = np.array([[it["cond_len"], it["total_len"]] for it in items], dtype=np.int64)
     return batch_from_rows(rows, lengths)
+
+
+def encoder_mask(batch: dict, label_drop: torch.Tensor | None = None) -> torch.Tensor:
+    """The mask a batch is encoded with: the (B, L, L) ``encoder_attention_mask``, after
+    :func:`apply_label_drop` when ``label_drop`` (B,) marks rows, or, when no row has a
+    condition, the (B, L) ``attention_mask`` it then equals (any HF encoder takes that one)."""
+    if not bool(batch["cond_seq_mask"].any()):
+        return batch["attention_mask"]
+    mask = batch["encoder_attention_mask"]
+    if label_drop is not None and bool(label_drop.any()):
+        mask = apply_label_drop(mask, batch["cond_seq_mask"], label_drop)
+    return mask
+
+
+def loss_mask(batch: dict, pad_token: str) -> torch.Tensor:
+    """(B, L) float32 tokens of the loss: ``(attention_mask if pad_token == 'pad' else 1)·(1 − cond_seq_mask)``."""
+    valid = batch["attention_mask"].float()
+    if pad_token != "pad":
+        valid = torch.ones_like(valid)
+    return valid * (1 - batch["cond_seq_mask"].float())
