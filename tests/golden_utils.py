@@ -1,4 +1,5 @@
-"""Builders shared by the golden tests: the tiny official model and its draws."""
+"""Builders shared by the golden tests: the tiny official model and its draws, the raw ids of the
+conditioning batches."""
 import numpy as np
 import torch
 
@@ -33,3 +34,28 @@ def assert_close(actual, expected, atol, what=""):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     err = (actual - expected).abs().max().item() if actual.numel() else 0.0
     assert err <= atol, f"{what}: max abs diff {err:.3g} > {atol:.3g}"
+
+
+EOS, PAD = 1, 0
+BATCH_KEYS = ["input_ids", "attention_mask", "cond_seq_mask", "encoder_attention_mask"]
+
+
+def golden_id_lists(g: dict) -> tuple[list, list, list]:
+    """Raw id lists behind the batches of t5_encoder.npz (golden README "Two conditioning
+    batches"): unconditional sequences, conditions, targets."""
+    u = g["uncond/input_ids"].tolist()
+    uncond = [u[0] + [7, 8, 9, 10], u[1][:11], u[2][:6]]  # lengths 20 (4 ids past the row), 11, 6
+    c = g["cond/input_ids"].tolist()
+    conds = [c[0][:5], c[1][:8] + [5, 6], c[2][:3]]  # 5, 10 (2 ids past max_input_length), 3
+    targets = [c[0][5:11], c[1][8:16] + [EOS], c[2][3:15]]  # 6, 9 (its EOS falls off the row), 12
+    assert [len(x) for x in uncond] == [20, 11, 6] and [len(x) for x in conds] == [5, 10, 3]
+    assert [len(x) for x in targets] == [6, 9, 12] and all(t[-1] == EOS for t in targets)
+    return uncond, conds, targets
+
+
+def assert_batch(batch: dict, g: dict, name: str) -> None:
+    """``batch`` equals the golden batch ``name`` (``uncond`` / ``cond``), dtypes included."""
+    for k in BATCH_KEYS:
+        want = torch.from_numpy(g[f"{name}/{k}"].astype(np.float32 if k != "input_ids" else np.int64))
+        assert batch[k].dtype == want.dtype, k
+        assert torch.equal(batch[k], want), k

@@ -1,6 +1,6 @@
-"""Data: official row rule and masks against golden/t5_encoder.npz, `elflm prepare` on text / JSONL
-/ TSV / parallel files and Hugging Face datasets (the authors' pre-tokenised layouts included),
-determinism across workers, resuming, bad input, the memory-mapped dataset and the sampler."""
+"""Prepared data: `elflm prepare` on text / JSONL / TSV / parallel files and Hugging Face datasets
+(the authors' pre-tokenised layouts included), determinism across workers, resuming, bad input,
+the memory-mapped dataset in a DataLoader. Row and mask math: test_rows.py."""
 import gzip
 import json
 import pickle
@@ -11,37 +11,9 @@ import pytest
 import torch
 
 from conftest import load_npz, need_module
-from elflm.data import (
-    PackedDataset,
-    _looks_like_saved_metadata,
-    batch_from_rows,
-    build_rows,
-    collate,
-    load_hf_dataset,
-    prepare,
-)
-
-EOS, PAD = 1, 0
-KEYS = ["input_ids", "attention_mask", "cond_seq_mask", "encoder_attention_mask"]
-
-
-def golden_lists(g):
-    """Raw id lists behind the golden batches (golden README "Two conditioning batches")."""
-    u = g["uncond/input_ids"].tolist()
-    uncond = [u[0] + [7, 8, 9, 10], u[1][:11], u[2][:6]]  # lengths 20 (4 ids past the row), 11, 6
-    c = g["cond/input_ids"].tolist()
-    conds = [c[0][:5], c[1][:8] + [5, 6], c[2][:3]]  # 5, 10 (2 ids past max_input_length), 3
-    targets = [c[0][5:11], c[1][8:16] + [EOS], c[2][3:15]]  # 6, 9 (its EOS falls off the row), 12
-    assert [len(x) for x in uncond] == [20, 11, 6] and [len(x) for x in conds] == [5, 10, 3]
-    assert [len(x) for x in targets] == [6, 9, 12] and all(t[-1] == EOS for t in targets)
-    return uncond, conds, targets
-
-
-def assert_batch(batch, g, name):
-    for k in KEYS:
-        want = torch.from_numpy(g[f"{name}/{k}"].astype(np.float32 if k != "input_ids" else np.int64))
-        assert batch[k].dtype == want.dtype, k
-        assert torch.equal(batch[k], want), k
+from golden_utils import EOS, PAD, assert_batch, golden_id_lists
+from elflm.data import PackedDataset, build_rows, collate, load_hf_dataset, prepare
+from elflm.data.readers import _looks_like_saved_metadata
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +34,6 @@ def ids(tok, texts):
 
 def shard_bytes(path):
     return {f.name: f.read_bytes() for f in sorted(path.glob("*.bin"))}
-
-
-# ----------------------------------------------------------------------------- rows and masks
-
-
-def test_golden_batches_from_raw_ids(g):
-    uncond, conds, targets = golden_lists(g)
-    rows, lengths = build_rows(uncond, max_length=16, pad_id=PAD)
-    assert lengths.tolist() == [[0, 16], [0, 11], [0, 6]]
-    assert_batch(batch_from_rows(rows, lengths), g, "uncond")
-    rows, lengths = build_rows(targets, max_length=16, pad_id=EOS, conditions=conds, max_input_length=8)
-    assert lengths.tolist() == [[5, 11], [8, 16], [3, 15]]
-    assert_batch(batch_from_rows(rows, lengths), g, "cond")
-
-
-def test_encoder_mask_semantics():
-    rows, lengths = build_rows([[5, 6], [7]], max_length=6, pad_id=EOS, conditions=[[2, 3, 4], []], max_input_length=2)
-    assert rows.tolist() == [[2, 3, 5, 6, 1, 1], [7, 1, 1, 1, 1, 1]]
-    m = batch_from_rows(rows, lengths)["encoder_attention_mask"]
-    assert m[0, :2].tolist() == [[1, 1, 0, 0, 0, 0]] * 2  # condition rows: condition columns only
-    assert m[0, 2:].tolist() == [[1, 1, 1, 1, 0, 0]] * 4  # target and padding rows: all valid columns
-    assert m[1].tolist() == [[1, 0, 0, 0, 0, 0]] * 6
-    with pytest.raises(ValueError, match="one condition per sequence"):
-        build_rows([[1]], 4, 0, conditions=[])
 
 
 # ----------------------------------------------------------------------------- text corpora
@@ -247,7 +195,7 @@ def hf():
 
 
 def test_authors_pretokenised_layouts_reproduce_golden(hf, g, tok, tmp_path):
-    uncond, conds, targets = golden_lists(g)
+    uncond, conds, targets = golden_id_lists(g)
     features = hf.Features({"input": hf.Value("string"), "target": hf.Value("string"), "index": hf.Value("int64"),
                             "condition_input_ids": hf.List(hf.Value("int64")), "condition_sequence_length": hf.Value("int64"),
                             "input_ids": hf.List(hf.Value("int32")), "sequence_length": hf.Value("int64")})

@@ -9,15 +9,8 @@ import torch
 
 from conftest import load_npz
 from golden_utils import T, assert_close, tree
-from elflm.encoder import (
-    EncoderFileError,
-    TextEncoder,
-    apply_label_drop,
-    denormalize_latent,
-    encoder_attention_mask,
-    load_jax_pickle,
-    save_encoder_folder,
-)
+from elflm.data.rows import apply_label_drop, encoder_attention_mask
+from elflm.encoder import EncoderFileError, TextEncoder, denormalize_latent, load_jax_pickle, save_encoder_folder
 
 BATCHES = ["uncond", "cond"]
 
@@ -83,25 +76,6 @@ def test_float32_under_autocast(enc, g):
     assert x0.dtype == torch.float32
     assert_close(x0, g["cond/x0_latent_std0.2"], 1e-5, "x0 under autocast")
     assert_close(denormalize_latent(x0), g["cond/hidden_encmask"], 1e-5, "denormalised")
-
-
-@pytest.mark.parametrize("name", BATCHES)
-def test_mask_builder_matches_official_collate(g, name):
-    _, _, em = masks(g, name)
-    assert em.dtype == torch.float32
-    assert torch.equal(em, T(g, f"{name}/encoder_attention_mask"))
-
-
-def test_label_drop_rule_matches_official_train_step(g):
-    _, cm, em = masks(g, "cond")
-    drop = T(g, "cond/label_drop_rows")
-    out = apply_label_drop(em, cm, drop)
-    assert torch.equal(out, T(g, "cond/encoder_attention_mask_labeldrop"))
-    assert torch.equal(apply_label_drop(em, cm, drop.bool()), out)
-    assert not torch.equal(out, em)  # row 0 changed, rows 1 and 2 kept
-    assert torch.equal(out[1:], em[1:])
-    with pytest.raises(ValueError, match=r"drop \(B,\)"):
-        apply_label_drop(em, cm, drop[:2])
 
 
 # ------------------------------------------------------------------------ the pickle loader
@@ -251,8 +225,6 @@ def test_bad_inputs_raise(enc):
         enc.encode(ids, torch.ones(2, 5, 4))
     with pytest.raises(ValueError, match="at least one"):
         enc.encode(ids[:, :0])
-    with pytest.raises(ValueError, match="same shape"):
-        encoder_attention_mask(torch.ones(2, 5), torch.ones(2, 4))
     with pytest.raises(ValueError, match="latent_std"):
         TextEncoder(enc.model, latent_std=0.0)
 

@@ -7,7 +7,8 @@ from golden_utils import T, assert_close, tiny_model, tree
 from elflm import flow
 from elflm.checkpoint import flax_params_to_state_dict
 from elflm.config import ObjectiveConfig
-from elflm.objective import Draws, draw, logged_losses, loss_from_latents, loss_mask, masked_mean
+from elflm.data.rows import batch_from_rows, build_rows, encoder_mask
+from elflm.objective import Draws, draw, encode_batch, logged_losses, loss_from_latents, masked_mean
 
 CASES = [(n, b) for n in ("uncond", "cond") for b in ("denoise", "decode")]
 
@@ -80,10 +81,20 @@ def test_golden_noisy_latent(g):
         assert_close(z, g[f"{name}/denoise/inter/denoiser_z_before_label_drop"], 1e-6, "z")
 
 
-def test_loss_mask_rules():
-    batch = {"attention_mask": torch.tensor([[1, 1, 1, 0]]), "cond_seq_mask": torch.tensor([[1, 0, 0, 0]])}
-    assert loss_mask(batch, "pad").tolist() == [[0, 1, 1, 0]]
-    assert loss_mask(batch, "eos").tolist() == [[0, 1, 1, 1]]
+def test_encode_batch_uses_the_label_dropped_encoder_mask():
+    class Recorder:
+        def encode(self, input_ids, mask):
+            self.mask = mask
+            return torch.zeros(*input_ids.shape, 2)
+
+    batch = batch_from_rows(*build_rows([[5, 6], [7, 8]], 5, 1, conditions=[[2, 3], [4]]))
+    drop = torch.tensor([True, False])
+    enc = Recorder()
+    assert encode_batch(enc, batch, drop).shape == (2, 5, 2)
+    assert torch.equal(enc.mask, encoder_mask(batch, drop)) and not torch.equal(enc.mask, batch["encoder_attention_mask"])
+
+
+def test_masked_mean():
     assert masked_mean(torch.tensor([[5.0, 1.0, 3.0, 7.0]]), torch.tensor([[0.0, 1.0, 1.0, 0.0]])).item() == 2.0
     assert masked_mean(torch.tensor([[5.0]]), torch.tensor([[0.0]])).item() == 0.0
 

@@ -8,6 +8,6 @@ from .config import Config, ModelConfig, ObjectiveConfig, SampleConfig, load_con
 from .encoder import TextEncoder
 from .generate import generate
 from .model import ELF
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = ["ELF", "Config", "ModelConfig", "ObjectiveConfig", "SampleConfig", "TextEncoder", "generate", "load_config", "model_preset"]

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, data, evaluate, infill, quickstart, serve, sweep, trajectory
+from . import checkpoint, evaluate, infill, quickstart, serve, sweep, trajectory
 from .config import SampleConfig, load_config
+from .data.prepare import DEFAULT_CHUNK, default_workers, prepare
+from .data.readers import FORMATS as INPUT_FORMATS
 from .distributed import resolve_device
 from .files import read_texts, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
@@ -164,7 +166,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default="t5-small", help="tokenizer folder or Hub id (default: t5-small)")
     p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per row (default 1024)")
     p.add_argument("--max-input-length", type=positive_int, default=None, help="conditional data: condition tokens kept (De-En 64, XSum 1024)")
-    p.add_argument("--format", choices=data.FORMATS, default="auto", help="input format (default: from the file extension)")
+    p.add_argument("--format", choices=INPUT_FORMATS, default="auto", help="input format (default: from the file extension)")
     p.add_argument("--text-field", default="text", help="JSONL field / dataset column of the text")
     p.add_argument("--source-field", default="source", help="conditional: field / column of the condition")
     p.add_argument("--target-field", default="target", help="conditional: field / column of the target")
@@ -175,15 +177,15 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--packing", choices=["concat", "rows"], default=None, help="concat documents into rows, or one row per document")
     p.add_argument("--pad-token", choices=["pad", "eos"], default=None, help="padding id (default: pad; eos for conditional data)")
     p.add_argument("--shard-rows", type=positive_int, default=None, help="rows per shard (default: 512 MiB of ids)")
-    p.add_argument("--workers", type=positive_int, default=None, help=f"tokenisation processes (default {data.default_workers()})")
-    p.add_argument("--chunk-size", type=positive_int, default=data.DEFAULT_CHUNK, help="characters per tokenisation chunk (the unit of resuming)")
+    p.add_argument("--workers", type=positive_int, default=None, help=f"tokenisation processes (default {default_workers()})")
+    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK, help="characters per tokenisation chunk (the unit of resuming)")
     p.add_argument("--keep-work", action="store_true", help="keep the tokenised chunks in OUTPUT/.prepare-work")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset prepared with other options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
 def _run_prepare(a) -> int:
-    data.prepare(
+    prepare(
         a.inputs, a.output, tokenizer=a.tokenizer, max_length=a.max_length, max_input_length=a.max_input_length,
         format=a.format, text_field=a.text_field, source_field=a.source_field, target_field=a.target_field,
         split=a.split, line_docs=a.line_docs, delimiter=a.delimiter, separator=a.separator, packing=a.packing,

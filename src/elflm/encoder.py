@@ -5,8 +5,8 @@ encoder (``AutoModel``) works too. Everything runs in float32, in eval mode, wit
 Latents are ``x0 = (h − latent_mean) / latent_std`` of the last hidden state ``h`` (B, L, C).
 
 Masks: ``mask`` is the (B, L) padding mask or the (B, L, L) encoder mask of SPEC §1 (row i may
-attend to column j where it is nonzero). They enter the attention scores additively as
-``(1 − mask)·finfo(float32).min`` after the relative position bias, as in the official code.
+attend to column j where it is nonzero; built by :mod:`elflm.data.rows`). They enter the attention scores additively as ``(1 − mask)·finfo(float32).min``
+after the relative position bias, as in the official code.
 transformers 5.x rejects 3-D masks (``create_bidirectional_mask`` only takes (B, L) or prepared
 (B, 1, Lq, Lk) masks), so both kinds are passed as that 4-D additive form.
 
@@ -33,34 +33,7 @@ class EncoderFileError(ValueError):
     """An encoder weights file exists but cannot be used (unsafe, truncated, wrong layout)."""
 
 
-# ----------------------------------------------------------------------------- masks, latents
-
-
-def encoder_attention_mask(attention_mask: torch.Tensor, cond_seq_mask: torch.Tensor) -> torch.Tensor:
-    """(B, L, L) float32 encoder mask from ``attention_mask`` (B, L) (valid tokens) and
-    ``cond_seq_mask`` (B, L) (condition tokens): a condition row attends only to condition
-    columns, every other row (padding rows included) to every valid column."""
-    if attention_mask.dim() != 2 or attention_mask.shape != cond_seq_mask.shape:
-        raise ValueError(
-            f"expected attention_mask and cond_seq_mask of the same shape (B, L), got "
-            f"{tuple(attention_mask.shape)} and {tuple(cond_seq_mask.shape)}"
-        )
-    valid, cond = attention_mask.bool(), cond_seq_mask.bool()
-    rows = cond[:, :, None]
-    return ((rows & cond[:, None, :]) | (~rows & valid[:, None, :])).float()
-
-
-def apply_label_drop(mask: torch.Tensor, cond_seq_mask: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
-    """The (B, L, L) encoder ``mask`` after label drop: in rows with ``drop`` (B,) set, non-condition
-    rows lose the condition columns, ``mask·(1 − drop·(1 − cond)_i·cond_j)``. Returns float32."""
-    B, L = cond_seq_mask.shape[0], cond_seq_mask.shape[-1]
-    if cond_seq_mask.dim() != 2 or mask.shape != (B, L, L) or drop.shape != (B,):
-        raise ValueError(
-            f"expected mask (B, L, L), cond_seq_mask (B, L) and drop (B,), got {tuple(mask.shape)}, "
-            f"{tuple(cond_seq_mask.shape)} and {tuple(drop.shape)}"
-        )
-    cond, d = cond_seq_mask.float(), drop.float()
-    return mask.float() * (1 - d[:, None, None] * (1 - cond)[:, :, None] * cond[:, None, :])
+# ----------------------------------------------------------------------------- latents
 
 
 def normalize_latent(h: torch.Tensor, mean: float = LATENT_MEAN, std: float = LATENT_STD) -> torch.Tensor:
@@ -503,7 +476,7 @@ def save_encoder_folder(source, directory, tokenizer=None) -> Path:
 
 __all__ = [
     "LATENT_MEAN", "LATENT_STD", "EncoderFileError", "TextEncoder",
-    "encoder_attention_mask", "apply_label_drop", "normalize_latent", "denormalize_latent",
+    "normalize_latent", "denormalize_latent",
     "load_jax_pickle", "infer_t5_config", "t5_state_dict", "t5_from_jax_params",
     "load_tokenizer", "save_encoder_folder",
 ]

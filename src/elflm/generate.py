@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import SampleConfig
-from .encoder import encoder_attention_mask
+from .data.rows import encoder_attention_mask
 from .model import model_config
 from .sampling import Known, Sampler, mask_after_eos, used_settings
 

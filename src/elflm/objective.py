@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from . import flow
 from .config import ObjectiveConfig
+from .data.rows import encoder_mask, loss_mask
 from .model import model_config
 
 
@@ -51,12 +52,6 @@ class LossOutput:
     loss: torch.Tensor  # () the differentiated loss of the branch taken
     decode: bool  # which branch
     tokens: torch.Tensor  # () number of tokens in the loss mask
-
-
-def loss_mask(batch: dict, pad_token: str) -> torch.Tensor:
-    """(B, L) float: ``(attention_mask if pad_token == 'pad' else 1)·(1 − cond_seq_mask)``."""
-    valid = batch["attention_mask"].float() if pad_token == "pad" else torch.ones_like(batch["attention_mask"], dtype=torch.float32)
-    return valid * (1 - batch["cond_seq_mask"].float())
 
 
 def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -141,23 +136,10 @@ def loss_from_latents(model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, re
     return LossOutput(loss=loss, decode=d.decode, tokens=lmask.sum())
 
 
-def encoder_mask(batch: dict) -> torch.Tensor:
-    """The encoder mask of a batch: the (B, L, L) mask of SPEC §1, or, when no row has a
-    condition, the (B, L) padding mask it then equals (any HF encoder takes that one)."""
-    if not bool(batch["cond_seq_mask"].any()):
-        return batch["attention_mask"]
-    return batch["encoder_attention_mask"]
-
-
 def encode_batch(encoder, batch: dict, label_drop: torch.Tensor | None = None) -> torch.Tensor:
     """Clean latents (B, L, C) of a batch; for label-dropped rows the target tokens may not attend
-    to the condition in the encoder (SPEC §1)."""
-    from .encoder import apply_label_drop
-
-    mask = encoder_mask(batch)
-    if label_drop is not None and bool(label_drop.any()) and mask.dim() == 3:
-        mask = apply_label_drop(mask, batch["cond_seq_mask"], label_drop)
-    return encoder.encode(batch["input_ids"], mask)
+    to the condition in the encoder (SPEC §1); ``label_drop`` (B,) bool."""
+    return encoder.encode(batch["input_ids"], encoder_mask(batch, label_drop))
 
 
 def training_loss(model, encoder, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True) -> LossOutput:

@@ -23,6 +23,7 @@ import torch
 from . import distributed, objective
 from .flow import seeded
 from .config import Config, dump_config
+from .data import PackedDataset, collate, encoder_mask
 from .model import ELF
 
 
@@ -102,13 +103,11 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 def estimate_latent_stats(encoder, dataset, device, rows: int = 256, batch: int = 32, seed: int = 0) -> tuple[float, float]:
     """Scalar mean and std of the encoder's hidden states over the valid tokens of up to ``rows``
     training rows (a seeded random subset): the latent normalisation when the config leaves it open."""
-    from .data import collate
-
     pick = torch.randperm(len(dataset), generator=seeded(seed, 2**31))[:rows]
     total, sq, count = 0.0, 0.0, 0
     for i in range(0, len(pick), batch):
         b = collate([dataset[int(j)] for j in pick[i : i + batch]])
-        h = encoder.hidden(b["input_ids"].to(device), objective.encoder_mask(b).to(device)).double()
+        h = encoder.hidden(b["input_ids"].to(device), encoder_mask(b).to(device)).double()
         valid = b["attention_mask"].to(device).bool()
         total += h[valid].sum().item()
         sq += h[valid].pow(2).sum().item()
@@ -165,7 +164,6 @@ class Trainer:
     """Builds everything from a :class:`Config` and runs :meth:`fit`."""
 
     def __init__(self, cfg: Config, device: str | None = None):
-        from .data import PackedDataset
         from .encoder import build_encoder
         from .optim import EMA, build_optimizer
 
@@ -285,8 +283,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def batch(self, rows: torch.Tensor) -> dict:
-        from .data import collate
-
         return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in collate([self.dataset[int(i)] for i in rows]).items()}
 
     def train_step(self) -> dict:
