@@ -75,6 +75,34 @@ class ObjectiveConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Progressive distillation (golden README §8; official ``distillation`` branch, same names): a
+    student step spans ``pd_step_size`` (1/N for an N-step student) from ``t_s = u·max(1 −
+    pd_step_size, 1e-6)``, u drawn from ``pd_student_schedule``; the frozen teacher builds the target
+    with ``pd_teacher_steps`` Euler sub-steps over the span at sorted times drawn from
+    ``pd_teacher_schedule``. Flow, branch and self-conditioning settings are the
+    :class:`ObjectiveConfig`'s. Defaults: round 1 of the official curriculum (rounds 2-5: 1/8, 1/4,
+    1/2, 1 with 8, 16, 32, 64 sub-steps)."""
+
+    pd_step_size: float = 0.0625
+    pd_teacher_steps: int = 4
+    pd_student_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+    pd_teacher_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+
+    def __post_init__(self):
+        if not 0 < self.pd_step_size <= 1:
+            raise ConfigError(f"distill.pd_step_size={self.pd_step_size!r}: expected a span in (0, 1] "
+                              "(1/N for an N-step student)", "distill.pd_step_size")
+        n = self.pd_teacher_steps
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"distill.pd_teacher_steps={n!r}: expected an integer >= 1", "distill.pd_teacher_steps")
+        for key in ("pd_student_schedule", "pd_teacher_schedule"):
+            if getattr(self, key) not in ("logit_normal", "uniform"):
+                raise ConfigError(f"distill.{key}={getattr(self, key)!r}: expected 'logit_normal' or 'uniform'",
+                                  f"distill.{key}")
+
+
+@dataclass
 class SampleConfig:
     """Sampler settings (SPEC §6). ``w`` is the self-conditioning-CFG scale, ``cfg_scale`` the
     classifier-free guidance scale of conditional models (1 = off). In a :class:`Config`,
@@ -585,6 +613,6 @@ def validate(cfg: Config) -> Config:
     return cfg
 
 
-__all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "SampleConfig", "DataConfig", "EncoderConfig",
-           "TrainConfig", "Config", "PRESETS", "MIRRORS", "OFFICIAL_KEYS", "model_preset", "load_config",
-           "dump_config", "from_dict", "to_dict", "apply_overrides", "validate"]
+__all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "DistillConfig", "SampleConfig", "DataConfig",
+           "EncoderConfig", "TrainConfig", "Config", "PRESETS", "MIRRORS", "OFFICIAL_KEYS", "model_preset",
+           "load_config", "dump_config", "from_dict", "to_dict", "apply_overrides", "validate"]

@@ -33,6 +33,13 @@ def add_noise(x0, eps, t, noise_scale: float, cond_mask=None):
     return restore(tt * x0 + (1 - tt) * eps * noise_scale, x0, cond_mask)
 
 
+def decoder_latent(x0, lam, eps, noise_scale: float):
+    """Decode-branch input ``λ·x0 + (1 − λ)·σ_dec·ε`` (B, L, C) with per-token λ (B, L, 1); the
+    condition positions are noised too (no restore)."""
+    lam = lam.to(x0.dtype)
+    return lam * x0 + (1 - lam) * (eps * noise_scale)
+
+
 def logit_normal(normal: torch.Tensor, mean: float, std: float) -> torch.Tensor:
     """``sigmoid(mean + std·n)`` of standard-normal draws ``n``."""
     return torch.sigmoid(normal * std + mean)

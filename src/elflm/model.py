@@ -288,14 +288,16 @@ class ELF(nn.Module):
             if v is not None and tuple(v.shape) != (x.shape[0],):
                 raise ValueError(f"{name} must have shape ({x.shape[0]},), got {tuple(v.shape)}")
 
-    def prefix(self, t: torch.Tensor, w: torch.Tensor | None, decode: bool, dtype) -> torch.Tensor:
-        """Control tokens (B, P, H): time, self-cond-CFG (when ``w`` is given), mode."""
+    def prefix(self, t: torch.Tensor, w: torch.Tensor | None, decode: bool | torch.Tensor, dtype) -> torch.Tensor:
+        """Control tokens (B, P, H): time, self-cond-CFG (when ``w`` is given), mode (``decode``: one
+        bool, or (B,) per-row 0/1 gates)."""
         B = t.shape[0]
         parts = [self.t_emb_tokens + self.t_embedder(t)[:, None]]
         if w is not None and self.config.num_self_cond_cfg_tokens:
             parts.append(self.self_cond_cfg_tokens + self.self_cond_cfg_embedder(w)[:, None])
         if self.config.num_mode_tokens:
-            parts.append((self.mode_tokens * float(decode)).expand(B, -1, -1))
+            gate = decode.to(self.mode_tokens.dtype).view(-1, 1, 1) if torch.is_tensor(decode) else float(decode)
+            parts.append((self.mode_tokens * gate).expand(B, -1, -1))
         return torch.cat(parts, dim=1).to(dtype)
 
     def rope(self, num_prefix: int, length: int, device, dtype=torch.float32) -> torch.Tensor:
@@ -314,17 +316,22 @@ class ELF(nn.Module):
             self._rope_cache[key] = make()
         return self._rope_cache[key]
 
-    def forward(self, x, t, w=None, decode: bool = False, attention_mask=None, targets=None):
+    def forward(self, x, t, w=None, decode: bool | torch.Tensor = False, attention_mask=None, targets=None):
         """x (B, L, 2C) = [z, x̂_prev] or (B, L, C) = z; t, w (B,); attention_mask (B, L) of valid
         tokens or None (the official code never masks). Returns :class:`ELFOutput`: ``x_hat``
         (B, L, C); with ``decode=True`` the ``logits`` (B, L, V), or with ``targets`` (B, L) ids the
         per-token cross-entropy ``token_ce`` (B, L) of :meth:`DecodeHead.cross_entropy` instead
-        (targets < 0: skipped, 0).
+        (targets < 0: skipped, 0). ``decode`` may be a (B,) tensor of per-row mode gates (1 = decode
+        mode tokens on; distillation mixes both modes in one batch): then every row gets both heads.
 
         Under autocast only the blocks run in low precision: the input projections, control
         tokens and both heads run in the parameter dtype (float32 unless the model was cast)."""
         self._check_inputs(x, t, w)
-        if targets is not None and (not decode or tuple(targets.shape) != tuple(x.shape[:2])):
+        if torch.is_tensor(decode) and tuple(decode.shape) != (x.shape[0],):
+            raise ValueError(f"decode must be a bool or a ({x.shape[0]},) tensor of row gates, "
+                             f"got {tuple(decode.shape)}")
+        decoding = torch.is_tensor(decode) or bool(decode)
+        if targets is not None and (not decoding or tuple(targets.shape) != tuple(x.shape[:2])):
             raise ValueError(f"targets must be (B, L) = {tuple(x.shape[:2])} ids with decode=True, got {tuple(targets.shape)}, decode={decode}")
         dtype, device = self.text_proj.proj2.weight.dtype, x.device
         with torch.autocast(device.type, enabled=False):
@@ -347,4 +354,4 @@ class ELF(nn.Module):
             x_hat = self.final_layer(h)
             if targets is not None:
                 return ELFOutput(x_hat, token_ce=self.decoder.cross_entropy(h, targets))
-            return ELFOutput(x_hat, logits=self.decoder(h) if decode else None)
+            return ELFOutput(x_hat, logits=self.decoder(h) if decoding else None)

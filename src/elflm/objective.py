@@ -54,10 +54,14 @@ class LossOutput:
     tokens: torch.Tensor  # () number of tokens in the loss mask
 
 
-def masked_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Σ per_token·mask / max(Σ mask, 1) over the whole batch; (B, L) -> ()."""
+def masked_mean(per_token: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ per_token·mask / max(Σ mask, 1) over the whole batch, (B, L) -> (), or along ``dim``
+    (``dim=-1``: per row, (B, L) -> (B,)). Masked-out entries never leak in (not even NaN)."""
     mask = mask.to(per_token.dtype)
-    return (torch.where(mask > 0, per_token, 0.0) * mask).sum() / mask.sum().clamp(min=1.0)
+    total = torch.where(mask > 0, per_token, 0.0) * mask
+    if dim is None:
+        return total.sum() / mask.sum().clamp(min=1.0)
+    return total.sum(dim) / mask.sum(dim).clamp(min=1.0)
 
 
 def denoise_loss(model, x0, cond, lmask, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True):
@@ -106,8 +110,7 @@ def decode_loss(model, x0, input_ids, lmask, cfg: ObjectiveConfig, d: Draws, fus
     logits (``model(..., targets=)``); else the reference: full logits, then cross-entropy."""
     mcfg = model_config(model)
     w = d.w if mcfg.num_self_cond_cfg_tokens else None
-    lam = d.dec_lambda.to(x0.dtype)
-    z = lam * x0 + (1 - lam) * d.dec_eps * cfg.decoder_noise_scale
+    z = flow.decoder_latent(x0, d.dec_lambda, d.dec_eps, cfg.decoder_noise_scale)
     x = torch.cat([z, torch.zeros_like(z)], -1) if mcfg.self_cond and cfg.self_cond_prob > 0 else z
     if fused_ce:
         targets = torch.where(lmask > 0, input_ids.long(), -1)
