@@ -5,8 +5,8 @@ import torch
 from conftest import load_npz
 from golden_utils import T, assert_close, tiny_model, tree
 from elflm import flow
-from elflm.checkpoint import flax_params_to_state_dict
 from elflm.config import ObjectiveConfig
+from elflm.formats.flax import flax_params_to_state_dict
 from elflm.objective import Draws, draw, logged_losses, loss_from_latents, loss_mask, masked_mean
 
 CASES = [(n, b) for n in ("uncond", "cond") for b in ("denoise", "decode")]

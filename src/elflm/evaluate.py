@@ -41,6 +41,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .hub import load_hf
+
 DEFAULT_JUDGE = "gpt2-large"
 DEFAULT_MAX_LENGTH = 1024
 SMOLLM2 = "smollm2"
@@ -226,8 +228,6 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
     encoder-only model) a ``ValueError``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from .encoder import _pretrained
-
     if str(judge) == SMOLLM2 and gguf_file is None:
         path = smollm2_gguf()
         judge, gguf_file = path.parent, path.name
@@ -242,9 +242,9 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
         if missing:
             raise ImportError(f"a GGUF judge needs the packages {missing}: pip install gguf accelerate")
         kw["gguf_file"] = str(gguf_file)
-    tokenizer = _pretrained(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
-    model, info = _pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
-                              judge, "judge model")
+    tokenizer = load_hf(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
+    model, info = load_hf(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
+                            judge, "judge model")
     if info["missing_keys"]:  # e.g. an encoder-only folder: transformers would add a random LM head
         missing = sorted(info["missing_keys"])
         raise ValueError(f"judge {str(judge)!r} is not a complete causal language model: {len(missing)} weights are missing "
