@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import skip_unless
 from elflm import sampling
 from elflm.checkpoint import Settings, load_pretrained, save_pretrained
 from elflm.cli import main
