@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from elflm import infill, sampling
-from elflm.checkpoint import load_pretrained
 from elflm.cli import main
 from elflm.config import SampleConfig
+from elflm.model import ELF
 from tiny_model import make_tiny_model
 
 CFG = SampleConfig(method="sde", steps=4, grid="logit_normal")
@@ -22,14 +22,14 @@ def folders(tmp_path_factory, t5_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def unc(folders):
-    model, enc, _ = load_pretrained(folders[0])
-    return model, enc
+    model = ELF.from_pretrained(folders[0])
+    return model, model.encoder
 
 
 @pytest.fixture(scope="module")
 def cond(folders):
-    model, enc, _ = load_pretrained(folders[1])
-    return model, enc
+    model = ELF.from_pretrained(folders[1])
+    return model, model.encoder
 
 
 # ----------------------------------------------------------------------------- parsing

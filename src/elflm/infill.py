@@ -477,15 +477,16 @@ def run_sample_cli(a) -> int:
     template, JSONL out (one record per sample, with ``template`` or ``prompt``)."""
     import time
 
-    from .checkpoint import load_pretrained
     from .generate import PRECISIONS, check_output, cli_device, cli_sample_config, write_records
+    from .model import ELF
     from .trajectory import recorder_from_args, save_from_args
 
     if a.input:
         raise ValueError('--input cannot be combined with --prompt/--infill; give conditions as "source" in --infill-file')
     items = read_templates(a.infill_file) if a.infill_file else [{"template": a.infill, "source": None}]
     check_output(a.output)
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=cli_device(a.device), dtype=PRECISIONS[a.precision])
+    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=cli_device(a.device), dtype=PRECISIONS[a.precision])
+    encoder, settings = model.encoder, model.pretrained
     cfg = cli_sample_config(settings.sample, a)
     data = settings.data
     max_in = a.max_input_length or data.max_input_length

@@ -241,12 +241,12 @@ def run_quickstart(
     in ``output`` (the prepared data are reused when unchanged)."""
     import shutil
 
-    from .checkpoint import load_pretrained
     from .config import load_config
     from .data import PackedDataset, prepare
     from .encoder import load_tokenizer
     from .evaluate import generative_perplexity, load_judge
     from .generate import cli_device, generate
+    from .model import ELF
     from .train import Trainer, train
 
     start = time.perf_counter()
@@ -308,7 +308,8 @@ def run_quickstart(
         show(["elflm", "sample", "--checkpoint", str(ckpt), "--num-samples", str(num_samples), "--batch-size", str(batch),
               "--seed", str(seed), "--device", dev, "-o", str(path)], commands)
         t0 = time.perf_counter()
-        model, encoder, settings = load_pretrained(ckpt, device=cli_device(dev))
+        model = ELF.from_pretrained(ckpt, device=cli_device(dev))
+        encoder, settings = model.encoder, model.pretrained
         records = generate(model, encoder, settings.sample, num_samples=num_samples, batch_size=batch, seed=seed,
                            pad_token=settings.data.pad_token, progress=progress)
         write_samples(records, path, ckpt)

@@ -374,12 +374,13 @@ def run_serve(a) -> int:
         import uvicorn
     except ImportError as e:
         raise ImportError("elflm serve needs uvicorn: pip install 'elflm[serve]'") from e
-    from .checkpoint import load_pretrained
     from .generate import PRECISIONS, cli_device
+    from .model import ELF
 
     limits = Limits(max_samples=a.max_samples, max_steps=a.max_steps, max_chars=a.max_chars, max_batch=a.max_batch,
                     max_queue=a.max_queue, batch_wait_ms=a.batch_wait_ms)
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=cli_device(a.device), dtype=PRECISIONS[a.precision])
+    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=cli_device(a.device), dtype=PRECISIONS[a.precision])
+    encoder, settings = model.encoder, model.pretrained
     app = create_app(model, encoder, settings, limits, grid_seed=a.grid_seed)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return 0

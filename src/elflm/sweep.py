@@ -329,9 +329,9 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
 
 def run_sweep_cli(a) -> int:
     """``elflm sweep``: run the grid, write tables and plots, print the Markdown table."""
-    from .checkpoint import load_pretrained
     from .evaluate import load_judge, read_references
     from .generate import PRECISIONS, cli_device, read_conditions, warn_truncated
+    from .model import ELF
 
     if bool(a.input) == bool(a.num_samples):
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
@@ -350,7 +350,8 @@ def run_sweep_cli(a) -> int:
     device = cli_device(a.device)
     sources = read_conditions(a.input, a.source_field) if a.input else None
     references = read_references(a.references) if a.references else None
-    model, encoder, settings = load_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
+    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=device, dtype=PRECISIONS[a.precision])
+    encoder, settings = model.encoder, model.pretrained
     max_in = a.max_input_length or settings.data.max_input_length
     if sources is not None:
         if max_in is None:
