@@ -21,13 +21,13 @@ from .flax import read_msgpack_weights, read_orbax_weights
 from .torchport import read_port_weights
 
 FORMATS = ("flax-orbax", "flax-msgpack", "torch-port")
-_STEP = re.compile(r"(?:checkpoint|step)_(\d+)")
+_STEP = re.compile(r"checkpoint_(\d+)")  # the official run folder: run/checkpoint_<step>
 
 
 @dataclass
 class Weights:
-    """State dicts in our parameter names: ``ema`` (None when the source has no EMA copy or it was
-    not asked for), ``raw`` (None when not asked for), and the training ``step`` if stored."""
+    """State dicts in our parameter names, ``ema`` and ``raw`` (each None when the source has no
+    such copy or it was not asked for), and the training ``step`` if stored."""
 
     ema: dict[str, torch.Tensor] | None
     raw: dict[str, torch.Tensor] | None
