@@ -44,7 +44,6 @@ def tiny_model(folder: Path, tokenizer: str):
 
     from transformers import T5Config, T5EncoderModel
 
-    from elflm.checkpoint import load_pretrained, save_pretrained
     from elflm.config import EncoderConfig, ModelConfig, Settings
     from elflm.encoder import build_encoder
     from elflm.model import ELF
@@ -58,8 +57,9 @@ def tiny_model(folder: Path, tokenizer: str):
             shutil.copy(f, enc_dir / f.name)
     model = ELF(ModelConfig(encoder_dim=32, vocab_size=32128, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16, max_length=64))
     settings = Settings(encoder=EncoderConfig(kind="t5", name_or_path=str(enc_dir), weights=str(enc_dir)))
-    save_pretrained(model, folder / "m", settings=settings, encoder=build_encoder(settings.encoder))
-    return load_pretrained(folder / "m")
+    model.save_pretrained(folder / "m", settings=settings, encoder=build_encoder(settings.encoder))
+    loaded = ELF.from_pretrained(folder / "m")
+    return loaded, loaded.encoder, loaded.pretrained
 
 
 async def post_all(url: str, bodies: list[dict], clients: int) -> list[tuple[int, float]]:

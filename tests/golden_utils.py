@@ -3,10 +3,15 @@ conditioning batches."""
 import numpy as np
 import torch
 
-from conftest import load_npz
-from elflm.checkpoint import flax_params_to_state_dict
+from conftest import GOLDEN, load_npz
 from elflm.config import ModelConfig
+from elflm.formats.flax import flax_params_to_state_dict
 from elflm.model import ELF
+
+FLAX = GOLDEN / "checkpoint" / "checkpoint_3"  # the official orbax checkpoint (README §6)
+FLAX_CONFIG = GOLDEN / "checkpoint" / "config.yml"
+PORT = GOLDEN / "checkpoint_torch" / "tiny.pt"  # the pytorch_elf payload (README §7)
+STEP2 = "trainstep/step2"  # muon.npz: the state saved in FLAX
 
 TINY = ModelConfig(encoder_dim=32, vocab_size=128, max_length=16, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16)
 
@@ -59,3 +64,15 @@ def assert_batch(batch: dict, g: dict, name: str) -> None:
         want = torch.from_numpy(g[f"{name}/{k}"].astype(np.float32 if k != "input_ids" else np.int64))
         assert batch[k].dtype == want.dtype, k
         assert torch.equal(batch[k], want), k
+
+
+def muon_weights(prefix: str) -> dict[str, torch.Tensor]:
+    """Our state dict of the ``muon.npz`` tree under ``prefix`` (e.g. ``trainstep/step2/ema_after``)."""
+    return flax_params_to_state_dict(tree(load_npz("muon.npz"), prefix))
+
+
+def assert_same_weights(actual: dict, reference: dict):
+    """Same names, dtypes and values, bit for bit."""
+    assert set(actual) == set(reference)
+    for k, v in reference.items():
+        assert actual[k].dtype == v.dtype and torch.equal(actual[k], v), k

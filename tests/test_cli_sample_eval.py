@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from conftest import skip_unless
-from elflm.checkpoint import Settings, load_pretrained, save_pretrained
 from elflm.cli import main
-from elflm.config import DataConfig, EncoderConfig, ModelConfig, SampleConfig
+from elflm.config import DataConfig, EncoderConfig, ModelConfig, SampleConfig, Settings
 from elflm.encoder import build_encoder
 from elflm.generate import generate
 from elflm.model import ELF, RMSNorm
@@ -40,7 +39,7 @@ def make_model(folder: Path, encoder: Path, max_input_length: int | None) -> Pat
     settings = Settings(encoder=EncoderConfig(kind="t5", name_or_path=str(encoder), weights=str(encoder)),
                         data=DataConfig(max_length=LENGTH, max_input_length=max_input_length),
                         sample=SampleConfig(steps=4, cfg_scale=2.0 if max_input_length else 1.0))
-    return save_pretrained(model, folder, settings=settings, encoder=build_encoder(settings.encoder))
+    return model.save_pretrained(folder, settings=settings, encoder=build_encoder(settings.encoder))
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +141,9 @@ def test_precision_runs_the_model_in_that_dtype(models, tmp_path, precision, dty
     rows = sample(["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--precision", precision, *OPTS],
                   tmp_path / "p.jsonl")
     assert {r["precision"] for r in rows} == {precision} and all(len(r["ids"]) == LENGTH for r in rows)
-    model, enc, settings = load_pretrained(models["uncond"], dtype=torch.float64 if dtype == torch.float64 else None)
-    ref = load_pretrained(models["uncond"], encoder=False)[0]
+    model = ELF.from_pretrained(models["uncond"], dtype=torch.float64 if dtype == torch.float64 else None)
+    enc, settings = model.encoder, model.pretrained
+    ref = ELF.from_pretrained(models["uncond"], encoder=False)
     seen = set()
     for m in model.blocks.modules():
         if isinstance(m, (torch.nn.Linear, RMSNorm)):

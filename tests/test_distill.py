@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from elflm import distill, flow
-from elflm.checkpoint import port_params_to_state_dict
+from elflm.formats.torchport import port_params_to_state_dict
 from elflm.config import ConfigError, DistillConfig, ModelConfig, ObjectiveConfig
 from elflm.model import ELF
 

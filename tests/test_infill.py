@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from elflm import infill
-from elflm.checkpoint import load_pretrained
+from elflm.model import ELF
 from elflm.cli import main
 from elflm.config import SampleConfig
 from elflm.generate import Row, encode_known, finish, known_mask, layout, sample_rows
@@ -24,13 +24,15 @@ def folders(tmp_path_factory, t5_tokenizer_dir):
 
 @pytest.fixture(scope="module")
 def unc(folders):
-    model, enc, _ = load_pretrained(folders[0])
+    model = ELF.from_pretrained(folders[0])
+    enc = model.encoder
     return model, enc
 
 
 @pytest.fixture(scope="module")
 def cond(folders):
-    model, enc, _ = load_pretrained(folders[1])
+    model = ELF.from_pretrained(folders[1])
+    enc = model.encoder
     return model, enc
 
 

@@ -5,9 +5,9 @@ import torch
 from conftest import load_npz
 from golden_utils import T, assert_close, tiny_model, tree
 from elflm import flow
-from elflm.checkpoint import flax_params_to_state_dict
 from elflm.config import ObjectiveConfig
-from elflm.data.rows import batch_from_rows, build_rows, encoder_mask
+from elflm.data.rows import batch_from_rows, build_rows, encoder_mask, loss_mask
+from elflm.formats.flax import flax_params_to_state_dict
 from elflm.objective import Draws, draw, encode_batch, logged_losses, loss_from_latents, masked_mean
 
 CASES = [(n, b) for n in ("uncond", "cond") for b in ("denoise", "decode")]

@@ -7,7 +7,7 @@ import torch
 from conftest import load_npz, skip_unless
 from golden_utils import TINY, assert_close, tree
 
-from elflm.checkpoint import flax_params_to_state_dict
+from elflm.formats.flax import flax_params_to_state_dict
 from elflm.optim import EMA, Muon, build_optimizer, clip_grad_norm_, lr_at, newton_schulz, peak_lr
 
 ATOL = 1e-6  # README §Tolerances: Muon / EMA params after each step

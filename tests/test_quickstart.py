@@ -34,7 +34,7 @@ def run(tmp_path_factory):
 def test_quickstart_end_to_end(run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["judge"] == "smollm2"
-    assert (run / "run/checkpoints/step_0000002/model.safetensors").is_file()
+    assert (run / "run/checkpoints/step_0000002/raw.safetensors").is_file()
     assert (run / "untrained/checkpoints/step_0000000/ema.safetensors").is_file()
     for name in ("samples.jsonl", "samples-untrained.jsonl"):
         rows = [json.loads(line) for line in (run / name).read_text().splitlines()]
@@ -64,15 +64,14 @@ def test_quickstart_end_to_end(run):
 def test_untrained_checkpoint_is_the_runs_initialisation(run):
     """Step 0 of the quickstart's run config: the raw weights of the untrained checkpoint equal a
     fresh build of the trained run's config (same seed, same initialisation)."""
-    from safetensors.torch import load_file
-
+    from elflm.checkpoint import TrainingCheckpoint
     from elflm.config import load_config
     from elflm.model import ELF
 
     cfg = load_config(run / "run/checkpoints/step_0000002/config.yaml")
     torch.manual_seed(cfg.train.seed)
     fresh = ELF(cfg.resolved_model(384, 30522)).state_dict()
-    saved = load_file(run / "untrained/checkpoints/step_0000000/model.safetensors")
+    saved = TrainingCheckpoint(run / "untrained/checkpoints/step_0000000").raw()
     assert saved.keys() == fresh.keys()
     assert all(torch.equal(saved[k], fresh[k]) for k in saved)
 

@@ -14,7 +14,7 @@ need_module("fastapi", "pip install 'elflm[serve]'")
 httpx = need_module("httpx", "pip install httpx")
 uvicorn = need_module("uvicorn", "pip install 'elflm[serve]'")
 
-from elflm.checkpoint import load_pretrained  # noqa: E402
+from elflm.model import ELF  # noqa: E402
 from elflm.cli import build_parser, main  # noqa: E402
 from elflm.serve import Limits, create_app  # noqa: E402
 from tiny_model import make_tiny_model  # noqa: E402
@@ -33,7 +33,8 @@ def free_port() -> int:
 def server(tmp_path_factory, t5_tokenizer_dir):
     """(base url, app) of a server in a thread; stopped (and checked stopped) at the end."""
     folder = make_tiny_model(tmp_path_factory.mktemp("serve") / "m", t5_tokenizer_dir)
-    model, enc, settings = load_pretrained(folder)
+    model = ELF.from_pretrained(folder)
+    enc, settings = model.encoder, model.pretrained
     app = create_app(model, enc, settings, LIMITS)
     port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
@@ -169,7 +170,8 @@ def test_conditional_checkpoint(tmp_path, t5_tokenizer_dir):
     from fastapi.testclient import TestClient
 
     folder = make_tiny_model(tmp_path / "c", t5_tokenizer_dir, max_input_length=16)
-    model, enc, settings = load_pretrained(folder)
+    model = ELF.from_pretrained(folder)
+    enc, settings = model.encoder, model.pretrained
     with TestClient(create_app(model, enc, settings, LIMITS)) as c:
         r = c.post("/generate", json={"source": "The house is big", "template": "Das [MASK:3] Haus.", "steps": 2,
                                       "cfg_scale": 2.0, "length": 32, "num_samples": 2})
@@ -193,7 +195,8 @@ def test_one_request_the_same_samples_through_every_door(tmp_path, t5_tokenizer_
     from elflm.infill import infill
 
     folder = make_tiny_model(tmp_path / "m", t5_tokenizer_dir)
-    model, enc, settings = load_pretrained(folder)
+    model = ELF.from_pretrained(folder)
+    enc, settings = model.encoder, model.pretrained
     cfg = replace(settings.sample, steps=3, method="sde", grid="logit_normal")
     opts = ["--checkpoint", str(folder), "--steps", "3", "--method", "sde", "--grid", "logit_normal", "--seed", "5"]
     template = "The cat [MASK:4] on the mat. [MASK:3]"

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from train_fixtures import make_corpus, make_tiny_t5, tiny_run_config, write_config
+from elflm.checkpoint import CheckpointError, TrainingCheckpoint
 from elflm.config import ConfigError
-from elflm.train import CheckpointDir, Trainer, make_plan, train
+from elflm.train import Trainer, make_plan, train
 
 ROOT = Path(__file__).resolve().parents[1]
 # subprocesses use this process's thread count, so that kernels reduce in the same order (bit-exact)
@@ -39,9 +38,8 @@ def cli(*args, timeout=300, env_extra=None):
 
 
 def final_weights(out: Path) -> dict:
-    last = CheckpointDir(out, 0).latest()
-    return {**{f"model/{k}": v for k, v in load_file(last / "model.safetensors").items()},
-            **{f"ema/{k}": v for k, v in load_file(last / "ema.safetensors").items()}}
+    last = TrainingCheckpoint.latest(out)
+    return {**{f"raw/{k}": v for k, v in last.raw().items()}, **{f"ema/{k}": v for k, v in last.ema().items()}}
 
 
 def max_diff(a: dict, b: dict) -> float:
@@ -59,7 +57,7 @@ def test_pinned_loss_curve(env, tmp_path):
     assert [r["step"] for r in recs] == [1, 2, 3, 4, 5, 6]
     assert losses == pytest.approx(PINNED, rel=2e-3), losses
     assert recs[0]["lr"] == 0.0 and recs[1]["lr"] == pytest.approx(2e-3)
-    assert trainer.step == 6 and CheckpointDir(tmp_path / "run", 0).latest().name == "step_0000006"
+    assert trainer.step == 6 and TrainingCheckpoint.latest(tmp_path / "run").path.name == "step_0000006"
 
 
 PINNED = [10.40173, 56.42591, 41.45168, 50.76704, 39.59208, 9.99057]  # torch 2.13 CPU, seed 0
@@ -74,24 +72,23 @@ def test_resume_after_kill_is_bit_identical(env, tmp_path):
     path = write_config(cfg_b, tmp_path / "b.yaml")
     proc = subprocess.Popen([sys.executable, "-m", "elflm.cli", "train", "--config", str(path), "--no-progress"],
                             cwd=ROOT, env=SAME_THREADS, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    ckpts = CheckpointDir(tmp_path / "b", 0)
     deadline = time.time() + 240
-    while time.time() < deadline and not any(p.name == "step_0000003" for p in ckpts.complete()):
+    while time.time() < deadline and not any(c.path.name == "step_0000003" for c in TrainingCheckpoint.all(tmp_path / "b")):
         assert proc.poll() is None or proc.returncode == 0, proc.stderr.read().decode()
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    for p in ckpts.complete():  # as if it died right after step 3's checkpoint
-        if p.name != "step_0000003":
+    for c in TrainingCheckpoint.all(tmp_path / "b"):  # as if it died right after step 3's checkpoint
+        if c.path.name != "step_0000003":
             import shutil
-            shutil.rmtree(p)
-    assert ckpts.latest().name == "step_0000003"
+            shutil.rmtree(c.path)
+    assert TrainingCheckpoint.latest(tmp_path / "b").path.name == "step_0000003"
     r = cli("-m", "elflm.cli", "train", "--config", str(path), "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
     assert all(torch.equal(a[k], b[k]) for k in a), max_diff(a, b)
-    opt_a = torch.load(CheckpointDir(tmp_path / "a", 0).latest() / "optimizer.pt", weights_only=True)
-    opt_b = torch.load(CheckpointDir(tmp_path / "b", 0).latest() / "optimizer.pt", weights_only=True)
+    opt_a = TrainingCheckpoint.latest(tmp_path / "a").optimizer()
+    opt_b = TrainingCheckpoint.latest(tmp_path / "b").optimizer()
     for k, s in opt_a["state"].items():
         for n, v in s.items():
             assert torch.equal(v, opt_b["state"][k][n]), (k, n)
@@ -146,8 +143,7 @@ def test_sigkill_during_checkpoint_write_keeps_last_good(env, tmp_path):
         if list(root.glob(".tmp-*")):
             break
     assert list(root.glob(".tmp-*")), "never caught the process mid-write"
-    latest = CheckpointDir(tmp_path / "run", 0).latest()
-    assert latest is not None
+    assert TrainingCheckpoint.latest(tmp_path / "run") is not None
     cfg = tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"model.hidden_size": 256, "model.depth": 4})
     t = Trainer(cfg)
     t.load(tmp_path / "run")
@@ -174,12 +170,29 @@ def test_plan_and_config_errors(env, tmp_path):
 def test_corrupt_checkpoint_is_refused(env, tmp_path):
     cfg = tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"train.max_steps": 1})
     run(cfg)
-    last = CheckpointDir(tmp_path / "run", 0).latest()
-    data = (last / "model.safetensors").read_bytes()
-    (last / "model.safetensors").write_bytes(data[: len(data) // 2])
+    last = TrainingCheckpoint.latest(tmp_path / "run").path
+    data = (last / TrainingCheckpoint.RAW).read_bytes()
+    (last / TrainingCheckpoint.RAW).write_bytes(data[: len(data) // 2])
     t = Trainer(cfg)
-    with pytest.raises(ValueError, match="cannot read training checkpoint"):
+    with pytest.raises(CheckpointError, match="cannot read training checkpoint"):
         t.load(last)
+    with pytest.raises(FileNotFoundError, match="no complete training checkpoint"):
+        t.load(tmp_path / "elsewhere")
+
+
+def test_resume_from_a_checkpoint_of_an_earlier_version(env, tmp_path):
+    """Checkpoints written before raw.safetensors (raw weights in model.safetensors) still resume."""
+    trainer = run(tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"train.max_steps": 2}))
+    ckpt = TrainingCheckpoint.latest(tmp_path / "run")
+    (ckpt.path / TrainingCheckpoint.RAW).rename(ckpt.path / TrainingCheckpoint.LEGACY_RAW)
+    resumed = Trainer(tiny_run_config(tmp_path / "run", env["data"], env["enc"], {"train.max_steps": 2}))
+    resumed.load(tmp_path / "run")
+    assert resumed.step == 2
+    for name, ref in (("raw", trainer.net.state_dict()), ("ema", trainer.ema.state_dict())):
+        got = resumed.net.state_dict() if name == "raw" else resumed.ema.state_dict()
+        assert all(torch.equal(got[k], ref[k]) for k in ref), name
+    ref_opt, got_opt = trainer.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(got_opt[k][n], v) for k, s in ref_opt.items() for n, v in s.items() if torch.is_tensor(v))
 
 
 def test_cli_train_reports_bad_override(env, tmp_path):
@@ -201,9 +214,7 @@ def test_latent_stats_estimated_when_left_open(env, tmp_path, capsys):
     b = collate([t.dataset[i] for i in range(64)])
     x0 = t.encoder.encode(b["input_ids"], b["encoder_attention_mask"])[b["attention_mask"].bool()]
     assert abs(x0.mean().item()) < 0.1 and 0.8 < x0.std().item() < 1.2
-    from elflm.config import load_config
-
-    saved = load_config(CheckpointDir(tmp_path / "run", 0).latest() / "config.yaml")
+    saved = TrainingCheckpoint.latest(tmp_path / "run").config()
     assert saved.encoder.latent_std == pytest.approx(t.cfg.encoder.latent_std)
 
 

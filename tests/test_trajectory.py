@@ -4,7 +4,7 @@ from html.parser import HTMLParser
 import pytest
 import torch
 
-from elflm.checkpoint import load_pretrained
+from elflm.model import ELF
 from elflm.cli import main
 from elflm.config import SampleConfig
 from elflm.generate import generate
@@ -18,7 +18,8 @@ CFG = SampleConfig(method="sde", steps=5, grid="uniform", gamma=1.0)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, t5_tokenizer_dir):
     folder = make_tiny_model(tmp_path_factory.mktemp("traj") / "m", t5_tokenizer_dir)
-    model, enc, _ = load_pretrained(folder)
+    model = ELF.from_pretrained(folder)
+    enc = model.encoder
     return folder, model, enc
 
 

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import torch
 
-from elflm.checkpoint import Settings, save_pretrained
-from elflm.config import DataConfig, EncoderConfig, ModelConfig, SampleConfig
+from elflm.config import DataConfig, EncoderConfig, ModelConfig, SampleConfig, Settings
 from elflm.model import ELF
 from train_fixtures import make_tiny_t5
 
@@ -24,4 +23,4 @@ def make_tiny_model(folder: Path, tokenizer_dir: Path, max_input_length: int | N
                         sample=replace(SampleConfig(), steps=4))
     from elflm.encoder import build_encoder
 
-    return save_pretrained(model, folder, settings=settings, encoder=build_encoder(settings.encoder))
+    return model.save_pretrained(folder, settings=settings, encoder=build_encoder(settings.encoder))

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoint, evaluate, infill, quickstart, serve, sweep, trajectory
+from . import evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
 from .config import SampleConfig, load_config
 from .data.prepare import DEFAULT_CHUNK, default_workers, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
 from .distributed import resolve_device
 from .files import read_texts, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
+from .model import ELF
 from .sampling import PRECISIONS
 from .train import train
 
@@ -129,7 +130,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def load_model(a):
     """``(model, encoder, settings)`` for ``--checkpoint`` on ``--device`` (float64 for fp64)."""
     dtype = torch.float64 if a.precision == "fp64" else None
-    return checkpoint.load_pretrained(a.checkpoint, raw=a.raw, device=resolve_device(a.device), dtype=dtype)
+    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=resolve_device(a.device), dtype=dtype)
+    return model, model.encoder, model.pretrained
 
 
 def check_output(path: str) -> None:
@@ -396,7 +398,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("src", help="checkpoint: orbax checkpoint_<step> folder or run folder, flax msgpack file, "
                                "pytorch_elf torch.save file, or an elflm training checkpoint")
     p.add_argument("--output", "-o", required=True, help="elflm model folder to write")
-    p.add_argument("--format", choices=checkpoint.FORMATS, default=None, help="force the source format (default: detected)")
+    p.add_argument("--format", choices=pretrained.FORMATS, default=None, help="force the source format (default: detected)")
     p.add_argument("--config", default=None, help="the official training YAML (default: config.yml beside the checkpoint)")
     p.add_argument("--max-length", type=positive_int, default=None, help="the model's max_length (official checkpoints do not store it)")
     p.add_argument("--raw", action="store_true", help="also write the raw (non-EMA) weights as model_raw.safetensors")
@@ -405,7 +407,14 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_convert(a) -> int:
-    return checkpoint.run_convert(a)
+    out = ELF.convert(a.src, a.output, a.format, config=a.config, max_length=a.max_length, raw=a.raw,
+                      encoder=a.encoder, tokenizer=a.tokenizer)
+    model_cfg, settings = pretrained.read_config(out)
+    src = settings.source
+    print(f"converted {src.get('format')} checkpoint {a.src} (step {src.get('step')}, {src.get('weights')} weights) -> {out}: "
+          f"depth {model_cfg.depth}, hidden {model_cfg.hidden_size}, heads {model_cfg.num_heads}, "
+          f"C {model_cfg.encoder_dim}, V {model_cfg.vocab_size}, max_length {model_cfg.max_length}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- serve

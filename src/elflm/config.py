@@ -292,6 +292,24 @@ class Config:
 SECTIONS = {"model": ModelConfig, "encoder": EncoderConfig, "data": DataConfig,
             "objective": ObjectiveConfig, "train": TrainConfig, "sample": SampleConfig}
 
+
+@dataclass
+class Settings:
+    """What a pretrained model carries besides its sizes: how to rebuild the frozen ``encoder``,
+    the ``data`` layout (conditional ``max_input_length``, ``pad_token``), the ``objective``
+    (latent mean / std, noise scale), the ``sample`` defaults and the weights' ``source``."""
+
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    source: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_config(cls, cfg: Config, source: dict | None = None) -> Settings:
+        """The settings of a training run's :class:`Config`."""
+        return cls(cfg.encoder, cfg.data, cfg.objective, cfg.sample, dict(source or {}))
+
 # official (flat) config name -> ours; the README table lists the rest
 OFFICIAL_KEYS = {
     "data_path": "data.train_path", "eval_data_path": "data.eval_path", "max_length": "data.max_length",
@@ -614,5 +632,5 @@ def validate(cfg: Config) -> Config:
 
 
 __all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "DistillConfig", "SampleConfig", "DataConfig",
-           "EncoderConfig", "TrainConfig", "Config", "PRESETS", "MIRRORS", "OFFICIAL_KEYS", "model_preset",
+           "EncoderConfig", "TrainConfig", "Config", "Settings", "PRESETS", "MIRRORS", "OFFICIAL_KEYS", "model_preset",
            "load_config", "dump_config", "from_dict", "to_dict", "apply_overrides", "validate"]

@@ -40,8 +40,8 @@ import torch
 import torch.nn.functional as F
 
 from .distributed import resolve_device
-from .encoder import _pretrained
 from .files import is_jsonl, read_jsonl, read_lines, read_texts
+from .hub import load_hf
 
 DEFAULT_JUDGE = "gpt2-large"
 DEFAULT_MAX_LENGTH = 1024
@@ -235,9 +235,9 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
         if missing:
             raise ImportError(f"a GGUF judge needs the packages {missing}: pip install gguf accelerate")
         kw["gguf_file"] = str(gguf_file)
-    tokenizer = _pretrained(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
-    model, info = _pretrained(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
-                              judge, "judge model")
+    tokenizer = load_hf(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
+    model, info = load_hf(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
+                            judge, "judge model")
     if info["missing_keys"]:  # e.g. an encoder-only folder: transformers would add a random LM head
         missing = sorted(info["missing_keys"])
         raise ValueError(f"judge {str(judge)!r} is not a complete causal language model: {len(missing)} weights are missing "

@@ -15,6 +15,7 @@ from torch import nn
 
 from . import kernels
 from .config import ModelConfig
+from .pretrained import PretrainedModel
 
 class RMSNorm(nn.Module):
     """RMS layer norm over the last dim, ``w·x·rsqrt(mean(x²) + eps)``, eps 1e-6, computed in
@@ -204,10 +205,12 @@ class ELFOutput(NamedTuple):
     token_ce: torch.Tensor | None = None
 
 
-class ELF(nn.Module):
+class ELF(nn.Module, PretrainedModel):
     """The ELF transformer. ``forward`` maps ``x`` (B, L, 2C or C), ``t`` (B,), ``w`` (B,) or None
     to an :class:`ELFOutput`: ``x_hat`` (B, L, C), and with ``decode=True`` the decode head's
-    ``logits`` (B, L, V) or its per-token cross-entropy ``token_ce`` (B, L)."""
+    ``logits`` (B, L, V) or its per-token cross-entropy ``token_ce`` (B, L). ``from_pretrained``,
+    ``save_pretrained``, ``push_to_hub`` and ``convert`` come from
+    :class:`~elflm.pretrained.PretrainedModel`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -252,27 +255,6 @@ class ELF(nn.Module):
         for block in self.blocks:
             block.attn.fast = fast
         return self
-
-    @classmethod
-    def from_pretrained(cls, name_or_path, **kwargs) -> "ELF":
-        """ELF ready for sampling from an elflm folder, a training checkpoint, an official
-        checkpoint or a Hub id (options: :func:`elflm.checkpoint.load_pretrained`); the frozen
-        ``.encoder``, its ``.tokenizer`` and the settings ``.pretrained`` are attached."""
-        from .checkpoint import load_pretrained
-
-        return load_pretrained(name_or_path, **kwargs)[0]
-
-    def save_pretrained(self, directory, **kwargs):
-        """Write this model as an elflm folder (:func:`elflm.checkpoint.save_pretrained`)."""
-        from .checkpoint import save_pretrained
-
-        return save_pretrained(self, directory, **kwargs)
-
-    def push_to_hub(self, repo_id: str, **kwargs) -> str:
-        """Save to a temporary folder and upload it (:func:`elflm.checkpoint.push_to_hub`)."""
-        from .checkpoint import push_to_hub
-
-        return push_to_hub(self, repo_id, **kwargs)
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import load_pretrained
+from .checkpoint import TrainingCheckpoint
 from .config import config_path, load_config
 from .data import PackedDataset, prepare
 from .distributed import resolve_device
@@ -38,6 +38,7 @@ from .encoder import load_tokenizer
 from .evaluate import generative_perplexity, load_judge
 from .files import write_jsonl, write_text
 from .generate import generate
+from .model import ELF
 from .train import Trainer, train
 
 HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
@@ -293,7 +294,8 @@ def run_quickstart(
         show(["elflm", "sample", "--checkpoint", str(ckpt), "--num-samples", str(num_samples), "--batch-size", str(batch),
               "--seed", str(seed), "--device", dev, "-o", str(path)], commands)
         t0 = time.perf_counter()
-        model, encoder, settings = load_pretrained(ckpt, device=resolve_device(dev))
+        model = ELF.from_pretrained(ckpt, device=resolve_device(dev))
+        encoder, settings = model.encoder, model.pretrained
         records = generate(model, encoder, settings.sample, num_samples=num_samples, batch_size=batch, seed=seed,
                            pad_token=settings.data.pad_token, progress=progress)
         write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
@@ -320,7 +322,7 @@ def run_quickstart(
     t0 = time.perf_counter()
     trainer = train(load_config(config, cfg_overrides), progress=progress)
     train_s = time.perf_counter() - t0
-    trained_ckpt = trainer.ckpt.latest()
+    trained_ckpt = TrainingCheckpoint.latest(run_dir).path
     del trainer
 
     # 5. trained samples, scores, curve, table

@@ -21,10 +21,14 @@ import numpy as np
 import torch
 
 from . import distributed, objective
-from .flow import seeded
+from .checkpoint import TrainingCheckpoint
 from .config import Config, dump_config
 from .data import PackedDataset, collate, encoder_mask
+from .encoder import build_encoder
+from .flow import seeded
+from .generate import generate
 from .model import ELF
+from .optim import EMA, build_optimizer, clip_grad_norm_, lr_at
 
 
 @functools.lru_cache(maxsize=2)
@@ -116,57 +120,10 @@ def estimate_latent_stats(encoder, dataset, device, rows: int = 256, batch: int 
     return mean, math.sqrt(max(sq / count - mean * mean, 1e-12))
 
 
-class CheckpointDir:
-    """``output_dir/checkpoints/step_XXXXXXX`` folders written to a temporary name and renamed,
-    so a run killed mid-write leaves the previous checkpoint intact; keeps the last ``keep``."""
-
-    def __init__(self, root: Path, keep: int):
-        self.root = Path(root) / "checkpoints"
-        self.keep = keep
-
-    def complete(self) -> list[Path]:
-        if not self.root.exists():
-            return []
-        return sorted(p for p in self.root.glob("step_*") if (p / "trainer_state.json").exists())
-
-    def latest(self) -> Path | None:
-        done = self.complete()
-        return done[-1] if done else None
-
-    def save(self, step: int, write) -> Path:
-        """Call ``write(tmp_dir)`` then publish it atomically as ``step_{step}``."""
-        import shutil
-
-        self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"step_{step:07d}"
-        tmp = self.root / f".tmp-step_{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        write(tmp)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        for old in self.complete()[: -self.keep] if self.keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-        return final
-
-
-def _write_json(path: Path, obj) -> None:
-    import os
-
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 class Trainer:
     """Builds everything from a :class:`Config` and runs :meth:`fit`."""
 
     def __init__(self, cfg: Config, device: str | None = None):
-        from .encoder import build_encoder
-        from .optim import EMA, build_optimizer
-
         self.cfg = cfg
         self.dist = distributed.setup(device or cfg.train.device)
         dev = self.dist.device
@@ -202,36 +159,28 @@ class Trainer:
         self.ema = EMA(self.net, decay=cfg.train.ema_decay)
         self.step = 0
         self.out = Path(cfg.train.output_dir)
-        self.ckpt = CheckpointDir(self.out, cfg.train.keep_last)
         self.writer = None
 
     # ------------------------------------------------------------------ state
     def save(self) -> Path | None:
         """Write model, EMA, optimizer, step and config; collective under FSDP."""
-        from safetensors.torch import save_file
-
-        model_sd = distributed.full_state_dict(self.net)
-        ema_sd = {k: distributed.full_tensor(v).detach().cpu().clone() for k, v in self.ema.state_dict().items()}
-        optim_sd = self._full_optimizer_state()
+        raw = distributed.full_state_dict(self.net)
+        ema = {k: distributed.full_tensor(v).detach().cpu().clone() for k, v in self.ema.state_dict().items()}
+        optimizer = self._full_optimizer_state()
         if not self.dist.main:
             return None
-
-        def write(tmp: Path):
-            save_file(model_sd, str(tmp / "model.safetensors"))
-            save_file(ema_sd, str(tmp / "ema.safetensors"))
-            torch.save(optim_sd, tmp / "optimizer.pt")
-            dump_config(self.cfg, tmp / "config.yaml")
-            _write_json(tmp / "trainer_state.json", {
-                "step": self.step,
-                "epoch": self.step // self.plan.steps_per_epoch,
-                "samples_seen": self.step * self.plan.global_batch,
-                "seed": self.cfg.train.seed,
-                "world": self.dist.world,
-                "plan": vars(self.plan),
-                "model_config": vars(self.model_config),
-            })
-
-        return self.ckpt.save(self.step, write)
+        state = {
+            "step": self.step,
+            "epoch": self.step // self.plan.steps_per_epoch,
+            "samples_seen": self.step * self.plan.global_batch,
+            "seed": self.cfg.train.seed,
+            "world": self.dist.world,
+            "plan": vars(self.plan),
+            "model_config": vars(self.model_config),
+        }
+        ckpt = TrainingCheckpoint.write(self.out, self.step, raw=raw, ema=ema, optimizer=optimizer, config=self.cfg,
+                                        state=state, keep_last=self.cfg.train.keep_last)
+        return ckpt.path
 
     def _full_optimizer_state(self) -> dict:
         sd = self.optimizer.state_dict()
@@ -240,25 +189,12 @@ class Trainer:
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint folder written by :meth:`save` (or the run's latest)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        if path.name == "checkpoints" or (path / "checkpoints").exists():
-            found = CheckpointDir(path if path.name != "checkpoints" else path.parent, 0).latest()
-            if found is None:
-                raise FileNotFoundError(f"no complete checkpoint under {path}")
-            path = found
-        state_file = path / "trainer_state.json"
-        if not state_file.exists():
-            raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer_state.json)")
-        try:
-            model_sd = load_file(str(path / "model.safetensors"))
-            ema_sd = load_file(str(path / "ema.safetensors"))
-            optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-            meta = json.loads(state_file.read_text())
-        except Exception as e:  # corrupted or truncated files
-            raise ValueError(f"cannot read training checkpoint {path}: {e}") from e
-        distributed.load_full_state_dict(self.net, model_sd)
+        ckpt = TrainingCheckpoint.find(path)
+        if ckpt is None:
+            raise FileNotFoundError(f"no complete training checkpoint at {path} (a folder with "
+                                    f"{TrainingCheckpoint.STATE}, or a run folder with {TrainingCheckpoint.FOLDER}/step_*)")
+        raw_sd, ema_sd, optim_sd, meta = ckpt.raw(), ckpt.ema(), ckpt.optimizer(), ckpt.state()
+        distributed.load_full_state_dict(self.net, raw_sd)
         self.ema.load_state_dict({k: self._like_param(k, v) for k, v in ema_sd.items()})
         params = dict(self.net.named_parameters())
         order = [n for n, _ in self.net.named_parameters()]
@@ -287,8 +223,6 @@ class Trainer:
 
     def train_step(self) -> dict:
         """One optimizer step over ``accum`` micro-batches; returns logged metrics."""
-        from .optim import clip_grad_norm_, lr_at
-
         cfg, plan, d = self.cfg, self.plan, self.dist
         C = self.model_config.encoder_dim
         self.model.train()
@@ -327,7 +261,7 @@ class Trainer:
         cfg, plan, d = self.cfg, self.plan, self.dist
         if cfg.train.resume:
             target = cfg.train.resume if cfg.train.resume != "auto" else self.out
-            if cfg.train.resume != "auto" or self.ckpt.latest() is not None:
+            if cfg.train.resume != "auto" or TrainingCheckpoint.latest(self.out) is not None:
                 self.load(target)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -390,8 +324,6 @@ class Trainer:
 
     def preview(self, bar=None) -> list[str]:
         """Decode a few samples with the EMA weights and print them."""
-        from .generate import generate
-
         n = self.cfg.train.preview_samples
         with self.ema.swapped(self.net):
             self.net.eval()

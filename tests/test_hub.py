@@ -1,0 +1,89 @@
+"""The Hugging Face Hub, offline: snapshots in the cache load (converted once when foreign), Hub
+files resolve from the cache, and a missing network fails at once saying what to do."""
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from conftest import GOLDEN, load_npz
+from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, T, assert_close, assert_same_weights, muon_weights
+from elflm import hub
+from elflm.model import ELF
+from elflm.pretrained import WEIGHTS
+
+
+@pytest.fixture(autouse=True)
+def _private_caches(tmp_path, monkeypatch):
+    monkeypatch.setenv("ELFLM_CACHE", str(tmp_path / "elflm-cache"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="module")
+def port_folder(golden_dir, tmp_path_factory):
+    return ELF.convert(PORT, tmp_path_factory.mktemp("port") / "model", config=FLAX_CONFIG)
+
+
+def _hub_snapshot(cache, repo_id: str, commit: str, files: dict) -> None:
+    """A Hugging Face cache entry as snapshot_download leaves it (files copied, not linked)."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snap = repo / "snapshots" / commit
+    snap.mkdir(parents=True)
+    for name, src in files.items():
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, snap / name)
+
+
+def test_names(tmp_path):
+    assert hub.is_hub_id("org/name") and not hub.is_hub_id("name") and not hub.is_hub_id("org/repo/file.pkl")
+    (tmp_path / "org").mkdir()
+    (tmp_path / "org" / "name").mkdir()
+    assert not hub.is_hub_id(tmp_path / "org" / "name")
+    assert hub.is_offline() and not hub.is_offline(False)
+    assert hub.cache_root() == tmp_path / "elflm-cache"
+    assert hub.resolve_file(tmp_path / "org", "thing") == tmp_path / "org"
+    with pytest.raises(FileNotFoundError, match="no such local file or folder, and not a Hub id"):
+        hub.resolve_file(tmp_path / "missing.pkl", "encoder pickle")
+    with pytest.raises(FileNotFoundError, match="expected a local file or a Hub file 'org/repo/file'"):
+        hub.resolve_file("org/missing.pkl", "encoder pickle")
+
+
+def test_hub_snapshot_of_an_official_checkpoint_converts_once_offline(golden_dir, tmp_path):
+    _hub_snapshot(tmp_path / "hub-cache", "someone/elf-tiny", "a" * 40, {"checkpoint_3": FLAX, "config.yml": FLAX_CONFIG})
+    model = ELF.from_pretrained("someone/elf-tiny", encoder=False)
+    assert_same_weights(model.state_dict(), muon_weights(f"{STEP2}/ema_after"))
+    converted = tmp_path / "elflm-cache" / "converted" / "models--someone--elf-tiny" / ("a" * 40)
+    assert model.pretrained.source["hub"] == {"repo_id": "someone/elf-tiny", "commit": "a" * 40}
+    stamp = (converted / WEIGHTS).stat().st_mtime_ns
+    ELF.from_pretrained("someone/elf-tiny", encoder=False)
+    assert (converted / WEIGHTS).stat().st_mtime_ns == stamp  # cached, not converted again
+
+
+def test_hub_snapshot_in_our_format_loads_directly(port_folder, tmp_path):
+    _hub_snapshot(tmp_path / "hub-cache", "someone/elf-ours", "b" * 40, {p.name: p for p in port_folder.iterdir()})
+    model = ELF.from_pretrained("someone/elf-ours", encoder=False)
+    assert_same_weights(model.state_dict(), load_file(port_folder / WEIGHTS))
+    assert not (tmp_path / "elflm-cache").exists()
+
+
+def test_encoder_pickle_from_the_hub_cache(golden_dir, t5_tokenizer_dir, port_folder, tmp_path):
+    _hub_snapshot(tmp_path / "hub-cache", "someone/encoder", "c" * 40, {"enc.pkl": GOLDEN / "t5_encoder_tiny.pkl"})
+    enc = ELF.from_pretrained(port_folder, encoder="someone/encoder/enc.pkl", tokenizer=t5_tokenizer_dir).encoder
+    g = load_npz("t5_encoder.npz")
+    assert_close(enc.hidden(T(g, "uncond/input_ids")), g["no_mask/hidden"], 1e-5, "hidden")  # no mask at all
+    with pytest.raises(hub.HubError, match="someone/encoder:other.pkl.*HF_HUB_OFFLINE"):
+        ELF.from_pretrained(port_folder, encoder="someone/encoder/other.pkl", tokenizer=t5_tokenizer_dir)
+
+
+def test_no_network_error_explains_what_to_do(tmp_path):
+    with pytest.raises(OSError) as e:
+        ELF.from_pretrained("embedded-language-flows/ELF-B-owt", encoder=False)
+    assert isinstance(e.value, hub.HubError)
+    msg = str(e.value)
+    for part in ("embedded-language-flows/ELF-B-owt", "HF_HUB_OFFLINE", str(tmp_path / "hub-cache"), "local path"):
+        assert part in msg
+    with pytest.raises(hub.HubError, match="(?s)could not load the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"):
+        from transformers import AutoTokenizer
+
+        hub.load_hf(AutoTokenizer.from_pretrained, "org/no-such-tokenizer", "tokenizer")
