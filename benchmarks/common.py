@@ -1,4 +1,5 @@
 """Helpers shared by the benchmark scripts (run them as ``python benchmarks/<name>.py``)."""
+
 import resource
 
 import torch

@@ -17,6 +17,7 @@ random T5-small (used for EOS / PAD ids and detokenising). Peak memory: CUDA
 ``max_memory_allocated``; CPU the process's peak RSS (``resource.getrusage``, includes the
 Python / torch baseline and the encoder).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,7 +29,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-
 from common import peak_memory_gb, sync
 
 SHARED_T5 = Path(__file__).resolve().parents[2] / "shared" / "assets" / "tokenizers" / "t5-small"
@@ -45,10 +45,15 @@ def parse_args(argv=None):
     p.add_argument("--batch", default=None, help="samples per batch, or 'max' (default: 32 on CPU, max on CUDA)")
     p.add_argument("--max-batch", type=int, default=4096, help="upper bound of the --batch max search")
     p.add_argument("--batches", type=int, default=3, help="timed batches per run")
-    p.add_argument("--tokenizer", default=str(SHARED_T5) if SHARED_T5.is_dir() else "t5-small",
-                   help="T5 tokenizer folder or Hub id (its config.json gives the random encoder)")
+    p.add_argument(
+        "--tokenizer",
+        default=str(SHARED_T5) if SHARED_T5.is_dir() else "t5-small",
+        help="T5 tokenizer folder or Hub id (its config.json gives the random encoder)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", nargs="?", const="-", default=None, help="write the results as JSON (to a file, or stdout)")
+    p.add_argument(
+        "--json", nargs="?", const="-", default=None, help="write the results as JSON (to a file, or stdout)"
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     for run in a.runs.split(","):
@@ -61,7 +66,8 @@ def parse_args(argv=None):
 
 
 def build(a, name: str, device, precision: str):
-    """Random ELF of preset ``name`` on ``device`` (float64 for fp64), a random T5-small encoder, and the sampler settings."""
+    """Random ELF of preset ``name`` on ``device`` (float64 for fp64), a random T5-small encoder and
+    the sampler settings."""
     from elflm.config import SampleConfig, model_preset
     from elflm.encoder import TextEncoder
     from elflm.model import ELF
@@ -135,11 +141,25 @@ def run(a, spec: str) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     seconds = sample(model, encoder, cfg, batch, a.batches, prec)
     n = batch * a.batches
-    return {"run": spec, "model": name, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else
-            f"CPU ({torch.get_num_threads()} threads)", "precision": prec, "params_m": model.num_params() / 1e6,
-            "length": length, "steps": cfg.steps, "method": cfg.method, "batch": batch, "batch_search": want == "max",
-            "seconds": seconds, "samples_per_s": n / seconds, "tokens_per_s": n * length / seconds,
-            "ms_per_forward": seconds / (a.batches * (cfg.steps + 1)) * 1e3, "peak_memory_gb": peak_memory_gb(device)}
+    return {
+        "run": spec,
+        "model": name,
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({torch.get_num_threads()} threads)",
+        "precision": prec,
+        "params_m": model.num_params() / 1e6,
+        "length": length,
+        "steps": cfg.steps,
+        "method": cfg.method,
+        "batch": batch,
+        "batch_search": want == "max",
+        "seconds": seconds,
+        "samples_per_s": n / seconds,
+        "tokens_per_s": n * length / seconds,
+        "ms_per_forward": seconds / (a.batches * (cfg.steps + 1)) * 1e3,
+        "peak_memory_gb": peak_memory_gb(device),
+    }
 
 
 def run_isolated(spec: str, argv: list[str]) -> dict:
@@ -152,16 +172,21 @@ def run_isolated(spec: str, argv: list[str]) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    head = (f"{'run':20} {'params M':>8} {'length':>6} {'steps':>5} {'batch':>6} {'samples/s':>10} {'tokens/s':>10} "
-            f"{'ms/fwd':>8} {'peak GB':>8}")
+    head = (
+        f"{'run':20} {'params M':>8} {'length':>6} {'steps':>5} {'batch':>6} {'samples/s':>10} {'tokens/s':>10} "
+        f"{'ms/fwd':>8} {'peak GB':>8}"
+    )
     out = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
             out.append(f"{r['run']:20} error: {r['error']}")
             continue
         batch = f"{r['batch']}{'*' if r['batch_search'] else ''}"
-        out.append(f"{r['run']:20} {r['params_m']:8.1f} {r['length']:6d} {r['steps']:5d} {batch:>6} {r['samples_per_s']:10.2f} "
-                   f"{r['tokens_per_s']:10.0f} {r['ms_per_forward']:8.1f} {r['peak_memory_gb']:8.2f}")
+        out.append(
+            f"{r['run']:20} {r['params_m']:8.1f} {r['length']:6d} {r['steps']:5d} {batch:>6} "
+            f"{r['samples_per_s']:10.2f} "
+            f"{r['tokens_per_s']:10.0f} {r['ms_per_forward']:8.1f} {r['peak_memory_gb']:8.2f}"
+        )
     if any(r.get("batch_search") for r in rows):
         out.append("* largest batch that fits")
     return "\n".join(out)
@@ -183,12 +208,21 @@ def main(argv=None) -> int:
     for spec in specs:
         rows.append(run_isolated(spec, argv))
         r = rows[-1]
-        print(f"  {spec}: {r.get('error') or '%.2f samples/s' % r['samples_per_s']}", file=sys.stderr, flush=True)
-    print(f"unconditional sampling, {a.method.upper()} {a.steps} steps + decode, {a.batches} timed batches, torch {torch.__version__}")
+        rate = r.get("error") or f"{r['samples_per_s']:.2f} samples/s"
+        print(f"  {spec}: {rate}", file=sys.stderr, flush=True)
+    print(
+        f"unconditional sampling, {a.method.upper()} {a.steps} steps + decode, {a.batches} timed batches, "
+        f"torch {torch.__version__}"
+    )
     print(table(rows))
     if a.json:
-        doc = json.dumps({"setup": {"steps": a.steps, "method": a.method, "batches": a.batches, "torch": torch.__version__},
-                          "runs": rows}, indent=1)
+        doc = json.dumps(
+            {
+                "setup": {"steps": a.steps, "method": a.method, "batches": a.batches, "torch": torch.__version__},
+                "runs": rows,
+            },
+            indent=1,
+        )
         if a.json == "-":
             print(doc)
         else:

@@ -16,6 +16,7 @@ MFU uses ``elflm.train.step_flops_per_token`` (denoise: 4 forward-equivalents, d
 ``peak_flops`` (known GPUs only; bf16 or TF32 peak). Peak memory: CUDA ``max_memory_allocated``,
 on CPU the process's peak RSS (``resource.getrusage``, includes the Python/torch baseline).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,7 +27,6 @@ import sys
 import time
 
 import torch
-
 from common import peak_memory_gb, sync
 
 # path name -> settings; "fast" is the default training configuration in fp32
@@ -53,11 +53,22 @@ def parse_args(argv=None):
     p.add_argument("--vocab", type=int, default=32128, help="V (T5-small: 32128)")
     p.add_argument("--steps", type=int, default=5, help="timed steps per branch")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per branch (compilation happens here)")
-    p.add_argument("--repeat", type=int, default=1, help="rounds over all paths (interleaved); the fastest round of each path is kept")
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds over all paths (interleaved); the fastest round of each path is kept",
+    )
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {list(PATHS)}")
     p.add_argument("--encoder", default=None, help="T5 tokenizer folder: also time a random-weight T5 encoder")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--json", nargs="?", const="-", default=None, help="write the results as JSON to a file, or alone to stdout (the table then goes to stderr)")
+    p.add_argument(
+        "--json",
+        nargs="?",
+        const="-",
+        default=None,
+        help="write the results as JSON to a file, or alone to stdout (the table then goes to stderr)",
+    )
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     a.batch = a.batch or (64 if a.device == "cuda" else 8)
@@ -89,7 +100,12 @@ def fake_batch(a, device, seed=0):
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, a.vocab, (a.batch, a.length), generator=g)
     ones = torch.ones(a.batch, a.length, dtype=torch.long)
-    batch = {"input_ids": ids, "attention_mask": ones, "cond_seq_mask": torch.zeros_like(ones), "encoder_attention_mask": ones}
+    batch = {
+        "input_ids": ids,
+        "attention_mask": ones,
+        "cond_seq_mask": torch.zeros_like(ones),
+        "encoder_attention_mask": ones,
+    }
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -177,9 +193,19 @@ def run_path(a, name: str) -> dict:
     tokens = a.batch * a.length
     flops = step_flops_per_token(model.config, a.length, p) * tokens
     peak = peak_flops(device, "bf16" if path["bf16"] else "fp32")
-    return {"path": name, **path, "denoise_s": t_denoise, "decode_s": t_decode, "step_s": step, "optimizer_s": t_opt,
-            "tokens_per_s": tokens / step, "samples_per_s": a.batch / step, "tflops_per_s": flops / step / 1e12,
-            "mfu": flops / step / peak if peak else None, "peak_memory_gb": max(mem_denoise, mem_decode)}
+    return {
+        "path": name,
+        **path,
+        "denoise_s": t_denoise,
+        "decode_s": t_decode,
+        "step_s": step,
+        "optimizer_s": t_opt,
+        "tokens_per_s": tokens / step,
+        "samples_per_s": a.batch / step,
+        "tflops_per_s": flops / step / 1e12,
+        "mfu": flops / step / peak if peak else None,
+        "peak_memory_gb": max(mem_denoise, mem_decode),
+    }
 
 
 def run_isolated(a, name: str, argv: list[str]) -> dict:
@@ -193,8 +219,11 @@ def run_isolated(a, name: str, argv: list[str]) -> dict:
 
 
 def table(a, rows: list[dict], extra: dict) -> str:
-    head = (f"{'path':22} {'denoise ms':>10} {'decode ms':>10} {'step ms':>9} {'tok/s':>9} {'samples/s':>9} {'MFU':>6} {'peak GB':>8} "
-            f"{'opt ms':>7} {'+opt tok/s':>10}")
+    head = (
+        f"{'path':22} {'denoise ms':>10} {'decode ms':>10} {'step ms':>9} {'tok/s':>9} {'samples/s':>9} {'MFU':>6} "
+        f"{'peak GB':>8} "
+        f"{'opt ms':>7} {'+opt tok/s':>10}"
+    )
     out = [head, "-" * len(head)]
     for r in rows:
         if "error" in r:
@@ -202,13 +231,16 @@ def table(a, rows: list[dict], extra: dict) -> str:
             continue
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         full = f"{r['full_tokens_per_s']:.0f}" if "full_tokens_per_s" in r else "-"
-        out.append(f"{r['path']:22} {r['denoise_s']*1e3:10.1f} {r['decode_s']*1e3:10.1f} {r['step_s']*1e3:9.1f} "
-                   f"{r['tokens_per_s']:9.0f} {r['samples_per_s']:9.1f} {mfu:>6} {r['peak_memory_gb']:8.2f} {r['optimizer_s']*1e3:7.1f} {full:>10}")
+        out.append(
+            f"{r['path']:22} {r['denoise_s'] * 1e3:10.1f} {r['decode_s'] * 1e3:10.1f} {r['step_s'] * 1e3:9.1f} "
+            f"{r['tokens_per_s']:9.0f} {r['samples_per_s']:9.1f} {mfu:>6} {r['peak_memory_gb']:8.2f} "
+            f"{r['optimizer_s'] * 1e3:7.1f} {full:>10}"
+        )
     for name, r in extra.items():
         if "error" in r:
             out.append(f"{name}: error: {r['error']}")
         else:
-            out.append(f"encoder forward: {r['step_s']*1e3:.1f} ms/step")
+            out.append(f"encoder forward: {r['step_s'] * 1e3:.1f} ms/step")
     return "\n".join(out)
 
 
@@ -235,7 +267,11 @@ def main(argv=None) -> int:
             r = run_isolated(a, name, argv)
             if name not in best or "error" in best[name] or ("error" not in r and r["step_s"] < best[name]["step_s"]):
                 best[name] = r
-            print(f"  round {round_ + 1}/{a.repeat} {name}: {r.get('error') or '%.1f ms' % (r['step_s'] * 1e3)}", file=sys.stderr, flush=True)
+            print(
+                f"  round {round_ + 1}/{a.repeat} {name}: {r.get('error') or '%.1f ms' % (r['step_s'] * 1e3)}",
+                file=sys.stderr,
+                flush=True,
+            )
     rows = list(best.values())
     for r in rows:
         if "error" not in r:
@@ -248,13 +284,29 @@ def main(argv=None) -> int:
         for name, r in by.items():
             summary[name] = {k: ref[f"{k}_s"] / r[f"{k}_s"] for k in ("denoise", "decode", "step", "full_step")}
     device_name = torch.cuda.get_device_name() if a.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    setup = {"device": device_name, "model": a.model, "batch": a.batch, "length": a.length, "encoder_dim": a.encoder_dim,
-             "vocab": a.vocab, "steps": a.steps, "warmup": a.warmup, "repeat": a.repeat, "torch": torch.__version__}
+    setup = {
+        "device": device_name,
+        "model": a.model,
+        "batch": a.batch,
+        "length": a.length,
+        "encoder_dim": a.encoder_dim,
+        "vocab": a.vocab,
+        "steps": a.steps,
+        "warmup": a.warmup,
+        "repeat": a.repeat,
+        "torch": torch.__version__,
+    }
     report = sys.stderr if a.json == "-" else sys.stdout  # JSON alone on stdout
-    print(f"{a.model} on {device_name}: batch {a.batch} x {a.length} tokens, C={a.encoder_dim}, V={a.vocab}", file=report)
+    print(
+        f"{a.model} on {device_name}: batch {a.batch} x {a.length} tokens, C={a.encoder_dim}, V={a.vocab}", file=report
+    )
     print(table(a, rows, extra), file=report)
     if summary:
-        print(f"speed-up over reference: denoise, decode, model step, full step (+ optimizer{' + encoder' if a.encoder else ''})", file=report)
+        print(
+            "speed-up over reference: denoise, decode, model step, full step "
+            f"(+ optimizer{' + encoder' if a.encoder else ''})",
+            file=report,
+        )
         for name, s in summary.items():
             print(f"  {name:22} " + "  ".join(f"{v:5.2f}x" for v in s.values()), file=report)
     if a.json:

@@ -1,5 +1,7 @@
 """Shared test fixtures: the golden numbers and offline assets in ``../shared``, and the one way
 a test may skip (:func:`skip_unless`), which fails instead when ``CI`` is set."""
+
+import gzip
 import importlib
 import importlib.util
 import os
@@ -48,6 +50,12 @@ def assets_dir() -> Path:
 @pytest.fixture(scope="session")
 def t5_tokenizer_dir() -> Path:
     return _need(ASSETS / "tokenizers" / "t5-small")
+
+
+def read_gzip_text(path) -> str:
+    """The text of a gzipped UTF-8 file (the shared corpora)."""
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return f.read()
 
 
 def load_npz(name: str) -> dict:

@@ -1,19 +1,23 @@
 """Builders shared by the golden tests: the tiny official model and its draws, the raw ids of the
 conditioning batches."""
+
 import numpy as np
 import torch
 
-from conftest import GOLDEN, load_npz
 from elflm.config import ModelConfig
 from elflm.formats.flax import flax_params_to_state_dict
 from elflm.model import ELF
+
+from conftest import GOLDEN, load_npz
 
 FLAX = GOLDEN / "checkpoint" / "checkpoint_3"  # the official orbax checkpoint (README §6)
 FLAX_CONFIG = GOLDEN / "checkpoint" / "config.yml"
 PORT = GOLDEN / "checkpoint_torch" / "tiny.pt"  # the pytorch_elf payload (README §7)
 STEP2 = "trainstep/step2"  # muon.npz: the state saved in FLAX
 
-TINY = ModelConfig(encoder_dim=32, vocab_size=128, max_length=16, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16)
+TINY = ModelConfig(
+    encoder_dim=32, vocab_size=128, max_length=16, hidden_size=64, depth=2, num_heads=4, bottleneck_dim=16
+)
 
 
 def tree(g: dict, prefix: str) -> dict:

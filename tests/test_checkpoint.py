@@ -1,6 +1,7 @@
 """The training checkpoint: what the trainer writes is what every reader reads, under the file
 names of :class:`TrainingCheckpoint`; checkpoints of earlier versions still load; the run folder
 keeps the last ``keep_last``; bad files fail with errors naming the checkpoint."""
+
 import os
 
 import pytest
@@ -12,9 +13,13 @@ from elflm.config import Config, SampleConfig
 
 def _content(step: int) -> dict:
     raw = {"w": torch.full((2, 3), float(step)), "b": torch.arange(3.0)}
-    return dict(raw=raw, ema={k: v / 2 for k, v in raw.items()},
-                optimizer={"state": {0: {"momentum": torch.ones(2, 3) * step}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
-                config=Config(sample=SampleConfig(steps=step + 1)), state={"step": step, "model_config": {}})
+    return dict(
+        raw=raw,
+        ema={k: v / 2 for k, v in raw.items()},
+        optimizer={"state": {0: {"momentum": torch.ones(2, 3) * step}}, "param_groups": [{"lr": 0.1, "params": [0]}]},
+        config=Config(sample=SampleConfig(steps=step + 1)),
+        state={"step": step, "model_config": {}},
+    )
 
 
 def _write(run, step, keep_last=0) -> TrainingCheckpoint:
@@ -24,8 +29,13 @@ def _write(run, step, keep_last=0) -> TrainingCheckpoint:
 def test_write_then_read(tmp_path):
     ckpt = _write(tmp_path / "run", 3)
     assert ckpt.path == tmp_path / "run" / "checkpoints" / "step_0000003"
-    names = {TrainingCheckpoint.RAW, TrainingCheckpoint.EMA, TrainingCheckpoint.OPTIMIZER, TrainingCheckpoint.CONFIG,
-             TrainingCheckpoint.STATE}
+    names = {
+        TrainingCheckpoint.RAW,
+        TrainingCheckpoint.EMA,
+        TrainingCheckpoint.OPTIMIZER,
+        TrainingCheckpoint.CONFIG,
+        TrainingCheckpoint.STATE,
+    }
     assert {p.name for p in ckpt.path.iterdir()} == names and TrainingCheckpoint.LEGACY_RAW not in names
     want = _content(3)
     for got, ref in ((ckpt.raw(), want["raw"]), (ckpt.ema(), want["ema"])):
@@ -38,7 +48,9 @@ def test_raw_weights_of_earlier_versions(tmp_path):
     """Checkpoints written before raw.safetensors kept the raw weights in model.safetensors."""
     ckpt = _write(tmp_path / "run", 2)
     (ckpt.path / TrainingCheckpoint.RAW).rename(ckpt.path / TrainingCheckpoint.LEGACY_RAW)
-    assert torch.equal(ckpt.raw()["w"], _content(2)["raw"]["w"]) and torch.equal(ckpt.ema()["w"], _content(2)["ema"]["w"])
+    assert torch.equal(ckpt.raw()["w"], _content(2)["raw"]["w"]) and torch.equal(
+        ckpt.ema()["w"], _content(2)["ema"]["w"]
+    )
 
 
 def test_run_folder(tmp_path):

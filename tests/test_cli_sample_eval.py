@@ -2,6 +2,7 @@
 option, precisions, reproducibility, bad inputs), ``elflm eval`` with a tiny random GPT-2 judge,
 and ``elflm sweep`` (grid, CSV / Markdown tables, PNG plots, resuming). The models are tiny random
 ELFs over a tiny random T5 encoder with the real T5 tokenizer, saved as elflm folders."""
+
 import csv
 import json
 import os
@@ -13,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import skip_unless
 from elflm.cli import main
 from elflm.config import DataConfig, EncoderConfig, ModelConfig, SampleConfig, Settings
 from elflm.encoder import build_encoder
@@ -21,6 +21,8 @@ from elflm.generate import generate
 from elflm.model import ELF, RMSNorm
 from elflm.sampling import Sampler
 from elflm.sweep import grid_settings, setting_name
+
+from conftest import skip_unless
 from train_fixtures import make_tiny_t5
 
 LENGTH, MAX_IN = 24, 8
@@ -31,14 +33,19 @@ def make_model(folder: Path, encoder: Path, max_input_length: int | None) -> Pat
     """A random 2-layer ELF (C = 32, V = 32128, 24 tokens) with every weight perturbed, so that
     samples depend on the noise; conditional when ``max_input_length`` is given."""
     torch.manual_seed(0)
-    model = ELF(ModelConfig(encoder_dim=32, vocab_size=32128, max_length=LENGTH, hidden_size=32, depth=2, num_heads=2,
-                            bottleneck_dim=8))
+    model = ELF(
+        ModelConfig(
+            encoder_dim=32, vocab_size=32128, max_length=LENGTH, hidden_size=32, depth=2, num_heads=2, bottleneck_dim=8
+        )
+    )
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.3)
-    settings = Settings(encoder=EncoderConfig(kind="t5", name_or_path=str(encoder), weights=str(encoder)),
-                        data=DataConfig(max_length=LENGTH, max_input_length=max_input_length),
-                        sample=SampleConfig(steps=4, cfg_scale=2.0 if max_input_length else 1.0))
+    settings = Settings(
+        encoder=EncoderConfig(kind="t5", name_or_path=str(encoder), weights=str(encoder)),
+        data=DataConfig(max_length=LENGTH, max_input_length=max_input_length),
+        sample=SampleConfig(steps=4, cfg_scale=2.0 if max_input_length else 1.0),
+    )
     return model.save_pretrained(folder, settings=settings, encoder=build_encoder(settings.encoder))
 
 
@@ -56,8 +63,9 @@ def judge(tmp_path_factory, assets_dir):
 
     tok = AutoTokenizer.from_pretrained(assets_dir / "tokenizers" / "gpt2")
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok),
-                                       initializer_range=0.3))
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok), initializer_range=0.3)
+    )
     folder = tmp_path_factory.mktemp("judge")
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -100,8 +108,26 @@ def fails(capsys, args) -> str:
 def test_unconditional_samples_carry_text_ids_settings_and_seed(models, tmp_path, t5_tokenizer_dir):
     from transformers import AutoTokenizer
 
-    args = ["--checkpoint", str(models["uncond"]), "--num-samples", "5", "--batch-size", "2", "--method", "sde",
-            "--steps", "3", "--grid", "uniform", "--gamma", "1.0", "--w", "2", "--seed", "7"]
+    args = [
+        "--checkpoint",
+        str(models["uncond"]),
+        "--num-samples",
+        "5",
+        "--batch-size",
+        "2",
+        "--method",
+        "sde",
+        "--steps",
+        "3",
+        "--grid",
+        "uniform",
+        "--gamma",
+        "1.0",
+        "--w",
+        "2",
+        "--seed",
+        "7",
+    ]
     rows = sample(args, tmp_path / "u.jsonl")
     tok = AutoTokenizer.from_pretrained(t5_tokenizer_dir)
     assert [r["index"] for r in rows] == list(range(5))
@@ -128,18 +154,29 @@ def test_same_seed_same_samples_other_seed_other_samples(models, tmp_path, metho
 
 def test_sampler_options_change_the_samples(models, tmp_path):
     base = ["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--batch-size", "2"]
-    runs = {name: [r["ids"] for r in sample([*base, *extra], tmp_path / f"{i}.jsonl")]
-            for i, (name, extra) in enumerate({
-                "default": [], "ode": ["--method", "ode"], "steps": ["--steps", "2"], "uniform": ["--grid", "uniform"],
-                "gamma": ["--gamma", "0.5"], "w": ["--w", "1"]}.items())}
+    runs = {
+        name: [r["ids"] for r in sample([*base, *extra], tmp_path / f"{i}.jsonl")]
+        for i, (name, extra) in enumerate(
+            {
+                "default": [],
+                "ode": ["--method", "ode"],
+                "steps": ["--steps", "2"],
+                "uniform": ["--grid", "uniform"],
+                "gamma": ["--gamma", "0.5"],
+                "w": ["--w", "1"],
+            }.items()
+        )
+    }
     for name, ids in runs.items():
         assert name == "default" or ids != runs["default"], f"--{name} had no effect"
 
 
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp64", torch.float64)])
 def test_precision_runs_the_model_in_that_dtype(models, tmp_path, precision, dtype):
-    rows = sample(["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--precision", precision, *OPTS],
-                  tmp_path / "p.jsonl")
+    rows = sample(
+        ["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--precision", precision, *OPTS],
+        tmp_path / "p.jsonl",
+    )
     assert {r["precision"] for r in rows} == {precision} and all(len(r["ids"]) == LENGTH for r in rows)
     model = ELF.from_pretrained(models["uncond"], dtype=torch.float64 if dtype == torch.float64 else None)
     enc, settings = model.encoder, model.pretrained
@@ -148,10 +185,20 @@ def test_precision_runs_the_model_in_that_dtype(models, tmp_path, precision, dty
     for m in model.blocks.modules():
         if isinstance(m, (torch.nn.Linear, RMSNorm)):
             m.register_forward_hook(lambda mod, i, o: seen.add((type(mod).__name__, i[0].dtype, o.dtype)))
-    assert len(generate(model, enc, replace(settings.sample, steps=2), num_samples=2, length=12, precision=precision)) == 2
+    assert (
+        len(generate(model, enc, replace(settings.sample, steps=2), num_samples=2, length=12, precision=precision)) == 2
+    )
     # bf16: the blocks' matmuls run in bf16 under autocast (norms in float32), as in training; fp64: all float64
-    want = {("Linear", torch.float32, torch.bfloat16), ("Linear", torch.bfloat16, torch.bfloat16), ("RMSNorm", torch.float32, torch.float32),
-            ("RMSNorm", torch.bfloat16, torch.bfloat16)} if dtype == torch.bfloat16 else {("Linear", dtype, dtype), ("RMSNorm", dtype, dtype)}
+    want = (
+        {
+            ("Linear", torch.float32, torch.bfloat16),
+            ("Linear", torch.bfloat16, torch.bfloat16),
+            ("RMSNorm", torch.float32, torch.float32),
+            ("RMSNorm", torch.bfloat16, torch.bfloat16),
+        }
+        if dtype == torch.bfloat16
+        else {("Linear", dtype, dtype), ("RMSNorm", dtype, dtype)}
+    )
     assert seen <= want and any(o == dtype for _, _, o in seen)
     # the same integration in fp32 and in the low / high precision: close, bf16 to bf16 rounding
     cfg = replace(settings.sample, steps=3, method="ode", grid="uniform")
@@ -183,8 +230,19 @@ def test_conditional_text_lines_with_truncation_warning(models, tmp_path, capsys
 def test_conditional_jsonl_source_field(models, tmp_path):
     lines = [{"document": "Hello world", "id": 1}, {}, {"document": "Another condition"}]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(x) if x else "" for x in lines) + "\n", encoding="utf-8")
-    args = ["--checkpoint", str(models["cond"]), "--input", str(tmp_path / "in.jsonl"), "--source-field", "document",
-            "--cfg-scale", "1", "--seed", "3", *OPTS]
+    args = [
+        "--checkpoint",
+        str(models["cond"]),
+        "--input",
+        str(tmp_path / "in.jsonl"),
+        "--source-field",
+        "document",
+        "--cfg-scale",
+        "1",
+        "--seed",
+        "3",
+        *OPTS,
+    ]
     rows = sample(args, tmp_path / "c.jsonl")
     assert [r["source"] for r in rows] == ["Hello world", "Another condition"]
     (tmp_path / "in.txt").write_text("Hello world\nAnother condition\n", encoding="utf-8")
@@ -200,7 +258,10 @@ def bad_inputs(tmp: Path, models) -> dict:
     (tmp / "ok.txt").write_text("hello\n")
     u, c = str(models["uncond"]), str(models["cond"])
     return {
-        "missing checkpoint": (["--checkpoint", str(tmp / "nope"), "--num-samples", "1"], "nope: no such file or folder"),
+        "missing checkpoint": (
+            ["--checkpoint", str(tmp / "nope"), "--num-samples", "1"],
+            "nope: no such file or folder",
+        ),
         "missing input": (["--checkpoint", c, "--input", str(tmp / "nope.txt")], "nope.txt: no such file"),
         "empty line": (["--checkpoint", c, "--input", str(tmp / "empty.txt")], "empty.txt:2: empty condition"),
         "not UTF-8": (["--checkpoint", c, "--input", str(tmp / "latin1.txt")], "latin1.txt:2: not valid UTF-8"),
@@ -211,9 +272,14 @@ def bad_inputs(tmp: Path, models) -> dict:
         "nothing to sample": (["--checkpoint", u], "give --num-samples N"),
         "cfg without input": (["--checkpoint", c, "--num-samples", "1", "--cfg-scale", "2"], "applies to conditional"),
         "too long": (["--checkpoint", u, "--num-samples", "1", "--length", "99"], "length must be in [1, 24]"),
-        "output folder missing": (["--checkpoint", u, "--num-samples", "1", "-o", str(tmp / "no/x.jsonl")], "does not exist"),
-        "max input too long": (["--checkpoint", c, "--input", str(tmp / "ok.txt"), "--max-input-length", "30"],
-                               "max_input_length < length"),
+        "output folder missing": (
+            ["--checkpoint", u, "--num-samples", "1", "-o", str(tmp / "no/x.jsonl")],
+            "does not exist",
+        ),
+        "max input too long": (
+            ["--checkpoint", c, "--input", str(tmp / "ok.txt"), "--max-input-length", "30"],
+            "max_input_length < length",
+        ),
         "steps 0": (["--checkpoint", u, "--num-samples", "1", "--steps", "0"], "expected an integer >= 1, got '0'"),
         "batch 0": (["--checkpoint", u, "--num-samples", "1", "--batch-size", "0"], "expected an integer >= 1"),
         "negative gamma": (["--checkpoint", u, "--num-samples", "1", "--gamma", "-1"], "expected a finite number >= 0"),
@@ -223,11 +289,30 @@ def bad_inputs(tmp: Path, models) -> dict:
     }
 
 
-@pytest.mark.parametrize("case", ["missing checkpoint", "missing input", "empty line", "not UTF-8", "bad JSONL",
-                                  "non-string source", "unconditional + input", "input + num-samples",
-                                  "nothing to sample", "cfg without input", "too long", "output folder missing",
-                                  "max input too long", "steps 0", "batch 0", "negative gamma", "unknown method",
-                                  "unknown precision", "bad device"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "missing checkpoint",
+        "missing input",
+        "empty line",
+        "not UTF-8",
+        "bad JSONL",
+        "non-string source",
+        "unconditional + input",
+        "input + num-samples",
+        "nothing to sample",
+        "cfg without input",
+        "too long",
+        "output folder missing",
+        "max input too long",
+        "steps 0",
+        "batch 0",
+        "negative gamma",
+        "unknown method",
+        "unknown precision",
+        "bad device",
+    ],
+)
 def test_bad_inputs_exit_2_with_a_message(models, tmp_path, capsys, case):
     args, message = bad_inputs(tmp_path, models)[case]
     out = ["-o", str(tmp_path / "out.jsonl")] if "-o" not in args else []
@@ -241,13 +326,17 @@ def test_cuda_requested_without_cuda(models, judge, tmp_path, capsys):
     err = fails(capsys, ["sample", "--checkpoint", str(models["uncond"]), "--num-samples", "1", "--device", "cuda"])
     assert "CUDA is not available" in err
     (tmp_path / "s.txt").write_text("hello there\n")
-    assert "CUDA is not available" in fails(capsys, ["eval", str(tmp_path / "s.txt"), "--judge", str(judge), "--device", "cuda"])
+    assert "CUDA is not available" in fails(
+        capsys, ["eval", str(tmp_path / "s.txt"), "--judge", str(judge), "--device", "cuda"]
+    )
 
 
 def test_console_entry_in_a_subprocess_matches_in_process(models, tmp_path):
     args = ["sample", "--checkpoint", str(models["uncond"]), "--num-samples", "2", "--seed", "5", *OPTS]
     env = {**os.environ, "TQDM_DISABLE": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "elflm.cli", *args], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "elflm.cli", *args], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [json.loads(line) for line in proc.stdout.splitlines()]  # default output: stdout
     assert "2 samples in" in proc.stderr
@@ -262,11 +351,13 @@ def test_eval_end_to_end_with_a_tiny_judge(models, judge, tmp_path, capsys):
     sample(["--checkpoint", str(models["uncond"]), "--num-samples", "4", *OPTS], samples)
     (tmp_path / "refs.txt").write_text("The quick brown fox.\nHello world, this is a test.\n", encoding="utf-8")
     capsys.readouterr()
-    assert main(["eval", str(samples), "--references", str(tmp_path / "refs.txt"), "--judge", str(judge), "--json"]) == 0
+    assert (
+        main(["eval", str(samples), "--references", str(tmp_path / "refs.txt"), "--judge", str(judge), "--json"]) == 0
+    )
     report = json.loads(capsys.readouterr().out)
     s, r = report["samples"], report["references"]
     assert (s["count"], s["num_samples"], r["count"]) == (4, 4, 2)
-    assert s["gen_ppl"] > 1 and s["num_tokens"] > 0 and 0 < s["entropy"] and r["gen_ppl"] > 1
+    assert s["gen_ppl"] > 1 and s["num_tokens"] > 0 and s["entropy"] > 0 and r["gen_ppl"] > 1
     assert report["judge"]["name"] == str(judge) and report["judge"]["max_length"] == 64
     assert "bleu" not in report  # unconditional samples: references are data, not pairs
     assert main(["eval", str(samples), "--judge", str(judge)]) == 0
@@ -285,7 +376,9 @@ def test_eval_conditional_samples_get_bleu_and_rouge(models, tmp_path, capsys):
     assert 0 < report["bleu"] <= 100 and 50 <= report["rouge1"] <= 100 and "gen_ppl" not in report["samples"]
 
 
-@pytest.mark.parametrize("judge_arg,message", [("/no/such/judge", "not found"), ("nope.gguf", "judge GGUF file 'nope.gguf' not found")])
+@pytest.mark.parametrize(
+    "judge_arg,message", [("/no/such/judge", "not found"), ("nope.gguf", "judge GGUF file 'nope.gguf' not found")]
+)
 def test_eval_unknown_judge(tmp_path, capsys, judge_arg, message):
     (tmp_path / "s.jsonl").write_text('{"text": "hello there"}\n')
     err = fails(capsys, ["eval", str(tmp_path / "s.jsonl"), "--judge", judge_arg])
@@ -300,8 +393,9 @@ def test_grid_settings_vary_gamma_only_for_sde():
     grid = grid_settings(base, steps=[8, 16], methods=["ode", "sde"], gammas=[1.0, 1.5], ws=[1, 3])
     assert len(grid) == 2 * 2 + 2 * 2 * 2
     assert {c.gamma for c in grid if c.method == "ode"} == {0.0}
-    assert {(c.gamma, c.w, c.steps) for c in grid if c.method == "sde"} == {(g, w, s) for g in (1.0, 1.5)
-                                                                           for w in (1.0, 3.0) for s in (8, 16)}
+    assert {(c.gamma, c.w, c.steps) for c in grid if c.method == "sde"} == {
+        (g, w, s) for g in (1.0, 1.5) for w in (1.0, 3.0) for s in (8, 16)
+    }
     assert grid_settings(base) == [base]
     assert len({setting_name(c) for c in grid}) == len(grid)
     assert setting_name(grid[0]) == "ode-steps8-w1-cfg1-logit_normal"
@@ -323,16 +417,39 @@ def assert_png(path: Path):
 
 def test_sweep_unconditional_grid_tables_plots_and_resume(models, judge, tmp_path, capsys):
     out = tmp_path / "sweep"
-    args = ["sweep", "--checkpoint", str(models["uncond"]), "-o", str(out), "--num-samples", "3", "--batch-size", "3",
-            "--length", "12", "--steps", "2,3", "--method", "ode,sde", "--gamma", "1.0,1.5", "--w", "1,3",
-            "--judge", str(judge), "--seed", "4"]
+    args = [
+        "sweep",
+        "--checkpoint",
+        str(models["uncond"]),
+        "-o",
+        str(out),
+        "--num-samples",
+        "3",
+        "--batch-size",
+        "3",
+        "--length",
+        "12",
+        "--steps",
+        "2,3",
+        "--method",
+        "ode,sde",
+        "--gamma",
+        "1.0,1.5",
+        "--w",
+        "1,3",
+        "--judge",
+        str(judge),
+        "--seed",
+        "4",
+    ]
     assert main(args) == 0
     printed = capsys.readouterr()
     rows = read_csv(out / "sweep.csv")
     assert len(rows) == 4 + 8
     keys = {(r["method"], int(r["steps"]), r["gamma"] and float(r["gamma"]), float(r["w"])) for r in rows}
     assert keys == {("ode", s, "", w) for s in (2, 3) for w in (1.0, 3.0)} | {  # ODE takes no γ: none reported
-        ("sde", s, g, w) for s in (2, 3) for g in (1.0, 1.5) for w in (1.0, 3.0)}
+        ("sde", s, g, w) for s in (2, 3) for g in (1.0, 1.5) for w in (1.0, 3.0)
+    }
     for r in rows:
         assert float(r["gen_ppl"]) > 1 and float(r["entropy"]) > 0 and int(r["num_samples"]) == 3
         assert float(r["samples_per_s"]) > 0 and (out / r["samples"]).is_file()
@@ -345,8 +462,29 @@ def test_sweep_unconditional_grid_tables_plots_and_resume(models, judge, tmp_pat
     # a setting's samples are exactly what `elflm sample` gives with the same options
     row = next(r for r in rows if r["name"] == "sde-steps3-gamma1.5-w3-cfg1-logit_normal")
     swept = [json.loads(line) for line in (out / row["samples"]).read_text().splitlines()]
-    direct = sample(["--checkpoint", str(models["uncond"]), "--num-samples", "3", "--batch-size", "3", "--length", "12",
-                     "--method", "sde", "--steps", "3", "--gamma", "1.5", "--w", "3", "--seed", "4"], tmp_path / "d.jsonl")
+    direct = sample(
+        [
+            "--checkpoint",
+            str(models["uncond"]),
+            "--num-samples",
+            "3",
+            "--batch-size",
+            "3",
+            "--length",
+            "12",
+            "--method",
+            "sde",
+            "--steps",
+            "3",
+            "--gamma",
+            "1.5",
+            "--w",
+            "3",
+            "--seed",
+            "4",
+        ],
+        tmp_path / "d.jsonl",
+    )
     assert [r["ids"] for r in swept] == [r["ids"] for r in direct]
     # run again: every setting's samples are reused, the metrics are the same
     stamps = {p: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
@@ -367,9 +505,30 @@ def test_sweep_conditional_with_references(models, tmp_path, capsys):
     (tmp_path / "in.txt").write_text("Hello world\nAnother one\n", encoding="utf-8")
     (tmp_path / "refs.txt").write_text("Hello there\nAnother day\n", encoding="utf-8")
     out = tmp_path / "c"
-    assert main(["sweep", "--checkpoint", str(models["cond"]), "-o", str(out), "--input", str(tmp_path / "in.txt"),
-                 "--references", str(tmp_path / "refs.txt"), "--steps", "2,3", "--cfg-scale", "1,2", "--method", "ode",
-                 "--judge", "none"]) == 0
+    assert (
+        main(
+            [
+                "sweep",
+                "--checkpoint",
+                str(models["cond"]),
+                "-o",
+                str(out),
+                "--input",
+                str(tmp_path / "in.txt"),
+                "--references",
+                str(tmp_path / "refs.txt"),
+                "--steps",
+                "2,3",
+                "--cfg-scale",
+                "1,2",
+                "--method",
+                "ode",
+                "--judge",
+                "none",
+            ]
+        )
+        == 0
+    )
     rows = read_csv(out / "sweep.csv")
     assert [(int(r["steps"]), float(r["cfg_scale"])) for r in rows] == [(2, 1.0), (3, 1.0), (2, 2.0), (3, 2.0)]
     assert all(0 <= float(r["bleu"]) <= 100 and r["rouge1"] != "" for r in rows) and "gen_ppl" not in rows[0]
@@ -378,14 +537,17 @@ def test_sweep_conditional_with_references(models, tmp_path, capsys):
     assert "| cfg_scale |" in (out / "sweep.md").read_text()
 
 
-@pytest.mark.parametrize("extra,message", [
-    (["--steps", "0,2"], "expected a comma-separated list of integers >= 1, got '0,2'"),
-    (["--method", "ode,euler"], "list of names from ode, sde"),
-    (["--gamma", "1,x"], "list of numbers >= 0"),
-    (["--judge", "none"], "nothing to measure"),
-    (["--cfg-scale", "2"], "applies to conditional sampling"),
-    (["--references", "r.txt"], "--references (BLEU / ROUGE) need --input"),
-])
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--steps", "0,2"], "expected a comma-separated list of integers >= 1, got '0,2'"),
+        (["--method", "ode,euler"], "list of names from ode, sde"),
+        (["--gamma", "1,x"], "list of numbers >= 0"),
+        (["--judge", "none"], "nothing to measure"),
+        (["--cfg-scale", "2"], "applies to conditional sampling"),
+        (["--references", "r.txt"], "--references (BLEU / ROUGE) need --input"),
+    ],
+)
 def test_sweep_bad_arguments(models, tmp_path, capsys, extra, message):
     args = ["sweep", "--checkpoint", str(models["uncond"]), "-o", str(tmp_path / "s"), "--num-samples", "2", *extra]
     assert message in fails(capsys, args)
@@ -394,8 +556,21 @@ def test_sweep_bad_arguments(models, tmp_path, capsys, extra, message):
 
 def test_sweep_without_matplotlib_names_the_extra(models, judge, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib.figure", None)
-    args = ["sweep", "--checkpoint", str(models["uncond"]), "-o", str(tmp_path / "s"), "--num-samples", "2",
-            "--judge", str(judge), "--steps", "2", "--length", "8"]
+    args = [
+        "sweep",
+        "--checkpoint",
+        str(models["uncond"]),
+        "-o",
+        str(tmp_path / "s"),
+        "--num-samples",
+        "2",
+        "--judge",
+        str(judge),
+        "--steps",
+        "2",
+        "--length",
+        "8",
+    ]
     assert "pip install 'elflm[plots]'" in fails(capsys, args)
     assert main([*args, "--no-plots"]) == 0
     assert (tmp_path / "s" / "sweep.csv").is_file() and not list((tmp_path / "s").glob("*.png"))

@@ -1,4 +1,5 @@
 """Config dataclasses, YAML load/dump, dotted overrides, validation errors and the shipped configs."""
+
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,26 +44,84 @@ def test_every_config_loads_and_round_trips(path, tmp_path):
 
 
 # The official training YAMLs and sampling YAMLs (SPEC §5, §6), in our names.
-COMMON = {"model.bottleneck_dim": 128, "model.num_time_tokens": 4, "model.num_self_cond_cfg_tokens": 4,
-          "model.num_mode_tokens": 4, "encoder.name_or_path": "t5-small", "encoder.latent_mean": 0.0,
-          "encoder.latent_std": 0.2, "encoder.weights": "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl",
-          "objective.p_mean": -1.5, "objective.p_std": 0.8, "objective.noise_scale": 2.0, "objective.t_eps": 0.05,
-          "objective.time_schedule": "logit_normal", "objective.decoder_prob": 0.2, "objective.decoder_p_mean": 0.8,
-          "objective.decoder_p_std": 0.8, "objective.self_cond_prob": 0.5, "train.global_batch_size": 512,
-          "train.blr": 1e-3, "train.peak_lr": 2e-3, "train.weight_decay": 0.0, "train.optimizer": "muon",
-          "train.ema_decay": 0.9999, "train.seed": 42, "train.clip": 1.0, "train.lr_schedule": "constant",
-          "sample.grid": "logit_normal"}
-UNCOND = {"data.max_length": 1024, "data.max_input_length": None, "data.pad_token": "pad",
-          "objective.decoder_noise_scale": 5.0, "objective.label_drop_prob": 0.0, "train.warmup_steps": None,
-          "train.warmup_epochs": 0.5, "sample.method": "sde", "sample.w": 3.0, "sample.cfg_scale": 1.0,
-          "sample.num_samples": 1000}
-COND = {"data.pad_token": "eos", "objective.decoder_noise_scale": 1.0, "objective.label_drop_prob": 0.1,
-        "train.epochs": 100, "train.warmup_steps": 5000, "sample.method": "ode", "sample.steps": 64,
-        "sample.w": 1.0, "sample.cfg_scale": 2.0}
+COMMON = {
+    "model.bottleneck_dim": 128,
+    "model.num_time_tokens": 4,
+    "model.num_self_cond_cfg_tokens": 4,
+    "model.num_mode_tokens": 4,
+    "encoder.name_or_path": "t5-small",
+    "encoder.latent_mean": 0.0,
+    "encoder.latent_std": 0.2,
+    "encoder.weights": "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl",
+    "objective.p_mean": -1.5,
+    "objective.p_std": 0.8,
+    "objective.noise_scale": 2.0,
+    "objective.t_eps": 0.05,
+    "objective.time_schedule": "logit_normal",
+    "objective.decoder_prob": 0.2,
+    "objective.decoder_p_mean": 0.8,
+    "objective.decoder_p_std": 0.8,
+    "objective.self_cond_prob": 0.5,
+    "train.global_batch_size": 512,
+    "train.blr": 1e-3,
+    "train.peak_lr": 2e-3,
+    "train.weight_decay": 0.0,
+    "train.optimizer": "muon",
+    "train.ema_decay": 0.9999,
+    "train.seed": 42,
+    "train.clip": 1.0,
+    "train.lr_schedule": "constant",
+    "sample.grid": "logit_normal",
+}
+UNCOND = {
+    "data.max_length": 1024,
+    "data.max_input_length": None,
+    "data.pad_token": "pad",
+    "objective.decoder_noise_scale": 5.0,
+    "objective.label_drop_prob": 0.0,
+    "train.warmup_steps": None,
+    "train.warmup_epochs": 0.5,
+    "sample.method": "sde",
+    "sample.w": 3.0,
+    "sample.cfg_scale": 1.0,
+    "sample.num_samples": 1000,
+}
+COND = {
+    "data.pad_token": "eos",
+    "objective.decoder_noise_scale": 1.0,
+    "objective.label_drop_prob": 0.1,
+    "train.epochs": 100,
+    "train.warmup_steps": 5000,
+    "sample.method": "ode",
+    "sample.steps": 64,
+    "sample.w": 1.0,
+    "sample.cfg_scale": 2.0,
+}
 OFFICIAL = {
-    "elf-b-owt": {**UNCOND, "model.depth": 12, "model.hidden_size": 768, "train.epochs": 5, "sample.steps": 32, "sample.gamma": 1.5},
-    "elf-m-owt": {**UNCOND, "model.depth": 24, "model.hidden_size": 1056, "train.epochs": 4, "sample.steps": 64, "sample.gamma": 1.0},
-    "elf-l-owt": {**UNCOND, "model.depth": 32, "model.hidden_size": 1280, "train.epochs": 3, "sample.steps": 64, "sample.gamma": 1.0},
+    "elf-b-owt": {
+        **UNCOND,
+        "model.depth": 12,
+        "model.hidden_size": 768,
+        "train.epochs": 5,
+        "sample.steps": 32,
+        "sample.gamma": 1.5,
+    },
+    "elf-m-owt": {
+        **UNCOND,
+        "model.depth": 24,
+        "model.hidden_size": 1056,
+        "train.epochs": 4,
+        "sample.steps": 64,
+        "sample.gamma": 1.0,
+    },
+    "elf-l-owt": {
+        **UNCOND,
+        "model.depth": 32,
+        "model.hidden_size": 1280,
+        "train.epochs": 3,
+        "sample.steps": 64,
+        "sample.gamma": 1.0,
+    },
     "elf-b-de-en": {**COND, "data.max_length": 128, "data.max_input_length": 64, "sample.num_samples": 5000},
     "elf-b-xsum": {**COND, "data.max_length": 1088, "data.max_input_length": 1024, "sample.num_samples": 100},
 }
@@ -79,21 +138,97 @@ def test_official_hyper_parameters(name):
 
 
 # Every field of the official Config class and SamplingConfig: our key or why there is none.
-UNMAPPED = {"attn_dropout": "unused by the official network", "sampling_configs_path": "the sample section",
-            "sampling_configs": "the sample section", "online_eval": "train.preview_every + elflm eval",
-            "eval_ppl_model": "elflm eval --judge", "eval_ppl_batch_size": "elflm eval --batch-size",
-            "eval_ppl_max_length": "fixed 1024", "eval_freq": "train.preview_every", "hf_repo_id": "-",
-            "use_wandb": "train.tensorboard", "wandb_project": "-", "wandb_entity": "-", "wandb_run_name": "-",
-            "wandb_tag": "-", "wandb_resume": "-", "time_schedule (sampling)": "sample.grid"}
-OFFICIAL_FIELDS = """data_path eval_data_path max_length max_input_length pad_token tokenizer_name encoder_model_name
-encoder_checkpoint latent_mean latent_std model bottleneck_dim num_time_tokens num_self_cond_cfg_tokens
-num_model_mode_tokens attn_dropout proj_dropout denoiser_p_mean denoiser_p_std denoiser_noise_scale t_eps time_schedule
-decoder_prob decoder_noise_scale decoder_p_mean decoder_p_std label_drop_prob self_cond_prob self_cond_cfg_min
-self_cond_cfg_max epochs warmup_epochs warmup_steps batch_size global_batch_size lr blr min_lr lr_schedule weight_decay
-optimizer adam_b1 adam_b2 grad_accum_steps ema_decay1 sampling_configs_path sampling_configs num_samples online_eval
-eval_ppl_model eval_ppl_batch_size eval_ppl_max_length log_freq eval_freq save_freq output_dir hf_repo_id resume
-use_wandb wandb_project wandb_entity wandb_run_name wandb_tag wandb_resume seed num_workers
-sampling_method num_sampling_steps cfgs self_cond_cfg_scales sde_gamma""".split()
+UNMAPPED = {
+    "attn_dropout": "unused by the official network",
+    "sampling_configs_path": "the sample section",
+    "sampling_configs": "the sample section",
+    "online_eval": "train.preview_every + elflm eval",
+    "eval_ppl_model": "elflm eval --judge",
+    "eval_ppl_batch_size": "elflm eval --batch-size",
+    "eval_ppl_max_length": "fixed 1024",
+    "eval_freq": "train.preview_every",
+    "hf_repo_id": "-",
+    "use_wandb": "train.tensorboard",
+    "wandb_project": "-",
+    "wandb_entity": "-",
+    "wandb_run_name": "-",
+    "wandb_tag": "-",
+    "wandb_resume": "-",
+    "time_schedule (sampling)": "sample.grid",
+}
+OFFICIAL_FIELDS = [
+    "data_path",
+    "eval_data_path",
+    "max_length",
+    "max_input_length",
+    "pad_token",
+    "tokenizer_name",
+    "encoder_model_name",
+    "encoder_checkpoint",
+    "latent_mean",
+    "latent_std",
+    "model",
+    "bottleneck_dim",
+    "num_time_tokens",
+    "num_self_cond_cfg_tokens",
+    "num_model_mode_tokens",
+    "attn_dropout",
+    "proj_dropout",
+    "denoiser_p_mean",
+    "denoiser_p_std",
+    "denoiser_noise_scale",
+    "t_eps",
+    "time_schedule",
+    "decoder_prob",
+    "decoder_noise_scale",
+    "decoder_p_mean",
+    "decoder_p_std",
+    "label_drop_prob",
+    "self_cond_prob",
+    "self_cond_cfg_min",
+    "self_cond_cfg_max",
+    "epochs",
+    "warmup_epochs",
+    "warmup_steps",
+    "batch_size",
+    "global_batch_size",
+    "lr",
+    "blr",
+    "min_lr",
+    "lr_schedule",
+    "weight_decay",
+    "optimizer",
+    "adam_b1",
+    "adam_b2",
+    "grad_accum_steps",
+    "ema_decay1",
+    "sampling_configs_path",
+    "sampling_configs",
+    "num_samples",
+    "online_eval",
+    "eval_ppl_model",
+    "eval_ppl_batch_size",
+    "eval_ppl_max_length",
+    "log_freq",
+    "eval_freq",
+    "save_freq",
+    "output_dir",
+    "hf_repo_id",
+    "resume",
+    "use_wandb",
+    "wandb_project",
+    "wandb_entity",
+    "wandb_run_name",
+    "wandb_tag",
+    "wandb_resume",
+    "seed",
+    "num_workers",
+    "sampling_method",
+    "num_sampling_steps",
+    "cfgs",
+    "self_cond_cfg_scales",
+    "sde_gamma",
+]
 
 
 def test_every_official_field_has_a_home():
@@ -106,7 +241,11 @@ def test_every_official_field_has_a_home():
 
 
 def test_presets_have_the_spec_sizes():
-    for name, (depth, hidden, heads) in {"elf-b": (12, 768, 12), "elf-m": (24, 1056, 16), "elf-l": (32, 1280, 16)}.items():
+    for name, (depth, hidden, heads) in {
+        "elf-b": (12, 768, 12),
+        "elf-m": (24, 1056, 16),
+        "elf-l": (32, 1280, 16),
+    }.items():
         m = model_preset(name)
         assert (m.depth, m.hidden_size, m.num_heads, m.mlp_ratio, m.bottleneck_dim) == (depth, hidden, heads, 4.0, 128)
         assert (m.encoder_dim, m.vocab_size) == (512, 32128)
@@ -127,10 +266,23 @@ def test_preset_with_overrides_and_plain_mapping():
 
 
 def test_overrides_parse_and_coerce():
-    cfg = load_config(OWT, ["model.depth=24", "train.blr=1e-3", "sample.method=ode", "train.compile=false",
-                            "train.max_steps=null", "objective.noise_scale=3", "train.output_dir=123",
-                            "train.muon_adam_betas=[0.8, 0.99]", "train.warmup_epochs=1", 'train.tensorboard="false"',
-                            "sample.steps='48'", "train.resume=none"])
+    cfg = load_config(
+        OWT,
+        [
+            "model.depth=24",
+            "train.blr=1e-3",
+            "sample.method=ode",
+            "train.compile=false",
+            "train.max_steps=null",
+            "objective.noise_scale=3",
+            "train.output_dir=123",
+            "train.muon_adam_betas=[0.8, 0.99]",
+            "train.warmup_epochs=1",
+            'train.tensorboard="false"',
+            "sample.steps='48'",
+            "train.resume=none",
+        ],
+    )
     assert cfg.model.depth == 24 and cfg.train.blr == 1e-3 and isinstance(cfg.train.blr, float)
     assert cfg.sample.method == "ode" and cfg.train.compile is False and cfg.train.max_steps is None
     assert cfg.objective.noise_scale == 3.0 and isinstance(cfg.objective.noise_scale, float)
@@ -143,14 +295,24 @@ def test_overrides_parse_and_coerce():
 
 def test_override_of_a_home_key_on_a_dumped_config(tmp_path):
     dump_config(load_config(OWT), tmp_path / "c.yaml")
-    cfg = load_config(tmp_path / "c.yaml", ["data.pad_token=eos", "data.max_length=128", "data.max_input_length=64",
-                                            "encoder.latent_std=0.3", "encoder.tokenizer=some/tok"])
+    cfg = load_config(
+        tmp_path / "c.yaml",
+        [
+            "data.pad_token=eos",
+            "data.max_length=128",
+            "data.max_input_length=64",
+            "encoder.latent_std=0.3",
+            "encoder.tokenizer=some/tok",
+        ],
+    )
     assert cfg.objective.pad_token == "eos" and cfg.model.max_length == 128
     assert cfg.objective.latent_std == 0.3 and cfg.data.tokenizer == "some/tok"
 
 
 def test_mirrors_follow_their_home():
-    cfg = Config(data=DataConfig(pad_token="eos", max_length=77), encoder=EncoderConfig(latent_std=None, name_or_path="x"))
+    cfg = Config(
+        data=DataConfig(pad_token="eos", max_length=77), encoder=EncoderConfig(latent_std=None, name_or_path="x")
+    )
     assert cfg.objective.pad_token == "eos" and cfg.model.max_length == 77 and cfg.data.tokenizer == "x"
     assert cfg.objective.latent_std == 0.2  # home None (estimate from data): the copy keeps its value
     cfg.data.pad_token = "pad"
@@ -263,7 +425,9 @@ def test_bundled_configs_load_by_name():
     """The run configs ship inside the package (a wheel has them too) and load by name."""
     from elflm.config import bundled_configs, config_path
 
-    assert {"elf-b-owt", "elf-m-owt", "elf-l-owt", "elf-b-de-en", "elf-b-xsum", "quickstart", "tiny-owt"} <= set(bundled_configs())
+    assert {"elf-b-owt", "elf-m-owt", "elf-l-owt", "elf-b-de-en", "elf-b-xsum", "quickstart", "tiny-owt"} <= set(
+        bundled_configs()
+    )
     assert config_path("elf-b-owt") == config_path("elf-b-owt.yaml") and config_path("elf-b-owt").is_file()
     cfg = load_config("elf-b-owt", ["train.max_steps=3"])
     assert cfg.model.hidden_size == 768 and cfg.train.max_steps == 3

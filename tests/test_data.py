@@ -1,6 +1,7 @@
 """Prepared data: `elflm prepare` on text / JSONL / TSV / parallel files and Hugging Face datasets
 (the authors' pre-tokenised layouts included), determinism across workers, resuming, bad input,
 the memory-mapped dataset in a DataLoader. Row and mask math: test_rows.py."""
+
 import gzip
 import json
 import pickle
@@ -10,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_npz, need_module
-from golden_utils import EOS, PAD, assert_batch, golden_id_lists
 from elflm.data import PackedDataset, build_rows, collate, load_hf_dataset, prepare
 from elflm.data.readers import _looks_like_saved_metadata
+
+from conftest import load_npz, need_module, read_gzip_text
+from golden_utils import EOS, PAD, assert_batch, golden_id_lists
 
 
 @pytest.fixture(scope="module")
@@ -43,12 +45,14 @@ def shard_bytes(path):
 def corpus(tmp_path_factory, assets_dir):
     """A gutenberg slice (3 documents, .txt.gz) and a small file with invalid UTF-8 and empty
     documents; returns the folder and the documents as the reader sees them."""
-    books = gzip.open(assets_dir / "text/gutenberg/val-00.txt.gz", "rt", encoding="utf-8").read().split("\n<|endoftext|>\n")
+    books = read_gzip_text(assets_dir / "text/gutenberg/val-00.txt.gz").split("\n<|endoftext|>\n")
     docs = [books[0][:40000], books[1][:25000], books[3][:15000]]
     d = tmp_path_factory.mktemp("corpus")
     with gzip.open(d / "a.txt.gz", "wt", encoding="utf-8") as f:
         f.write("\n<|endoftext|>\n".join(docs) + "\n")
-    (d / "b.txt").write_bytes(b"caf\xe9 au lait\nsecond line\n<|endoftext|>\n  \n<|endoftext|>\n<|endoftext|>\nlast document\n")
+    (d / "b.txt").write_bytes(
+        b"caf\xe9 au lait\nsecond line\n<|endoftext|>\n  \n<|endoftext|>\n<|endoftext|>\nlast document\n"
+    )
     return d, docs + ["caf\ufffd au lait\nsecond line", "  ", "last document"]
 
 
@@ -56,7 +60,17 @@ def test_pack_text_corpus(corpus, tok, tmp_path):
     d, docs = corpus
     for sep in ("none", "eos"):
         out = tmp_path / sep
-        meta = prepare([d], out, tokenizer=tok.name_or_path, max_length=128, separator=sep, workers=1, chunk_size=9000, shard_rows=100, progress=False)
+        meta = prepare(
+            [d],
+            out,
+            tokenizer=tok.name_or_path,
+            max_length=128,
+            separator=sep,
+            workers=1,
+            chunk_size=9000,
+            shard_rows=100,
+            progress=False,
+        )
         stream = [t for doc in ids(tok, docs) if doc for t in doc + ([EOS] if sep == "eos" else [])]
         ds = PackedDataset(out)
         assert len(ds) == meta["rows"] == -(-len(stream) // 128) and len(meta["shards"]) > 1
@@ -67,7 +81,9 @@ def test_pack_text_corpus(corpus, tok, tmp_path):
         c = meta["counts"]
         assert (c["documents"], c["empty_documents"], c["decode_errors"], c["padded_rows"]) == (6, 1, 1, 1)
         assert c["tokens"] == meta["tokens"] == len(stream)
-        assert meta["dtype"] == "uint16" and meta["options"]["separator"] == sep and meta["tokenizer"]["size"] == len(tok)
+        assert (
+            meta["dtype"] == "uint16" and meta["options"]["separator"] == sep and meta["tokenizer"]["size"] == len(tok)
+        )
 
 
 def test_documents_split_across_chunks(tok, tmp_path):
@@ -120,14 +136,20 @@ def test_workers_give_identical_shards_and_resume(corpus, tok, tmp_path):
 
 @pytest.fixture(scope="module")
 def pairs(assets_dir):
-    rd = lambda p: gzip.open(assets_dir / p, "rt", encoding="utf-8").read().splitlines()  # noqa: E731
-    return assets_dir / "text/multi30k/val.de.gz", assets_dir / "text/multi30k/val.en.gz", list(zip(rd("text/multi30k/val.de.gz"), rd("text/multi30k/val.en.gz")))
+    rd = lambda p: read_gzip_text(assets_dir / p).splitlines()
+    return (
+        assets_dir / "text/multi30k/val.de.gz",
+        assets_dir / "text/multi30k/val.en.gz",
+        list(zip(rd("text/multi30k/val.de.gz"), rd("text/multi30k/val.en.gz"))),
+    )
 
 
 def test_conditional_formats_agree(pairs, tok, tmp_path):
     de, en, rows = pairs
     kw = dict(tokenizer=tok.name_or_path, max_length=40, max_input_length=24, workers=1, progress=False)
-    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"de": s, "en": t}) + "\n" + ("\n" if i == 3 else "") for i, (s, t) in enumerate(rows)))
+    (tmp_path / "p.jsonl").write_text(
+        "".join(json.dumps({"de": s, "en": t}) + "\n" + ("\n" if i == 3 else "") for i, (s, t) in enumerate(rows))
+    )
     (tmp_path / "p.tsv").write_text("id\ten\tde\n" + "".join(f"{i}\t{t}\t{s}\n" for i, (s, t) in enumerate(rows)))
     metas = {
         "parallel": prepare([de, en], tmp_path / "parallel", format="parallel", **kw),
@@ -142,7 +164,9 @@ def test_conditional_formats_agree(pairs, tok, tmp_path):
     ds = PackedDataset(tmp_path / "parallel")
     assert ds.conditional and ds.pad_id == EOS and ds.max_input_length == 24 and len(ds) == len(rows)
     got = np.stack([ds[i]["input_ids"] for i in range(len(ds))])
-    assert np.array_equal(got, want_rows) and np.array_equal(np.stack([[ds[i]["cond_len"], ds[i]["total_len"]] for i in range(len(ds))]), want_lengths)
+    assert np.array_equal(got, want_rows) and np.array_equal(
+        np.stack([[ds[i]["cond_len"], ds[i]["total_len"]] for i in range(len(ds))]), want_lengths
+    )
     c = metas["parallel"]["counts"]
     assert c["pairs"] == len(rows)
     assert c["truncated_conditions"] == sum(len(s) > 24 for s in src)
@@ -152,21 +176,68 @@ def test_conditional_formats_agree(pairs, tok, tmp_path):
 # the first two rows of the authors' wmt14_de-en_validation_t5 (columns input, target,
 # condition_input_ids, input_ids): both sides end with EOS
 WMT = [
-    ("Eine republikanische Strategie, um der Wiederwahl von Obama entgegenzutreten",
-     "A Republican strategy to counter the re-election of Obama",
-     [2820, 3, 60, 9188, 8654, 152, 2014, 22946, 15, 6, 561, 74, 15158, 13963, 193, 4534, 20060, 1000, 8112, 1],
-     [71, 8994, 1998, 12, 3485, 8, 3, 60, 18, 15, 12252, 13, 4534, 1]),
-    ("Die Führungskräfte der Republikaner rechtfertigen ihre Politik mit der Notwendigkeit, den Wahlbetrug zu bekämpfen.",
-     "Republican leaders justified their policy by the need to combat electoral fraud.",
-     [316, 13775, 7, 16657, 74, 419, 9188, 8654, 9, 687, 3, 2819, 8741, 35, 1159, 6907, 4414, 181, 74, 933, 210,
-      989, 5335, 6, 177, 8403, 346, 18764, 170, 36, 20854, 29, 5, 1],
-     [8994, 2440, 24125, 70, 1291, 57, 8, 174, 12, 4719, 16289, 7712, 5, 1]),
+    (
+        "Eine republikanische Strategie, um der Wiederwahl von Obama entgegenzutreten",
+        "A Republican strategy to counter the re-election of Obama",
+        [2820, 3, 60, 9188, 8654, 152, 2014, 22946, 15, 6, 561, 74, 15158, 13963, 193, 4534, 20060, 1000, 8112, 1],
+        [71, 8994, 1998, 12, 3485, 8, 3, 60, 18, 15, 12252, 13, 4534, 1],
+    ),
+    (
+        "Die Führungskräfte der Republikaner rechtfertigen ihre Politik mit der Notwendigkeit, "
+        "den Wahlbetrug zu bekämpfen.",
+        "Republican leaders justified their policy by the need to combat electoral fraud.",
+        [
+            316,
+            13775,
+            7,
+            16657,
+            74,
+            419,
+            9188,
+            8654,
+            9,
+            687,
+            3,
+            2819,
+            8741,
+            35,
+            1159,
+            6907,
+            4414,
+            181,
+            74,
+            933,
+            210,
+            989,
+            5335,
+            6,
+            177,
+            8403,
+            346,
+            18764,
+            170,
+            36,
+            20854,
+            29,
+            5,
+            1,
+        ],
+        [8994, 2440, 24125, 70, 1291, 57, 8, 174, 12, 4719, 16289, 7712, 5, 1],
+    ),
 ]
 
 
 def test_conditional_text_is_tokenised_like_the_authors_sets(tok, tmp_path):
     (tmp_path / "wmt.jsonl").write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t, _, _ in WMT))
-    prepare(tmp_path / "wmt.jsonl", tmp_path / "o", tokenizer=tok.name_or_path, max_length=48, max_input_length=24, workers=1, progress=False)
+    prepare(
+        tmp_path / "wmt.jsonl",
+        tmp_path / "o",
+        tokenizer=tok.name_or_path,
+        max_length=48,
+        max_input_length=24,
+        workers=1,
+        progress=False,
+    )
     ds = PackedDataset(tmp_path / "o")
     rows, lengths = build_rows([w[3] for w in WMT], 48, EOS, conditions=[w[2] for w in WMT], max_input_length=24)
     assert np.array_equal(np.stack([ds[i]["input_ids"] for i in range(2)]), rows)
@@ -175,9 +246,19 @@ def test_conditional_text_is_tokenised_like_the_authors_sets(tok, tmp_path):
 
 def test_summaries_truncation_counts(assets_dir, tok, tmp_path):
     path = assets_dir / "text/summaries/scitldr_a_dev.jsonl.gz"
-    meta = prepare(path, tmp_path / "s", tokenizer=tok.name_or_path, max_length=96, max_input_length=64,
-                   source_field="document", target_field="summary", workers=2, chunk_size=50000, progress=False)
-    recs = [json.loads(line) for line in gzip.open(path, "rt", encoding="utf-8")]
+    meta = prepare(
+        path,
+        tmp_path / "s",
+        tokenizer=tok.name_or_path,
+        max_length=96,
+        max_input_length=64,
+        source_field="document",
+        target_field="summary",
+        workers=2,
+        chunk_size=50000,
+        progress=False,
+    )
+    recs = [json.loads(line) for line in read_gzip_text(path).splitlines()]
     src = [len(x) + 1 for x in ids(tok, [r["document"] for r in recs])]
     tgt = [len(x) + 1 for x in ids(tok, [r["summary"] for r in recs])]
     c = meta["counts"]
@@ -196,12 +277,29 @@ def hf():
 
 def test_authors_pretokenised_layouts_reproduce_golden(hf, g, tok, tmp_path):
     uncond, conds, targets = golden_id_lists(g)
-    features = hf.Features({"input": hf.Value("string"), "target": hf.Value("string"), "index": hf.Value("int64"),
-                            "condition_input_ids": hf.List(hf.Value("int64")), "condition_sequence_length": hf.Value("int64"),
-                            "input_ids": hf.List(hf.Value("int32")), "sequence_length": hf.Value("int64")})
-    hf.Dataset.from_dict({"input": ["-"] * 3, "target": ["-"] * 3, "index": [0, 1, 2], "condition_input_ids": conds,
-                          "condition_sequence_length": [len(c) for c in conds], "input_ids": targets,
-                          "sequence_length": [len(t) for t in targets]}, features=features).save_to_disk(tmp_path / "wmt14_de-en_validation_t5")
+    features = hf.Features(
+        {
+            "input": hf.Value("string"),
+            "target": hf.Value("string"),
+            "index": hf.Value("int64"),
+            "condition_input_ids": hf.List(hf.Value("int64")),
+            "condition_sequence_length": hf.Value("int64"),
+            "input_ids": hf.List(hf.Value("int32")),
+            "sequence_length": hf.Value("int64"),
+        }
+    )
+    hf.Dataset.from_dict(
+        {
+            "input": ["-"] * 3,
+            "target": ["-"] * 3,
+            "index": [0, 1, 2],
+            "condition_input_ids": conds,
+            "condition_sequence_length": [len(c) for c in conds],
+            "input_ids": targets,
+            "sequence_length": [len(t) for t in targets],
+        },
+        features=features,
+    ).save_to_disk(tmp_path / "wmt14_de-en_validation_t5")
     hf.Dataset.from_dict({"input_ids": uncond}).save_to_disk(tmp_path / "openwebtext-t5")
     kw = dict(tokenizer=tok.name_or_path, max_length=16, workers=1, progress=False)
     cond = prepare(tmp_path / "wmt14_de-en_validation_t5", tmp_path / "cond", max_input_length=8, **kw)
@@ -218,7 +316,9 @@ def test_authors_pretokenised_layouts_reproduce_golden(hf, g, tok, tmp_path):
 
 def test_hf_text_dataset_matches_jsonl(hf, corpus, tok, tmp_path):
     _, docs = corpus
-    hf.DatasetDict({"train": hf.Dataset.from_dict({"body": docs}), "test": hf.Dataset.from_dict({"body": docs[:1]})}).save_to_disk(tmp_path / "dd")
+    hf.DatasetDict(
+        {"train": hf.Dataset.from_dict({"body": docs}), "test": hf.Dataset.from_dict({"body": docs[:1]})}
+    ).save_to_disk(tmp_path / "dd")
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"body": x}) + "\n" for x in docs))
     kw = dict(tokenizer=tok.name_or_path, max_length=64, text_field="body", workers=1, chunk_size=7000, progress=False)
     with pytest.raises(ValueError, match="choose one with --split"):
@@ -227,7 +327,9 @@ def test_hf_text_dataset_matches_jsonl(hf, corpus, tok, tmp_path):
     b = prepare(tmp_path / "d.jsonl", tmp_path / "jsonl", **kw)
     assert shard_bytes(tmp_path / "hf") == shard_bytes(tmp_path / "jsonl") and a["counts"]["documents"] == len(docs)
     assert len(load_hf_dataset(str(tmp_path / "dd"), "test")) == 1
-    assert _looks_like_saved_metadata(hf.Dataset.from_dict({"_data_files": [[{"filename": "x"}]], "_fingerprint": ["f"]}))
+    assert _looks_like_saved_metadata(
+        hf.Dataset.from_dict({"_data_files": [[{"filename": "x"}]], "_fingerprint": ["f"]})
+    )
     assert not _looks_like_saved_metadata(hf.Dataset.from_dict({"input_ids": [[1]]}))
     assert b["sources"][0]["format"] == "jsonl"
 
@@ -277,7 +379,25 @@ def test_cli_prepare(corpus, tok, tmp_path, capsys):
 
     d, _ = corpus
     out = tmp_path / "cli"
-    assert main(["prepare", str(d / "b.txt"), "-o", str(out), "--tokenizer", tok.name_or_path, "--max-length", "8", "--separator", "eos", "--workers", "1"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                str(d / "b.txt"),
+                "-o",
+                str(out),
+                "--tokenizer",
+                tok.name_or_path,
+                "--max-length",
+                "8",
+                "--separator",
+                "eos",
+                "--workers",
+                "1",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "decode errors 1" in printed and "empty documents 1" in printed and "tokens/s" in printed
     assert PackedDataset(out).meta["options"]["separator"] == "eos"
@@ -296,13 +416,18 @@ def test_dataset_in_a_dataloader(corpus, tok, tmp_path):
     assert np.array_equal(pickle.loads(pickle.dumps(ds))[100]["input_ids"], ds[100]["input_ids"])
     assert isinstance(ds[5]["input_ids"], np.memmap)
     sampler = list(range(1, len(ds), 2))
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, collate_fn=collate, num_workers=2, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=8, sampler=sampler, collate_fn=collate, num_workers=2, drop_last=True
+    )
     seen = []
     for batch in loader:
         assert batch["input_ids"].shape == (8, 32) and batch["input_ids"].dtype == torch.int64
         assert batch["encoder_attention_mask"].shape == (8, 32, 32)
         seen.append(batch["input_ids"])
     order = sampler
-    assert torch.equal(torch.cat(seen), torch.from_numpy(np.stack([ds[i]["input_ids"] for i in order[: len(seen) * 8]]).astype(np.int64)))
+    assert torch.equal(
+        torch.cat(seen),
+        torch.from_numpy(np.stack([ds[i]["input_ids"] for i in order[: len(seen) * 8]]).astype(np.int64)),
+    )
     with pytest.raises(IndexError):
         ds[len(ds)]

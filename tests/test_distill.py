@@ -1,11 +1,12 @@
 """Progressive distillation against the official ``distillation`` branch (golden/distill.npz §8)."""
+
 import numpy as np
 import pytest
 import torch
 
 from elflm import distill, flow
-from elflm.formats.torchport import port_params_to_state_dict
 from elflm.config import ConfigError, DistillConfig, ModelConfig, ObjectiveConfig
+from elflm.formats.torchport import port_params_to_state_dict
 from elflm.model import ELF
 
 from conftest import load_npz
@@ -108,8 +109,17 @@ def test_loss_and_gradients_match_official(g, case, skip, fused_ce):
     cfg, pd, _ = settings(g, case)
     teacher = distill.freeze_teacher(net(g, "teacher"))
     student = net(g, "student_init").train()
-    out = distill.loss_from_latents(student, teacher, T(g, f"{case}/x0"), batch_of(g, case), cfg, pd,
-                                    golden_draws(g, case), skip_unused_rows=skip, fused_ce=fused_ce)
+    out = distill.loss_from_latents(
+        student,
+        teacher,
+        T(g, f"{case}/x0"),
+        batch_of(g, case),
+        cfg,
+        pd,
+        golden_draws(g, case),
+        skip_unused_rows=skip,
+        fused_ce=fused_ce,
+    )
     logged = distill.logged_losses(out)
     for part in ("loss", "ce_loss", "l2_loss"):
         ref = float(g[f"{case}/metrics/{part}"])
@@ -149,8 +159,16 @@ def test_draw_shapes_dtypes_and_seed():
     cfg, pd = ObjectiveConfig(decoder_prob=0.3), DistillConfig(pd_step_size=0.25, pd_teacher_steps=3)
     a = distill.draw(cfg, pd, 4, 6, 5, torch.Generator().manual_seed(7))
     b = distill.draw(cfg, pd, 4, 6, 5, torch.Generator().manual_seed(7))
-    shapes = {"ce": (4,), "u": (4,), "w": (4,), "dec_lambda": (4, 6, 1), "dec_eps": (4, 6, 5), "eps": (4, 6, 5),
-              "self_cond": (4,), "sub_u": (4, 2)}
+    shapes = {
+        "ce": (4,),
+        "u": (4,),
+        "w": (4,),
+        "dec_lambda": (4, 6, 1),
+        "dec_eps": (4, 6, 5),
+        "eps": (4, 6, 5),
+        "self_cond": (4,),
+        "sub_u": (4, 2),
+    }
     for name, shape in shapes.items():
         x, y = getattr(a, name), getattr(b, name)
         assert x.shape == shape and torch.equal(x, y), name
@@ -159,9 +177,14 @@ def test_draw_shapes_dtypes_and_seed():
     assert ((a.w >= 0.5) & (a.w <= 5.0)).all()
     c = distill.draw(cfg, pd, 4, 6, 5, torch.Generator().manual_seed(8))
     assert not torch.equal(a.eps, c.eps)
-    one = distill.draw(ObjectiveConfig(self_cond_prob=0, self_cond_cfg_min=2, self_cond_cfg_max=2),
-                       DistillConfig(pd_teacher_steps=1, pd_student_schedule="uniform"), 2, 3, 4,
-                       torch.Generator().manual_seed(0))
+    one = distill.draw(
+        ObjectiveConfig(self_cond_prob=0, self_cond_cfg_min=2, self_cond_cfg_max=2),
+        DistillConfig(pd_teacher_steps=1, pd_student_schedule="uniform"),
+        2,
+        3,
+        4,
+        torch.Generator().manual_seed(0),
+    )
     assert one.sub_u.shape == (2, 0) and not one.self_cond.any() and torch.equal(one.w, torch.full((2,), 2.0))
     rows = distill.draw(ObjectiveConfig(decoder_prob=0.2), pd, 4000, 1, 1, torch.Generator().manual_seed(1)).ce
     assert 0.17 < rows.float().mean().item() < 0.23
@@ -265,11 +288,16 @@ def test_guards_and_encoder_entry_point():
     assert torch.equal(via_encoder.loss, distill.loss_from_latents(student, teacher, x0, batch, cfg, pd, d).loss)
 
 
-@pytest.mark.parametrize("bad,match", [
-    (dict(pd_step_size=0.0), "pd_step_size"), (dict(pd_step_size=1.5), "pd_step_size"),
-    (dict(pd_teacher_steps=0), "pd_teacher_steps"), (dict(pd_teacher_steps=2.0), "pd_teacher_steps"),
-    (dict(pd_student_schedule="cosine"), "pd_student_schedule"),
-])
+@pytest.mark.parametrize(
+    "bad,match",
+    [
+        (dict(pd_step_size=0.0), "pd_step_size"),
+        (dict(pd_step_size=1.5), "pd_step_size"),
+        (dict(pd_teacher_steps=0), "pd_teacher_steps"),
+        (dict(pd_teacher_steps=2.0), "pd_teacher_steps"),
+        (dict(pd_student_schedule="cosine"), "pd_student_schedule"),
+    ],
+)
 def test_distill_config_rejects_bad_values(bad, match):
     with pytest.raises(ConfigError, match=match):
         DistillConfig(**bad)

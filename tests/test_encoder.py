@@ -1,5 +1,6 @@
 """Frozen text encoders against the official T5 encoder (golden/t5_encoder.npz), the safe pickle
 loader, any-HF-encoder loading and input validation."""
+
 import os
 import pickle
 
@@ -7,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_npz
-from golden_utils import T, assert_close, tree
 from elflm.data.rows import apply_label_drop, encoder_attention_mask
 from elflm.encoder import EncoderFileError, TextEncoder, denormalize_latent, load_jax_pickle, save_encoder_folder
+
+from conftest import load_npz
+from golden_utils import T, assert_close, tree
 
 BATCHES = ["uncond", "cond"]
 
@@ -160,9 +162,17 @@ def bert_dir(tmp_path_factory):
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "hello", "world", ",", "this", "is", "a", "test", "."]
     wp = Tokenizer(models.WordPiece({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok = PreTrainedTokenizerFast(tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", sep_token="[SEP]", cls_token="[CLS]")
-    cfg = BertConfig(vocab_size=len(words), hidden_size=24, num_hidden_layers=2, num_attention_heads=2,
-                     intermediate_size=48, max_position_embeddings=32)
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=wp, unk_token="[UNK]", pad_token="[PAD]", sep_token="[SEP]", cls_token="[CLS]"
+    )
+    cfg = BertConfig(
+        vocab_size=len(words),
+        hidden_size=24,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=48,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("bert")
     BertModel(cfg).save_pretrained(path)
@@ -176,8 +186,9 @@ def test_any_hf_encoder(bert_dir):
     enc = TextEncoder.from_pretrained(bert_dir, latent_std=0.5)
     assert (enc.dim, enc.vocab_size, enc.pad_id, enc.eos_id) == (24, 12, 0, 3)
     assert not any(p.requires_grad for p in enc.parameters())
-    ids = torch.tensor([enc.token_ids(["hello world , this is a test .", "hello world"])[0],
-                        enc.token_ids("hello world") + [0] * 6])
+    ids = torch.tensor(
+        [enc.token_ids(["hello world , this is a test .", "hello world"])[0], enc.token_ids("hello world") + [0] * 6]
+    )
     am = (torch.arange(8) < torch.tensor([[8], [2]])).float()
     x = enc.encode(ids, am)
     assert x.shape == (2, 8, 24) and x.dtype == torch.float32 and torch.isfinite(x).all()

@@ -1,5 +1,6 @@
 """Metrics of elflm.evaluate: hand-computed entropy / BLEU / ROUGE, Gen PPL of a tiny random GPT-2
 against a direct per-sample computation, file handling, judge loading, and the SmolLM2 GGUF judge."""
+
 import importlib.util
 import json
 import math
@@ -9,8 +10,9 @@ import sys
 import pytest
 import torch
 
-from conftest import need_module, skip_unless
 from elflm import evaluate as ev
+
+from conftest import need_module, skip_unless
 
 LN2 = math.log(2.0)
 SENTENCES = [
@@ -57,9 +59,14 @@ def test_rouge_hand_computed():
     assert set(got) == {"rouge1", "rouge2", "rougeL"}
 
 
-PAIRS = [("The cat sat on the mat.", "the cat is sitting on the mat"), ("A dog ran", "Dogs were running in the park."),
-         ("Nothing in common", "completely different words here"), ("", "an empty hypothesis"),
-         ("Les chats courent vite.", "Cats run fast."), ("the the the the", "the cat")]
+PAIRS = [
+    ("The cat sat on the mat.", "the cat is sitting on the mat"),
+    ("A dog ran", "Dogs were running in the park."),
+    ("Nothing in common", "completely different words here"),
+    ("", "an empty hypothesis"),
+    ("Les chats courent vite.", "Cats run fast."),
+    ("the the the the", "the cat"),
+]
 
 
 def test_bleu_and_rouge_are_those_of_the_reference_packages():
@@ -181,7 +188,10 @@ def test_literal_eos_scored_once(tiny_judge):
     # the longest sample: its 6 targets minus the second EOS; "Hi there" (2 tokens): 1 + its EOS
     r = ev.generative_perplexity([text, "Hi there"], model, tok)
     assert r["num_tokens"] == (len(ids) - 2) + 2
-    assert ev._scored_targets([5, 9, 50256, 7, 50256], 50256, True) == ([9, 50256, 7, 50256, 50256], [True, True, True, False, False])
+    assert ev._scored_targets([5, 9, 50256, 7, 50256], 50256, True) == (
+        [9, 50256, 7, 50256, 50256],
+        [True, True, True, False, False],
+    )
     assert ev._scored_targets([50256, 3, 50256], 50256, True) == ([3, 50256, 50256], [True, False, False])
     assert ev._scored_targets([5, 9], 50256, False) == ([9], [True])
     assert ev._scored_targets([5, 9], None, True) == ([9], [True])
@@ -227,7 +237,9 @@ def test_evaluate_file_conditional_jsonl(tiny_judge, tmp_path):
     assert out["rougeL"] == pytest.approx(ev.rouge(hyps, refs)["rougeL"])
     assert out["samples"]["count"] == 3 and out["samples"]["num_empty"] == 1
     assert out["samples"]["gen_ppl"] == pytest.approx(ev.generative_perplexity(hyps, model, tok)["gen_ppl"], rel=1e-6)
-    assert out["references"]["gen_ppl"] == pytest.approx(ev.generative_perplexity(refs, model, tok)["gen_ppl"], rel=1e-6)
+    assert out["references"]["gen_ppl"] == pytest.approx(
+        ev.generative_perplexity(refs, model, tok)["gen_ppl"], rel=1e-6
+    )
     assert out["judge"] == {"name": str(folder), "gguf_file": None, "max_length": 64}
     json.dumps(out)  # a plain, serialisable report
 
@@ -279,7 +291,7 @@ def test_read_files_and_bad_inputs(tmp_path):
 def test_gzip_references(tmp_path):
     import gzip
 
-    (tmp_path / "r.txt.gz").write_bytes(gzip.compress("a b c\nd e f\n".encode()))
+    (tmp_path / "r.txt.gz").write_bytes(gzip.compress(b"a b c\nd e f\n"))
     assert ev.read_references(tmp_path / "r.txt.gz") == ["a b c", "d e f"]
 
 
@@ -313,7 +325,13 @@ def test_encoder_only_judge_is_refused(assets_dir, tmp_path):
     from elflm.evaluate import load_judge
 
     tok = AutoTokenizer.from_pretrained(assets_dir / "tokenizers" / "gpt2")
-    BertModel(BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(tmp_path)
+    BertModel(
+        BertConfig(
+            vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+        )
+    ).save_pretrained(tmp_path)
     tok.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match=r"not a complete causal language model: \d+ weights are missing .*cls\.predictions"):
+    with pytest.raises(
+        ValueError, match=r"not a complete causal language model: \d+ weights are missing .*cls\.predictions"
+    ):
         load_judge(tmp_path, device="cpu")

@@ -1,10 +1,12 @@
 """The fast paths against the reference paths: SDPA vs float32 attention, cached complex RoPE, the
-lean-memory RMSNorm and SwiGLU gate, float32 heads under bf16 autocast, the chunked decode cross-entropy, the self-conditioning pass on the
-self-conditioned rows only, and ``torch.compile`` of the blocks and of the sampler's forward.
+lean-memory RMSNorm and SwiGLU gate, float32 heads under bf16 autocast, the chunked decode
+cross-entropy, the self-conditioning pass on the self-conditioned rows only, and ``torch.compile``
+of the blocks and of the sampler's forward.
 
 Tolerances: float32 paths agree to float rounding (1e-5 absolute on O(1) values, gradients 1e-5
 of their largest entry). Under bf16 autocast the fast and reference attention differ by bf16
 rounding of q, k, v and the attention output (8 mantissa bits): 5e-2 absolute here."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -56,7 +58,9 @@ def test_complex_rope_is_the_table_rotation():
     cos, sin = rope_tables(3, 9, 8, dtype=torch.float64)
     x = torch.randn(2, 2, 12, 8, dtype=torch.float64)
     assert torch.allclose(rotate_pairs(x, rope_phases(cos, sin)), apply_rope(x, cos, sin), atol=1e-12)
-    assert torch.allclose(rotate_pairs(x.float(), rope_phases(cos.float(), sin.float())), apply_rope(x, cos, sin).float(), atol=1e-6)
+    assert torch.allclose(
+        rotate_pairs(x.float(), rope_phases(cos.float(), sin.float())), apply_rope(x, cos, sin).float(), atol=1e-6
+    )
     assert torch.equal(rotate_pairs(x.float(), rope_phases(cos, sin))[..., :3, :], x[..., :3, :].float())
 
 
@@ -141,7 +145,11 @@ def test_chunked_cross_entropy_matches_full_logits(chunk):
     targets = torch.randint(0, CFG.vocab_size, (B, L))
     targets[0, :7] = -1
     ce = m.decoder.cross_entropy(h, targets, chunk_tokens=chunk)
-    ref = torch.where(targets >= 0, F.cross_entropy(m.decoder(h).flatten(0, 1), targets.flatten().clamp(min=0), reduction="none").view(B, L), 0.0)
+    ref = torch.where(
+        targets >= 0,
+        F.cross_entropy(m.decoder(h).flatten(0, 1), targets.flatten().clamp(min=0), reduction="none").view(B, L),
+        0.0,
+    )
     assert ce.shape == (B, L) and ce.dtype == torch.float32
     assert (ce - ref).abs().max() < 1e-5 and torch.all(ce[0, :7] == 0)
     weight = torch.rand(B, L)
@@ -193,7 +201,8 @@ def test_chunked_cross_entropy_keeps_no_logits_for_backward():
     targets = torch.randint(0, CFG.vocab_size, (B, L))
     for chunk in (B * L, 8):
         saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        keep = saved.append
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, keep=keep: keep(t.shape) or t, lambda t: t):
             ce = m.decoder.cross_entropy(h, targets, chunk_tokens=chunk)
         assert not any(len(s) == 2 and s[-1] == CFG.vocab_size and s != m.decoder.unembed.weight.shape for s in saved)
         fns, seen, stack = [], set(), [ce.grad_fn]
@@ -244,8 +253,11 @@ def test_self_cond_pass_on_used_rows_matches_official_passes(rows):
     x0, ids, cond, lmask = objective_batch()
     cfg = ObjectiveConfig()
     d = draw(cfg, B, L, C, generator=torch.Generator().manual_seed(4))
-    d.self_cond = {"mixed": torch.tensor([True, False, True, False]), "none": torch.zeros(B, dtype=torch.bool),
-                   "all": torch.ones(B, dtype=torch.bool)}[rows]
+    d.self_cond = {
+        "mixed": torch.tensor([True, False, True, False]),
+        "none": torch.zeros(B, dtype=torch.bool),
+        "all": torch.ones(B, dtype=torch.bool),
+    }[rows]
     results = []
     for reuse in (True, False):
         m = make_model().train()
@@ -273,6 +285,7 @@ def test_fast_training_loss_under_bf16_autocast_is_close_to_reference():
         assert abs(a - b) <= 2e-2 * abs(b), (branch, a, b)
 
 
+@pytest.mark.slow
 def test_compiled_blocks_match_eager():
     m = make_model(depth=1)
     x, t, w, mask = inputs()

@@ -1,5 +1,6 @@
 """Foreign formats: the authors' Flax (orbax, per-array zarr, msgpack) and torch-port files read
 exactly into our names, the official config semantics, and bad files fail with errors naming them."""
+
 import json
 import os
 import shutil
@@ -8,11 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_npz
-from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, assert_same_weights, muon_weights, tree
 from elflm.checkpoint import CheckpointError
 from elflm.formats import detect_format, infer_model_config, official, read_checkpoint
 from elflm.formats.flax import flax_name, flax_params_to_state_dict
+
+from conftest import load_npz
+from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, assert_same_weights, muon_weights, tree
+
 
 def test_flax_names():
     assert flax_name("blocks_11/attn/qkv/kernel") == ("blocks.11.attn.qkv.weight", True)
@@ -28,11 +31,24 @@ def test_flax_orbax_reads_exactly(golden_dir):
     assert_same_weights(weights.ema, muon_weights(f"{STEP2}/ema_after"))
     assert_same_weights(weights.raw, muon_weights(f"{STEP2}/params_after"))
     assert weights.step == 3 and weights.sampling is weights.ema
-    sizes = dict(encoder_dim=32, vocab_size=128, max_length=16, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
-                 bottleneck_dim=16)
+    sizes = dict(
+        encoder_dim=32,
+        vocab_size=128,
+        max_length=16,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=4.0,
+        bottleneck_dim=16,
+    )
     assert {k: getattr(cfg, k) for k in sizes} == sizes and cfg == infer_model_config(weights.ema, 16)
-    assert settings.source == {"format": "flax-orbax", "path": str(FLAX), "step": 3, "config": str(FLAX_CONFIG),
-                               "weights": "ema"}
+    assert settings.source == {
+        "format": "flax-orbax",
+        "path": str(FLAX),
+        "step": 3,
+        "config": str(FLAX_CONFIG),
+        "weights": "ema",
+    }
     assert settings.objective.latent_std == 0.2 and settings.objective.noise_scale == 2.0
     s = settings.sample
     assert (s.method, s.steps, s.gamma, s.w) == ("sde", 4, 1.5, 3.0)
@@ -58,9 +74,16 @@ def _write_zarr(folder, name, array):
 
 
 def _orbax_metadata(leaves) -> dict:
-    return {"tree_metadata": {str(k): {"key_metadata": [{"key": p, "key_type": 2} for p in k],
-                                       "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False}}
-                              for k in leaves}, "use_zarr3": False}
+    return {
+        "tree_metadata": {
+            str(k): {
+                "key_metadata": [{"key": p, "key_type": 2} for p in k],
+                "value_metadata": {"value_type": "np.ndarray", "skip_deserialize": False},
+            }
+            for k in leaves
+        },
+        "use_zarr3": False,
+    }
 
 
 @pytest.mark.parametrize("layout", ["metadata", "folders_only", "item_folder"])
@@ -116,7 +139,8 @@ def test_old_flax_msgpack_files(golden_dir, tmp_path):
     chunked = dict(ema, **{big: None})
     state = {"params": _nest(raw), "ema_params1": _nest({k: v for k, v in chunked.items() if v is not None}), "step": 3}
     state["ema_params1"]["blocks_0"]["mlp"]["w12"]["kernel"] = {
-        "__msgpack_chunked_array__": True, "shape": {"0": ema[big].shape[0], "1": ema[big].shape[1]},
+        "__msgpack_chunked_array__": True,
+        "shape": {"0": ema[big].shape[0], "1": ema[big].shape[1]},
         "chunks": {"0": flat[:1000], "1": flat[1000:]},
     }
     file = tmp_path / "checkpoint_3"

@@ -1,15 +1,17 @@
 """The Hugging Face Hub, offline: snapshots in the cache load (converted once when foreign), Hub
 files resolve from the cache, and a missing network fails at once saying what to do."""
+
 import shutil
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import GOLDEN, load_npz
-from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, T, assert_close, assert_same_weights, muon_weights
 from elflm import hub
 from elflm.model import ELF
 from elflm.pretrained import WEIGHTS
+
+from conftest import GOLDEN, load_npz
+from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, T, assert_close, assert_same_weights, muon_weights
 
 
 @pytest.fixture(autouse=True)
@@ -50,7 +52,9 @@ def test_names(tmp_path):
 
 
 def test_hub_snapshot_of_an_official_checkpoint_converts_once_offline(golden_dir, tmp_path):
-    _hub_snapshot(tmp_path / "hub-cache", "someone/elf-tiny", "a" * 40, {"checkpoint_3": FLAX, "config.yml": FLAX_CONFIG})
+    _hub_snapshot(
+        tmp_path / "hub-cache", "someone/elf-tiny", "a" * 40, {"checkpoint_3": FLAX, "config.yml": FLAX_CONFIG}
+    )
     model = ELF.from_pretrained("someone/elf-tiny", encoder=False)
     assert_same_weights(model.state_dict(), muon_weights(f"{STEP2}/ema_after"))
     converted = tmp_path / "elflm-cache" / "converted" / "models--someone--elf-tiny" / ("a" * 40)
@@ -83,7 +87,9 @@ def test_no_network_error_explains_what_to_do(tmp_path):
     msg = str(e.value)
     for part in ("embedded-language-flows/ELF-B-owt", "HF_HUB_OFFLINE", str(tmp_path / "hub-cache"), "local path"):
         assert part in msg
-    with pytest.raises(hub.HubError, match="(?s)could not load the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        hub.HubError, match="(?s)could not load the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"
+    ):
         from transformers import AutoTokenizer
 
         hub.load_hf(AutoTokenizer.from_pretrained, "org/no-such-tokenizer", "tokenizer")

@@ -1,6 +1,7 @@
 """The package's import structure, read from the source: no import cycle between elflm modules,
 no elflm module imported inside a function (only optional third-party packages are), and no
 private (``_name``) function or class of one module used by another."""
+
 import ast
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def imports(path: Path):
             if mod.split(".")[0] != "elflm":
                 continue
             subs = [f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES]
-            targets = [(s, []) for s in subs] + [(mod, [a.name for a in node.names if f"{mod}.{a.name}" not in MODULES])]
+            targets = [(s, []) for s in subs] + [
+                (mod, [a.name for a in node.names if f"{mod}.{a.name}" not in MODULES])
+            ]
         else:
             continue
         for target, names in targets:
@@ -70,7 +73,7 @@ def test_no_import_cycles():
         path.append(m)
         for t in sorted(graph[m]):
             if state.get(t) == "open":
-                cycle = path[path.index(t):] + [t]
+                cycle = path[path.index(t) :] + [t]
                 pytest.fail("import cycle: " + " -> ".join(cycle))
             if t not in state:
                 visit(t)
@@ -83,7 +86,9 @@ def test_no_import_cycles():
 
 
 def test_no_function_level_imports_of_elflm_modules():
-    found = [f"{module_name(p)}:{line} imports {t}" for p in MODULES.values() for line, t, _, top in imports(p) if not top]
+    found = [
+        f"{module_name(p)}:{line} imports {t}" for p in MODULES.values() for line, t, _, top in imports(p) if not top
+    ]
     assert not found, "import elflm modules at module level:\n" + "\n".join(found)
 
 
@@ -94,13 +99,19 @@ def test_no_private_names_across_modules():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         aliases = {}
         for line, target, names, _ in imports(path):
-            found += [f"{here}:{line} imports {target}.{n}" for n in names if n.startswith("_") and not n.startswith("__") and target != here]
+            found += [
+                f"{here}:{line} imports {target}.{n}"
+                for n in names
+                if n.startswith("_") and not n.startswith("__") and target != here
+            ]
         for node in ast.walk(tree):
             if isinstance(node, ast.ImportFrom):
                 mod = resolve(node, here, path.name == "__init__.py")
-                aliases.update({a.asname or a.name: f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES})
+                aliases.update(
+                    {a.asname or a.name: f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in MODULES}
+                )
         for node in ast.walk(tree):
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases:
-                if node.attr.startswith("_") and not node.attr.startswith("__"):
-                    found.append(f"{here}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
+            private = isinstance(node, ast.Attribute) and node.attr.startswith("_") and not node.attr.startswith("__")
+            if private and isinstance(node.value, ast.Name) and node.value.id in aliases:
+                found.append(f"{here}:{node.lineno} uses {aliases[node.value.id]}.{node.attr}")
     assert not found, "private names used across modules:\n" + "\n".join(found)

@@ -1,4 +1,5 @@
 """Infilling and prompted continuation: template parsing, layout, held latents, exact known tokens, CLI."""
+
 import json
 from dataclasses import replace
 
@@ -6,11 +7,12 @@ import pytest
 import torch
 
 from elflm import infill
-from elflm.model import ELF
 from elflm.cli import main
 from elflm.config import SampleConfig
 from elflm.generate import Row, encode_known, finish, known_mask, layout, sample_rows
+from elflm.model import ELF
 from elflm.sampling import Sampler
+
 from tiny_model import make_tiny_model
 
 CFG = SampleConfig(method="sde", steps=4, grid="logit_normal")
@@ -19,7 +21,9 @@ CFG = SampleConfig(method="sde", steps=4, grid="logit_normal")
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory, t5_tokenizer_dir):
     root = tmp_path_factory.mktemp("infill")
-    return make_tiny_model(root / "unc", t5_tokenizer_dir), make_tiny_model(root / "cond", t5_tokenizer_dir, max_input_length=16)
+    return make_tiny_model(root / "unc", t5_tokenizer_dir), make_tiny_model(
+        root / "cond", t5_tokenizer_dir, max_input_length=16
+    )
 
 
 @pytest.fixture(scope="module")
@@ -45,13 +49,16 @@ def test_parse_template():
     assert infill.parse_template("no gap") == ["no gap"]
 
 
-@pytest.mark.parametrize("text, words", [
-    ("a [MASK:0] b", "gap length must be >= 1"),
-    ("a [MASK:x] b", "malformed gap marker '[MASK:x]' at character 2"),
-    ("a [MASK:-2]", "malformed"),
-    ("a [MASK] b", "malformed"),
-    ("a [MASK:3 b", "unclosed gap marker"),
-])
+@pytest.mark.parametrize(
+    "text, words",
+    [
+        ("a [MASK:0] b", "gap length must be >= 1"),
+        ("a [MASK:x] b", "malformed gap marker '[MASK:x]' at character 2"),
+        ("a [MASK:-2]", "malformed"),
+        ("a [MASK] b", "malformed"),
+        ("a [MASK:3 b", "unclosed gap marker"),
+    ],
+)
 def test_parse_template_errors(text, words):
     with pytest.raises(ValueError, match=words.replace("[", r"\[").replace("]", r"\]")):
         infill.parse_template(text)
@@ -59,9 +66,14 @@ def test_parse_template_errors(text, words):
 
 def test_segments_from_json():
     assert infill.segments_from_json([{"text": "a"}, {"gap": 2}]) == ["a", 2]
-    for bad, words in [([], "non-empty"), ([{"gap": 0}], "segment 0: a gap length must be >= 1"),
-                       ([{"text": "a"}, {"gap": "3"}], "segment 1"), ([{"gap": True}], "segment 0"),
-                       ([{"text": 1}], "segment 0"), ([{"text": "a", "gap": 1}], "segment 0")]:
+    for bad, words in [
+        ([], "non-empty"),
+        ([{"gap": 0}], "segment 0: a gap length must be >= 1"),
+        ([{"text": "a"}, {"gap": "3"}], "segment 1"),
+        ([{"gap": True}], "segment 0"),
+        ([{"text": 1}], "segment 0"),
+        ([{"text": "a", "gap": 1}], "segment 0"),
+    ]:
         with pytest.raises(ValueError, match=words):
             infill.segments_from_json(bad)
 
@@ -70,7 +82,10 @@ def test_build_template_places_ids(unc):
     _, enc = unc
     tok = enc.tokenizer
     t = infill.make_template("The cat [MASK:3] on the mat.[MASK:2]", enc)
-    head, tail = tok("The cat", add_special_tokens=False)["input_ids"], tok(" on the mat.", add_special_tokens=False)["input_ids"]
+    head, tail = (
+        tok("The cat", add_special_tokens=False)["input_ids"],
+        tok(" on the mat.", add_special_tokens=False)["input_ids"],
+    )
     assert t.length == len(head) + 3 + len(tail) + 2
     assert t.ids[: len(head)].tolist() == head and t.ids[len(head) + 3 : len(head) + 3 + len(tail)].tolist() == tail
     assert t.gaps() == [(len(head), len(head) + 3), (t.length - 2, t.length)]
@@ -79,14 +94,19 @@ def test_build_template_places_ids(unc):
     same = infill.make_template([{"text": "The cat "}, {"gap": 3}, {"text": " on the mat."}, {"gap": 2}], enc)
     assert torch.equal(same.ids, t.ids) and torch.equal(same.known, t.known)
     glued = infill.make_template("cat[MASK:2].", enc)
-    assert glued.ids[-1].item() == tok.convert_tokens_to_ids(".") and glued.length == len(tok("cat", add_special_tokens=False)["input_ids"]) + 3
+    assert (
+        glued.ids[-1].item() == tok.convert_tokens_to_ids(".")
+        and glued.length == len(tok("cat", add_special_tokens=False)["input_ids"]) + 3
+    )
 
 
 def test_template_errors(unc):
     _, enc = unc
     with pytest.raises(ValueError, match="no gap"):
         infill.make_template("nothing to fill", enc)
-    with pytest.raises(ValueError, match=r"the template is 70 tokens \(0 known \+ 70 in gaps\), more than the 64 available"):
+    with pytest.raises(
+        ValueError, match=r"the template is 70 tokens \(0 known \+ 70 in gaps\), more than the 64 available"
+    ):
         infill.make_template("[MASK:70]", enc, max_length=64)
     with pytest.raises(ValueError, match="leaves nothing to generate"):
         infill.prompt_template(enc, "one two three four", 3)
@@ -95,11 +115,17 @@ def test_template_errors(unc):
 def test_read_templates(tmp_path):
     f = tmp_path / "t.jsonl"
     f.write_text('"a [MASK:2]"\n\n[{"text": "b"}, {"gap": 1}]\n{"template": "c [MASK:1]", "source": "s"}\n')
-    assert infill.read_templates(f) == [{"template": "a [MASK:2]", "source": None},
-                                        {"template": [{"text": "b"}, {"gap": 1}], "source": None},
-                                        {"template": "c [MASK:1]", "source": "s"}]
-    for text, words in [('"a [MASK:0]"\n', ":1: empty gap"), ('{"tmpl": "a"}\n', ":1: expected"),
-                        ("not json\n", ":1: not valid JSON"), ('"ok [MASK:1]"\n[{"gap": -1}]\n', ":2: segment 0")]:
+    assert infill.read_templates(f) == [
+        {"template": "a [MASK:2]", "source": None},
+        {"template": [{"text": "b"}, {"gap": 1}], "source": None},
+        {"template": "c [MASK:1]", "source": "s"},
+    ]
+    for text, words in [
+        ('"a [MASK:0]"\n', ":1: empty gap"),
+        ('{"tmpl": "a"}\n', ":1: expected"),
+        ("not json\n", ":1: not valid JSON"),
+        ('"ok [MASK:1]"\n[{"gap": -1}]\n', ":2: segment 0"),
+    ]:
         f.write_text(text)
         with pytest.raises(ValueError, match=words):
             infill.read_templates(f)
@@ -223,8 +249,17 @@ def test_conditional_infill_layout_and_guidance(cond):
     assert not torch.allclose(held.dropped[0, n], held.latents[0, n])  # encoded without the source
 
     cfg = replace(CFG, cfg_scale=2.0, method="ode")
-    recs = infill.infill(model, enc, "Das [MASK:3] Haus.", cfg, source="The house is big", max_input_length=16,
-                         length=32, pad_token="eos", num_samples=2)
+    recs = infill.infill(
+        model,
+        enc,
+        "Das [MASK:3] Haus.",
+        cfg,
+        source="The house is big",
+        max_input_length=16,
+        length=32,
+        pad_token="eos",
+        num_samples=2,
+    )
     for r in recs:
         assert len(r["ids"]) == T and torch.equal(torch.tensor(r["ids"])[t.known], t.ids[t.known])
         assert r["source"] == "The house is big" and r["cfg_scale"] == 2.0
@@ -234,19 +269,57 @@ def test_conditional_infill_layout_and_guidance(cond):
 
 def test_cli_infill_and_prompt(folders, tmp_path, capsys):
     out = tmp_path / "o.jsonl"
-    assert main(["sample", "--checkpoint", str(folders[0]), "--infill", "The cat [MASK:4] on the mat.",
-                 "--num-samples", "2", "--steps", "3", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(folders[0]),
+                "--infill",
+                "The cat [MASK:4] on the mat.",
+                "--num-samples",
+                "2",
+                "--steps",
+                "3",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["index"] for r in recs] == [0, 1] and all(r["text"].startswith("The cat") for r in recs)
     assert all(r["template"] == "The cat [MASK:4] on the mat." and r["steps"] == 3 for r in recs)
-    assert main(["sample", "--checkpoint", str(folders[0]), "--prompt", "Once upon a time", "--length", "12", "-o", str(out)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(folders[0]),
+                "--prompt",
+                "Once upon a time",
+                "--length",
+                "12",
+                "-o",
+                str(out),
+            ]
+        )
+        == 0
+    )
     (r,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert r["text"].startswith("Once upon a time") and len(r["ids"]) == 12 and r["prompt"] == "Once upon a time"
     f = tmp_path / "t.jsonl"
-    f.write_text(json.dumps({"template": "Das [MASK:2] Haus.", "source": "The house"}) + "\n" + json.dumps("Ein [MASK:3]") + "\n")
-    assert main(["sample", "--checkpoint", str(folders[1]), "--infill-file", str(f), "--length", "32", "-o", str(out)]) == 0
+    f.write_text(
+        json.dumps({"template": "Das [MASK:2] Haus.", "source": "The house"}) + "\n" + json.dumps("Ein [MASK:3]") + "\n"
+    )
+    assert (
+        main(["sample", "--checkpoint", str(folders[1]), "--infill-file", str(f), "--length", "32", "-o", str(out)])
+        == 0
+    )
     recs = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [r["template_index"] for r in recs] == [0, 1] and recs[0]["source"] == "The house" and "source" not in recs[1]
+    assert (
+        [r["template_index"] for r in recs] == [0, 1] and recs[0]["source"] == "The house" and "source" not in recs[1]
+    )
     capsys.readouterr()
     assert main(["sample", "--checkpoint", str(folders[0]), "--infill", "a [MASK:x]"]) == 2
     assert "malformed gap marker '[MASK:x]'" in capsys.readouterr().err

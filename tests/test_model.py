@@ -1,11 +1,13 @@
 """The ELF network against the official forward (golden/elf_model.npz) and on bad input."""
+
 import pytest
 import torch
 
-from conftest import load_npz
-from golden_utils import TINY, T, assert_close, tiny_model
 from elflm.config import model_preset
 from elflm.model import ELF, apply_rope, rope_tables
+
+from conftest import load_npz
+from golden_utils import TINY, T, assert_close, tiny_model
 
 BATCHES = ["uncond", "cond"]
 
@@ -44,7 +46,7 @@ def test_golden_inputs_follow_the_flow(g):
     from elflm import flow
 
     for name in BATCHES:
-        k = lambda s: T(g, f"{name}/{s}")
+        k = lambda s, name=name: T(g, f"{name}/{s}")
         z = flow.add_noise(k("x0"), k("eps"), k("t"), 2.0, k("cond_seq_mask"))
         assert_close(z, g[f"{name}/z"], 1e-6, "z")
 

@@ -1,14 +1,16 @@
 """Losses and gradients of one official train step (golden/train_step.npz)."""
+
 import pytest
 import torch
 
-from conftest import load_npz
-from golden_utils import T, assert_close, tiny_model, tree
 from elflm import flow
 from elflm.config import ObjectiveConfig
-from elflm.data.rows import batch_from_rows, build_rows, encoder_mask, loss_mask
+from elflm.data.rows import batch_from_rows, build_rows, encoder_mask
 from elflm.formats.flax import flax_params_to_state_dict
 from elflm.objective import Draws, draw, encode_batch, logged_losses, loss_from_latents, masked_mean
+
+from conftest import load_npz
+from golden_utils import T, assert_close, tiny_model, tree
 
 CASES = [(n, b) for n in ("uncond", "cond") for b in ("denoise", "decode")]
 
@@ -42,7 +44,9 @@ def g(golden_dir):
 
 
 def batch_of(g, name):
-    return {k: T(g, f"{name}/batch/{k}") for k in ("input_ids", "attention_mask", "cond_seq_mask", "encoder_attention_mask")}
+    return {
+        k: T(g, f"{name}/batch/{k}") for k in ("input_ids", "attention_mask", "cond_seq_mask", "encoder_attention_mask")
+    }
 
 
 @pytest.mark.parametrize("reuse", [True, False], ids=["reuse", "official-passes"])
@@ -91,7 +95,9 @@ def test_encode_batch_uses_the_label_dropped_encoder_mask():
     drop = torch.tensor([True, False])
     enc = Recorder()
     assert encode_batch(enc, batch, drop).shape == (2, 5, 2)
-    assert torch.equal(enc.mask, encoder_mask(batch, drop)) and not torch.equal(enc.mask, batch["encoder_attention_mask"])
+    assert torch.equal(enc.mask, encoder_mask(batch, drop)) and not torch.equal(
+        enc.mask, batch["encoder_attention_mask"]
+    )
 
 
 def test_masked_mean():

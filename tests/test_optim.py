@@ -1,14 +1,16 @@
 """Optimizer, schedule and EMA against the official optax chain (golden ``muon.npz``)."""
+
 import io
 import socket
 
 import pytest
 import torch
-from conftest import load_npz, skip_unless
-from golden_utils import TINY, assert_close, tree
 
 from elflm.formats.flax import flax_params_to_state_dict
 from elflm.optim import EMA, Muon, build_optimizer, clip_grad_norm_, lr_at, newton_schulz, peak_lr
+
+from conftest import load_npz, skip_unless
+from golden_utils import TINY, assert_close, tree
 
 ATOL = 1e-6  # README §Tolerances: Muon / EMA params after each step
 
@@ -61,8 +63,10 @@ def test_chain_matches_optax(ns_gram):
         assert_params(params, golden(f"chain/step{k}/params_after"), f"step {k}")
 
     muon_mu = golden("chain/final_state/muon/mu")
-    adam = {m: flax_params_to_state_dict({k: v for k, v in tree(g, f"chain/final_state/adam/{m}").items() if v.size})
-            for m in ("mu", "nu")}
+    adam = {
+        m: flax_params_to_state_dict({k: v for k, v in tree(g, f"chain/final_state/adam/{m}").items() if v.size})
+        for m in ("mu", "nu")
+    }
     assert set(muon_mu) == {n for n, p in params.items() if p.ndim == 2}
     assert set(adam["mu"]) == set(adam["nu"]) == {n for n, p in params.items() if p.ndim != 2}
     for n, p in params.items():
@@ -173,8 +177,9 @@ def test_newton_schulz_orientation_and_scale():
 @pytest.mark.parametrize("shape", [(24, 10), (16, 300), (300, 16), (64, 64), (8, 128)])
 def test_gram_newton_schulz_equals_the_plain_iteration(shape):
     """The Gram form agrees with the plain iteration to 1e-12 in float64 and in float32 stays
-    within a few times the plain iteration's rounding error, also on a gradient-like matrix with a wide spread of singular values; ``None``
-    picks it only for matrices at least 16 times as wide as tall."""
+    within a few times the plain iteration's rounding error, also on a gradient-like matrix with a
+    wide spread of singular values; ``None`` picks it only for matrices at least 16 times as wide
+    as tall."""
     g = torch.Generator().manual_seed(0)
     u, _ = torch.linalg.qr(torch.randn(shape[0], shape[0], generator=g, dtype=torch.float64))
     v, _ = torch.linalg.qr(torch.randn(shape[1], shape[1], generator=g, dtype=torch.float64))
@@ -242,7 +247,9 @@ def _fsdp_worker(rank: int, world: int, port: int) -> None:
     from elflm import distributed
     from elflm.model import ELF
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     d = distributed.setup("cpu")
     try:
         g = load_npz("muon.npz")
@@ -275,4 +282,3 @@ def test_fsdp2_dtensor_matches_official():
     EMA on DTensors reproduce the official train-step updates."""
     skip_unless(torch.distributed.is_available(), "torch.distributed is not available")
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2)
-

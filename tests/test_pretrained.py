@@ -1,6 +1,7 @@
 """Our model folder: conversion of the authors' checkpoints into it is exact, it round-trips,
 ``ELF.from_pretrained`` reads every format (training runs of every layout included) and attaches
 the encoder, bad folders fail with errors naming them."""
+
 import json
 import shutil
 from dataclasses import replace
@@ -9,18 +10,29 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import GOLDEN, load_npz
-from golden_utils import (
-    FLAX, FLAX_CONFIG, PORT, STEP2, T, assert_close, assert_same_weights, muon_weights, tiny_model, tree,
-)
 from elflm.checkpoint import CheckpointError, TrainingCheckpoint
+from elflm.cli import main
 from elflm.config import Config, DataConfig, SampleConfig, Settings
 from elflm.encoder import TextEncoder
 from elflm.formats.flax import flax_params_to_state_dict
 from elflm.generate import generate
 from elflm.model import ELF
-from elflm.cli import main
 from elflm.pretrained import RAW_WEIGHTS, WEIGHTS, detect_format
+
+from conftest import GOLDEN, load_npz
+from golden_utils import (
+    FLAX,
+    FLAX_CONFIG,
+    PORT,
+    STEP2,
+    T,
+    assert_close,
+    assert_same_weights,
+    muon_weights,
+    tiny_model,
+    tree,
+)
+
 
 @pytest.fixture(scope="module")
 def flax_folder(golden_dir, tmp_path_factory):
@@ -41,12 +53,25 @@ def test_flax_orbax_converts_exactly(flax_folder):
     assert_same_weights(load_file(flax_folder / WEIGHTS), muon_weights(f"{STEP2}/ema_after"))
     assert_same_weights(load_file(flax_folder / RAW_WEIGHTS), muon_weights(f"{STEP2}/params_after"))
     cfg = json.loads((flax_folder / "config.json").read_text())
-    sizes = dict(encoder_dim=32, vocab_size=128, max_length=16, hidden_size=64, depth=2, num_heads=4, mlp_ratio=4.0,
-                 bottleneck_dim=16)
+    sizes = dict(
+        encoder_dim=32,
+        vocab_size=128,
+        max_length=16,
+        hidden_size=64,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=4.0,
+        bottleneck_dim=16,
+    )
     assert {k: cfg["model"][k] for k in sizes} == sizes
     assert cfg["source"]["format"] == "flax-orbax" and cfg["source"]["step"] == 3 and cfg["source"]["weights"] == "ema"
     assert cfg["objective"]["latent_std"] == 0.2 and cfg["objective"]["noise_scale"] == 2.0
-    assert (cfg["sample"]["method"], cfg["sample"]["steps"], cfg["sample"]["gamma"], cfg["sample"]["w"]) == ("sde", 4, 1.5, 3.0)
+    assert (cfg["sample"]["method"], cfg["sample"]["steps"], cfg["sample"]["gamma"], cfg["sample"]["w"]) == (
+        "sde",
+        4,
+        1.5,
+        3.0,
+    )
 
 
 def test_converted_flax_model_runs_like_the_npz_model(flax_folder):
@@ -75,7 +100,9 @@ def test_torch_port_reproduces_the_official_forward(port_folder):
     with torch.no_grad():
         for name in ("uncond", "cond"):
             w = T(g, f"{name}/w")
-            assert_close(model(T(g, f"{name}/x_in"), T(g, f"{name}/t"), w).x_hat, g[f"{name}/denoise_out"], 1e-5, "denoise_out")
+            assert_close(
+                model(T(g, f"{name}/x_in"), T(g, f"{name}/t"), w).x_hat, g[f"{name}/denoise_out"], 1e-5, "denoise_out"
+            )
             logits = model(T(g, f"{name}/x_dec_in"), torch.ones(3), w, decode=True).logits
             assert_close(logits, g[f"{name}/decode_logits"], 5e-5, "decode_logits")
 
@@ -89,7 +116,12 @@ def test_local_foreign_checkpoints_load_without_converting(golden_dir):
 
 
 def test_cli_convert(golden_dir, tmp_path, capsys):
-    assert main(["convert", str(PORT), "--output", str(tmp_path / "m"), "--config", str(FLAX_CONFIG), "--max-length", "12"]) == 0
+    assert (
+        main(
+            ["convert", str(PORT), "--output", str(tmp_path / "m"), "--config", str(FLAX_CONFIG), "--max-length", "12"]
+        )
+        == 0
+    )
     assert "torch-port" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["max_length"] == 12
     assert main(["convert", str(PORT), "-o", str(tmp_path / "n"), "--config", str(FLAX_CONFIG), "--raw"]) == 0
@@ -122,7 +154,9 @@ def test_loaded_model_is_ready_for_sampling(golden_dir, t5_tokenizer_dir, port_f
     assert enc.dim == 32 and settings.encoder.weights == str(GOLDEN / "t5_encoder_tiny.pkl")
     from transformers import T5Config, T5EncoderModel
 
-    narrow = TextEncoder(T5EncoderModel(T5Config(vocab_size=128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4)))
+    narrow = TextEncoder(
+        T5EncoderModel(T5Config(vocab_size=128, d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4))
+    )
     with pytest.raises(CheckpointError, match="encoder width 16 does not match the model's encoder_dim 32"):
         ELF.from_pretrained(port_folder, encoder=narrow)
     out = generate(model, enc, replace(settings.sample, steps=2), num_samples=2, batch_size=2)
@@ -152,9 +186,19 @@ def test_training_checkpoint_loads_ema_and_raw(port_folder, tmp_path, layout):
     model = ELF.from_pretrained(port_folder, encoder=False)
     sd = model.state_dict()
     raw = {k: v + 1 for k, v in sd.items()}
-    run = Config(data=DataConfig(max_length=16, max_input_length=8, pad_token="eos"), sample=SampleConfig(steps=7, cfg_scale=2.0))
-    ckpt = TrainingCheckpoint.write(tmp_path / "run", 10, raw=raw, ema=sd, optimizer={"state": {}, "param_groups": []},
-                                    config=run, state={"step": 10, "model_config": vars(model.config)}, keep_last=0)
+    run = Config(
+        data=DataConfig(max_length=16, max_input_length=8, pad_token="eos"), sample=SampleConfig(steps=7, cfg_scale=2.0)
+    )
+    ckpt = TrainingCheckpoint.write(
+        tmp_path / "run",
+        10,
+        raw=raw,
+        ema=sd,
+        optimizer={"state": {}, "param_groups": []},
+        config=run,
+        state={"step": 10, "model_config": vars(model.config)},
+        keep_last=0,
+    )
     if layout != "current":
         (ckpt.path / TrainingCheckpoint.RAW).rename(ckpt.path / TrainingCheckpoint.LEGACY_RAW)
     assert detect_format(tmp_path / "run") == ("elflm-train", ckpt.path)

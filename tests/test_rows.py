@@ -1,11 +1,10 @@
 """Rows and masks (SPEC §1): the official row rule, the batch masks, label drop and the loss mask
 against golden/t5_encoder.npz."""
+
 import numpy as np
 import pytest
 import torch
 
-from conftest import load_npz
-from golden_utils import EOS, PAD, T, assert_batch, golden_id_lists
 from elflm.data.rows import (
     apply_label_drop,
     batch_from_rows,
@@ -17,6 +16,9 @@ from elflm.data.rows import (
     rows_from_flat,
 )
 
+from conftest import load_npz
+from golden_utils import EOS, PAD, T, assert_batch, golden_id_lists
+
 
 @pytest.fixture(scope="module")
 def g(golden_dir):
@@ -24,7 +26,9 @@ def g(golden_dir):
 
 
 def golden_batch(g, name):
-    return batch_from_rows(g[f"{name}/input_ids"], np.stack([g[f"{name}/cond_seq_mask"].sum(1), g[f"{name}/attention_mask"].sum(1)], 1))
+    return batch_from_rows(
+        g[f"{name}/input_ids"], np.stack([g[f"{name}/cond_seq_mask"].sum(1), g[f"{name}/attention_mask"].sum(1)], 1)
+    )
 
 
 def test_golden_batches_from_raw_ids(g):
@@ -40,8 +44,16 @@ def test_golden_batches_from_raw_ids(g):
 
 
 def test_flat_rows_keep_the_storage_dtype():
-    rows, lengths = rows_from_flat(np.array([3, 4, 5, 6], np.uint16), [1, 3], 3, PAD, np.dtype("<u2"),
-                                   np.array([9, 9, 9], np.uint16), [2, 1], max_input_length=1)
+    rows, lengths = rows_from_flat(
+        np.array([3, 4, 5, 6], np.uint16),
+        [1, 3],
+        3,
+        PAD,
+        np.dtype("<u2"),
+        np.array([9, 9, 9], np.uint16),
+        [2, 1],
+        max_input_length=1,
+    )
     assert rows.dtype == np.dtype("<u2") and rows.tolist() == [[9, 3, 0], [9, 4, 5]]
     assert lengths.dtype == np.int32 and lengths.tolist() == [[1, 2], [1, 3]]
 

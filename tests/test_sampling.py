@@ -1,15 +1,26 @@
 """Every official sampler trajectory (golden/sampler.npz) through the engine with injected draws,
 the decoding rules, the engine's settings checks and its per-row randomness."""
+
 import math
 from dataclasses import replace
 
 import pytest
 import torch
 
+from elflm.config import SampleConfig
+from elflm.sampling import (
+    Known,
+    RowNoise,
+    Sampler,
+    decode_logits,
+    mask_after_eos,
+    shift_left,
+    time_grid,
+    tokens_from_logits,
+)
+
 from conftest import load_npz
 from golden_utils import T, assert_close, tiny_model
-from elflm.config import SampleConfig
-from elflm.sampling import Known, RowNoise, Sampler, decode_logits, mask_after_eos, shift_left, time_grid, tokens_from_logits
 
 RUNS = [f"{n}/{m}_{g}" for n in ("uncond", "cond") for m in ("ode", "sde") for g in ("uniform", "logit_normal")]
 
@@ -22,9 +33,15 @@ def g(golden_dir):
 def run_config(g, run) -> SampleConfig:
     method, grid = run.split("/")[1].split("_", 1)
     return SampleConfig(
-        method=method, steps=4, grid=grid, gamma=float(g[f"{run}/sde_gamma"]),
-        w=float(g[f"{run}/self_cond_cfg_scale"]), cfg_scale=float(g[f"{run}/cfg_scale"]),
-        noise_scale=2.0, p_mean=-1.5, p_std=0.8,
+        method=method,
+        steps=4,
+        grid=grid,
+        gamma=float(g[f"{run}/sde_gamma"]),
+        w=float(g[f"{run}/self_cond_cfg_scale"]),
+        cfg_scale=float(g[f"{run}/cfg_scale"]),
+        noise_scale=2.0,
+        p_mean=-1.5,
+        p_std=0.8,
     )
 
 
@@ -95,8 +112,19 @@ def test_sampler_errors(g):
         Sampler(model, SampleConfig(), precision="fp16")
 
 
-@pytest.mark.parametrize("key, value", [("steps", 0), ("steps", "8"), ("steps", True), ("w", math.nan),
-                                        ("gamma", math.inf), ("cfg_scale", -1.0), ("t_final", 1.5), ("grid", "cosine")])
+@pytest.mark.parametrize(
+    "key, value",
+    [
+        ("steps", 0),
+        ("steps", "8"),
+        ("steps", True),
+        ("w", math.nan),
+        ("gamma", math.inf),
+        ("cfg_scale", -1.0),
+        ("t_final", 1.5),
+        ("grid", "cosine"),
+    ],
+)
 def test_bad_settings_are_named(g, key, value):
     model = tiny_model("sampler.npz", "params")
     with pytest.raises(ValueError, match=key if key != "grid" else "unknown time grid"):

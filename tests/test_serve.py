@@ -1,8 +1,9 @@
 """``elflm serve``: a real uvicorn server on loopback, exercised with httpx."""
+
 import asyncio
+import json
 import socket
 import threading
-import json
 import time
 from dataclasses import replace
 
@@ -14,9 +15,10 @@ need_module("fastapi", "pip install 'elflm[serve]'")
 httpx = need_module("httpx", "pip install httpx")
 uvicorn = need_module("uvicorn", "pip install 'elflm[serve]'")
 
-from elflm.model import ELF  # noqa: E402
 from elflm.cli import build_parser, main  # noqa: E402
+from elflm.model import ELF  # noqa: E402
 from elflm.serve import Limits, create_app  # noqa: E402
+
 from tiny_model import make_tiny_model  # noqa: E402
 
 LIMITS = Limits(max_samples=4, max_steps=16, max_chars=200, max_batch=8, max_queue=64, batch_wait_ms=100)
@@ -82,11 +84,15 @@ def test_generate_kinds(server):
         r = c.post("/generate", json={**FAST, "prompt": "Once upon a time"}).json()
         (s,) = r["samples"]
         assert s["text"].startswith("Once upon a time") and s["generated"][0] == 5 and len(s["ids"]) == 12
-        r = c.post("/generate", json={"steps": 2, "template": "The cat [MASK:4] on the mat.", "method": "ode", "w": 1.5}).json()
+        r = c.post(
+            "/generate", json={"steps": 2, "template": "The cat [MASK:4] on the mat.", "method": "ode", "w": 1.5}
+        ).json()
         (s,) = r["samples"]
         assert s["text"].startswith("The cat") and s["text"].endswith("on the mat.") and r["settings"]["w"] == 1.5
         assert s["generated"] == [2, 3, 4, 5] and s["gaps"][0]["start"] == 2
-        seg = c.post("/generate", json={"steps": 2, "segments": [{"text": "The cat"}, {"gap": 4}, {"text": " on the mat."}]}).json()
+        seg = c.post(
+            "/generate", json={"steps": 2, "segments": [{"text": "The cat"}, {"gap": 4}, {"text": " on the mat."}]}
+        ).json()
         assert seg["samples"][0]["generated"] == [2, 3, 4, 5]
 
 
@@ -103,22 +109,25 @@ def test_concurrent_requests_are_batched_and_batching_does_not_change_results(se
     assert alone["batched_requests"] == 1 and alone["samples"] == data[4]["samples"]
 
 
-@pytest.mark.parametrize("body, status, words", [
-    ({"num_samples": 100}, 422, "num_samples"),
-    ({"steps": 10_000}, 422, "steps"),
-    ({"prompt": "x" * 500}, 422, "prompt"),
-    ({"template": "a [MASK:0]"}, 422, "gap length must be >= 1"),
-    ({"template": "a [MASK:x]"}, 422, "malformed gap marker"),
-    ({"template": "no gaps here"}, 422, "no gap"),
-    ({"template": "a [MASK:60] b c d e f"}, 422, "more than the 64 available"),
-    ({"segments": [{"gap": 0}]}, 422, "gap"),
-    ({"segments": [{"text": "a", "gap": 2}]}, 422, "segments"),
-    ({"prompt": "a", "template": "b [MASK:1]"}, 422, "at most one of prompt, template, segments"),
-    ({"source": "a condition"}, 422, "unconditional"),
-    ({"length": 1000}, 422, "length"),
-    ({"method": "euler"}, 422, "method"),
-    ({"surprise": 1}, 422, "surprise"),
-])
+@pytest.mark.parametrize(
+    "body, status, words",
+    [
+        ({"num_samples": 100}, 422, "num_samples"),
+        ({"steps": 10_000}, 422, "steps"),
+        ({"prompt": "x" * 500}, 422, "prompt"),
+        ({"template": "a [MASK:0]"}, 422, "gap length must be >= 1"),
+        ({"template": "a [MASK:x]"}, 422, "malformed gap marker"),
+        ({"template": "no gaps here"}, 422, "no gap"),
+        ({"template": "a [MASK:60] b c d e f"}, 422, "more than the 64 available"),
+        ({"segments": [{"gap": 0}]}, 422, "gap"),
+        ({"segments": [{"text": "a", "gap": 2}]}, 422, "segments"),
+        ({"prompt": "a", "template": "b [MASK:1]"}, 422, "at most one of prompt, template, segments"),
+        ({"source": "a condition"}, 422, "unconditional"),
+        ({"length": 1000}, 422, "length"),
+        ({"method": "euler"}, 422, "method"),
+        ({"surprise": 1}, 422, "surprise"),
+    ],
+)
 def test_bad_requests_get_4xx_with_a_message(server, body, status, words):
     url, _ = server
     r = httpx.post(f"{url}/generate", json=body, timeout=60)
@@ -173,15 +182,26 @@ def test_conditional_checkpoint(tmp_path, t5_tokenizer_dir):
     model = ELF.from_pretrained(folder)
     enc, settings = model.encoder, model.pretrained
     with TestClient(create_app(model, enc, settings, LIMITS)) as c:
-        r = c.post("/generate", json={"source": "The house is big", "template": "Das [MASK:3] Haus.", "steps": 2,
-                                      "cfg_scale": 2.0, "length": 32, "num_samples": 2})
+        r = c.post(
+            "/generate",
+            json={
+                "source": "The house is big",
+                "template": "Das [MASK:3] Haus.",
+                "steps": 2,
+                "cfg_scale": 2.0,
+                "length": 32,
+                "num_samples": 2,
+            },
+        )
         assert r.status_code == 200, r.text
         d = r.json()
         assert d["settings"]["cfg_scale"] == 2.0 and d["batch_size"] == 2
         for s in d["samples"]:
             assert s["text"].startswith("Das") and s["text"].endswith("Haus.") and len(s["generated"]) == 3
         r = c.post("/generate", json={"source": "The house is big", "steps": 2, "length": 20})
-        assert r.status_code == 200 and len(r.json()["samples"][0]["ids"]) == 20 - 16  # as the official sampler: L − max_input_length
+        assert (
+            r.status_code == 200 and len(r.json()["samples"][0]["ids"]) == 20 - 16
+        )  # as the official sampler: L − max_input_length
         r = c.post("/generate", json={"source": "one two three four five six seven eight", "length": 8})
         assert r.status_code == 422 and "leaves nothing to generate" in r.json()["detail"]
 
@@ -208,10 +228,16 @@ def test_one_request_the_same_samples_through_every_door(tmp_path, t5_tokenizer_
 
     with TestClient(create_app(model, enc, settings, Limits(max_samples=8, max_batch=8))) as c:
         for extra, body, api in [
-            (["--num-samples", "8", "--length", "12"], {"num_samples": 8, "length": 12},
-             lambda: generate(model, enc, cfg, num_samples=8, length=12, seed=5, batch_size=5)),
-            (["--infill", template, "--num-samples", "5"], {"num_samples": 5, "template": template},
-             lambda: infill(model, enc, template, cfg, num_samples=5, seed=5, batch_size=2)),
+            (
+                ["--num-samples", "8", "--length", "12"],
+                {"num_samples": 8, "length": 12},
+                lambda: generate(model, enc, cfg, num_samples=8, length=12, seed=5, batch_size=5),
+            ),
+            (
+                ["--infill", template, "--num-samples", "5"],
+                {"num_samples": 5, "template": template},
+                lambda: infill(model, enc, template, cfg, num_samples=5, seed=5, batch_size=2),
+            ),
         ]:
             want = [(r["ids"], r["text"]) for r in api()]
             for batch in (1, 3, 8):

@@ -1,15 +1,17 @@
 """Trajectory view: x̂ decoded at every step, the HTML page (parsed) and the PNG strip."""
+
 from html.parser import HTMLParser
 
 import pytest
 import torch
 
-from elflm.model import ELF
 from elflm.cli import main
 from elflm.config import SampleConfig
 from elflm.generate import generate
+from elflm.model import ELF
 from elflm.sampling import Sampler, decode_logits
 from elflm.trajectory import Trajectory, render_html, write_png
+
 from tiny_model import make_tiny_model
 
 CFG = SampleConfig(method="sde", steps=5, grid="uniform", gamma=1.0)
@@ -103,10 +105,59 @@ def test_png_and_empty(tiny, tmp_path):
 def test_cli_trajectory(tiny, tmp_path):
     folder, _, _ = tiny
     page, png = tmp_path / "t.html", tmp_path / "t.png"
-    assert main(["sample", "--checkpoint", str(folder), "--num-samples", "2", "--length", "8", "--steps", "6",
-                 "-o", str(tmp_path / "o.jsonl"), "--trajectory", str(page), "--trajectory-png", str(png)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(folder),
+                "--num-samples",
+                "2",
+                "--length",
+                "8",
+                "--steps",
+                "6",
+                "-o",
+                str(tmp_path / "o.jsonl"),
+                "--trajectory",
+                str(page),
+                "--trajectory-png",
+                str(png),
+            ]
+        )
+        == 0
+    )
     assert len(parse(page.read_text(encoding="utf-8")).rows) == 6 and png.stat().st_size > 1000
-    assert main(["sample", "--checkpoint", str(folder), "--infill", "The cat [MASK:3] sat.", "--steps", "3",
-                 "-o", str(tmp_path / "o.jsonl"), "--trajectory", str(page)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(folder),
+                "--infill",
+                "The cat [MASK:3] sat.",
+                "--steps",
+                "3",
+                "-o",
+                str(tmp_path / "o.jsonl"),
+                "--trajectory",
+                str(page),
+            ]
+        )
+        == 0
+    )
     assert len(parse(page.read_text(encoding="utf-8")).rows) == 3
-    assert main(["sample", "--checkpoint", str(folder), "--num-samples", "1", "--trajectory", str(tmp_path / "no" / "t.html")]) == 2
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(folder),
+                "--num-samples",
+                "1",
+                "--trajectory",
+                str(tmp_path / "no" / "t.html"),
+            ]
+        )
+        == 2
+    )

@@ -1,6 +1,6 @@
 """Small real components for training tests: a tiny random T5 encoder folder (32 wide, the
 real T5 vocabulary and tokenizer) and a prepared Gutenberg slice."""
-import gzip
+
 import shutil
 from pathlib import Path
 
@@ -8,13 +8,24 @@ import torch
 
 from elflm.config import dump_config, from_dict
 
+from conftest import read_gzip_text
+
 
 def make_tiny_t5(folder: Path, tokenizer_dir: Path) -> Path:
     """A random 2-layer, 32-wide T5 encoder with the t5-small tokenizer, saved as an HF folder."""
     from transformers import T5Config, T5EncoderModel
 
-    cfg = T5Config(vocab_size=32128, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
-                   feed_forward_proj="relu", dropout_rate=0.0, is_encoder_decoder=False)
+    cfg = T5Config(
+        vocab_size=32128,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="relu",
+        dropout_rate=0.0,
+        is_encoder_decoder=False,
+    )
     torch.manual_seed(0)
     T5EncoderModel(cfg).save_pretrained(folder)
     for f in Path(tokenizer_dir).iterdir():
@@ -27,10 +38,17 @@ def make_corpus(folder: Path, assets_dir: Path, tokenizer_dir: Path, chars: int 
     """Pack the first ``chars`` characters of the Gutenberg validation shard into rows."""
     from elflm.data import prepare
 
-    text = gzip.open(assets_dir / "text/gutenberg/val-00.txt.gz", "rt", encoding="utf-8").read(chars)
+    text = read_gzip_text(assets_dir / "text/gutenberg/val-00.txt.gz")[:chars]
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corpus.txt").write_text(text, encoding="utf-8")
-    prepare(folder / "corpus.txt", folder / "data", tokenizer=str(tokenizer_dir), max_length=max_length, workers=1, progress=False)
+    prepare(
+        folder / "corpus.txt",
+        folder / "data",
+        tokenizer=str(tokenizer_dir),
+        max_length=max_length,
+        workers=1,
+        progress=False,
+    )
     return folder / "data"
 
 
@@ -40,8 +58,18 @@ def tiny_run_config(out: Path, data: Path, encoder: Path, overrides: dict | None
         "model": {"preset": "tiny"},
         "encoder": {"kind": "t5", "name_or_path": str(encoder)},
         "data": {"train_path": str(data), "max_length": 32},
-        "train": {"max_steps": 4, "global_batch_size": 8, "lr": 2e-3, "warmup_steps": 1, "log_every": 1,
-                  "save_every": 0, "keep_last": 0, "output_dir": str(out), "device": "cpu", "seed": 0},
+        "train": {
+            "max_steps": 4,
+            "global_batch_size": 8,
+            "lr": 2e-3,
+            "warmup_steps": 1,
+            "log_every": 1,
+            "save_every": 0,
+            "keep_last": 0,
+            "output_dir": str(out),
+            "device": "cpu",
+            "seed": 0,
+        },
         "sample": {"method": "sde", "steps": 4},
     }
     for key, value in (overrides or {}).items():

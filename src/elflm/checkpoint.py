@@ -12,6 +12,7 @@ and that resuming, ``ELF.from_pretrained`` and ``elflm convert`` read, through o
 A checkpoint is written into a temporary folder and renamed, so a run killed mid-save keeps the
 previous one; the last ``keep_last`` are kept.
 """
+
 from __future__ import annotations
 
 import json

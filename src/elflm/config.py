@@ -10,6 +10,7 @@ repeat them only with the same value. ``model.encoder_dim`` (C) and ``model.voca
 are properties of the encoder (T5-small: C = 512, V = 32128): a ``Config`` leaves them at their
 defaults and :meth:`Config.resolved_model` fills them from the loaded encoder.
 """
+
 from __future__ import annotations
 
 import difflib
@@ -91,15 +92,18 @@ class DistillConfig:
 
     def __post_init__(self):
         if not 0 < self.pd_step_size <= 1:
-            raise ConfigError(f"distill.pd_step_size={self.pd_step_size!r}: expected a span in (0, 1] "
-                              "(1/N for an N-step student)", "distill.pd_step_size")
+            raise ConfigError(
+                f"distill.pd_step_size={self.pd_step_size!r}: expected a span in (0, 1] (1/N for an N-step student)",
+                "distill.pd_step_size",
+            )
         n = self.pd_teacher_steps
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ConfigError(f"distill.pd_teacher_steps={n!r}: expected an integer >= 1", "distill.pd_teacher_steps")
         for key in ("pd_student_schedule", "pd_teacher_schedule"):
             if getattr(self, key) not in ("logit_normal", "uniform"):
-                raise ConfigError(f"distill.{key}={getattr(self, key)!r}: expected 'logit_normal' or 'uniform'",
-                                  f"distill.{key}")
+                raise ConfigError(
+                    f"distill.{key}={getattr(self, key)!r}: expected 'logit_normal' or 'uniform'", f"distill.{key}"
+                )
 
 
 @dataclass
@@ -224,7 +228,9 @@ class TrainConfig:
         if micro < 1 or micro * world * accum != G:
             raise ConfigError(
                 f"train.global_batch_size={G} must equal train.batch_size ({self.batch_size}) × processes ({world}) "
-                f"× train.grad_accum_steps ({self.grad_accum_steps})", "train.global_batch_size")
+                f"× train.grad_accum_steps ({self.grad_accum_steps})",
+                "train.global_batch_size",
+            )
         return micro, accum
 
 
@@ -285,12 +291,20 @@ class Config:
         """The network's config: ``model`` with C and V of the loaded encoder."""
         for key, v in (("encoder_dim", encoder_dim), ("vocab_size", vocab_size)):
             if not isinstance(v, int) or v < 1:
-                raise ConfigError(f"model.{key}: the encoder reported {v!r}; expected a positive integer", f"model.{key}")
+                raise ConfigError(
+                    f"model.{key}: the encoder reported {v!r}; expected a positive integer", f"model.{key}"
+                )
         return replace(self.model, encoder_dim=encoder_dim, vocab_size=vocab_size)
 
 
-SECTIONS = {"model": ModelConfig, "encoder": EncoderConfig, "data": DataConfig,
-            "objective": ObjectiveConfig, "train": TrainConfig, "sample": SampleConfig}
+SECTIONS = {
+    "model": ModelConfig,
+    "encoder": EncoderConfig,
+    "data": DataConfig,
+    "objective": ObjectiveConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+}
 
 
 @dataclass
@@ -310,18 +324,33 @@ class Settings:
         """The settings of a training run's :class:`Config`."""
         return cls(cfg.encoder, cfg.data, cfg.objective, cfg.sample, dict(source or {}))
 
+
 # official (flat) config name -> ours; the README table lists the rest
 OFFICIAL_KEYS = {
-    "data_path": "data.train_path", "eval_data_path": "data.eval_path", "max_length": "data.max_length",
-    "max_input_length": "data.max_input_length", "pad_token": "data.pad_token", "num_workers": "data.num_workers",
-    "tokenizer_name": "encoder.tokenizer", "encoder_model_name": "encoder.name_or_path",
-    "encoder_checkpoint": "encoder.weights", "latent_mean": "encoder.latent_mean", "latent_std": "encoder.latent_std",
-    "num_model_mode_tokens": "model.num_mode_tokens", "proj_dropout": "model.dropout",
-    "denoiser_p_mean": "objective.p_mean", "denoiser_p_std": "objective.p_std",
-    "denoiser_noise_scale": "objective.noise_scale", "ema_decay1": "train.ema_decay",
-    "log_freq": "train.log_every", "save_freq": "train.save_every",
-    "sampling_method": "sample.method", "num_sampling_steps": "sample.steps", "sde_gamma": "sample.gamma",
-    "self_cond_cfg_scales": "sample.w", "cfgs": "sample.cfg_scale",
+    "data_path": "data.train_path",
+    "eval_data_path": "data.eval_path",
+    "max_length": "data.max_length",
+    "max_input_length": "data.max_input_length",
+    "pad_token": "data.pad_token",
+    "num_workers": "data.num_workers",
+    "tokenizer_name": "encoder.tokenizer",
+    "encoder_model_name": "encoder.name_or_path",
+    "encoder_checkpoint": "encoder.weights",
+    "latent_mean": "encoder.latent_mean",
+    "latent_std": "encoder.latent_std",
+    "num_model_mode_tokens": "model.num_mode_tokens",
+    "proj_dropout": "model.dropout",
+    "denoiser_p_mean": "objective.p_mean",
+    "denoiser_p_std": "objective.p_std",
+    "denoiser_noise_scale": "objective.noise_scale",
+    "ema_decay1": "train.ema_decay",
+    "log_freq": "train.log_every",
+    "save_freq": "train.save_every",
+    "sampling_method": "sample.method",
+    "num_sampling_steps": "sample.steps",
+    "sde_gamma": "sample.gamma",
+    "self_cond_cfg_scales": "sample.w",
+    "cfgs": "sample.cfg_scale",
 }
 
 
@@ -375,10 +404,12 @@ def _coerce(value, tp, key: str):
         value = _number(value)
     if tp is bool and isinstance(value, str) and value.lower() in ("true", "false"):
         return value.lower() == "true"
-    ok = {bool: lambda v: isinstance(v, bool),
-          int: lambda v: type(v) is int or (type(v) is float and v.is_integer()),
-          float: lambda v: type(v) in (int, float),
-          str: lambda v: isinstance(v, str)}.get(tp)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: type(v) is int or (type(v) is float and v.is_integer()),
+        float: lambda v: type(v) in (int, float),
+        str: lambda v: isinstance(v, str),
+    }.get(tp)
     if ok is not None and ok(value):
         return tp(value)
     if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
@@ -390,8 +421,13 @@ def _unknown(key: str, options) -> ConfigError:
     section, _, name = key.rpartition(".")
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     elsewhere = [f"{s}.{name}" for s, cls in SECTIONS.items() if s != section and name in _hints(cls)]
-    guess = f"{section}.{close[0]}" if close and section else close[0] if close else (
-        OFFICIAL_KEYS.get(name) or (elsewhere[0] if elsewhere else None))
+    guess = (
+        f"{section}.{close[0]}"
+        if close and section
+        else close[0]
+        if close
+        else (OFFICIAL_KEYS.get(name) or (elsewhere[0] if elsewhere else None))
+    )
     hint = f"; did you mean {guess!r}?" if guess else f"; expected one of {', '.join(options)}"
     return ConfigError(f"unknown key {key!r}{hint}", key)
 
@@ -420,7 +456,9 @@ def _section(name: str, raw) -> tuple[object, dict]:
     for k, v in raw.items():
         key = f"{name}.{k}"
         if name == "model" and k in _FROM_ENCODER:
-            raise ConfigError(f"{key} is a property of the encoder (filled from it when the model is built); remove it", key)
+            raise ConfigError(
+                f"{key} is a property of the encoder (filled from it when the model is built); remove it", key
+            )
         if k not in hints or k.startswith("_"):
             raise _unknown(key, [*hints, *(["preset"] if name == "model" else [])])
         given[k] = _coerce(v, hints[k], key)
@@ -441,8 +479,11 @@ def from_dict(d: dict) -> Config:
         home_section, home_key = home.split(".")
         home_value = getattr(sections[home_section], home_key)
         if key in built[section][1] and home_value is not None and built[section][1][key] != home_value:
-            raise ConfigError(f"{mirror}={built[section][1][key]!r} contradicts {home}={home_value!r}: {mirror} is a "
-                              f"copy of {home}; set {home.replace('tokenizer_name', 'tokenizer')} only", mirror)
+            raise ConfigError(
+                f"{mirror}={built[section][1][key]!r} contradicts {home}={home_value!r}: {mirror} is a "
+                f"copy of {home}; set {home.replace('tokenizer_name', 'tokenizer')} only",
+                mirror,
+            )
     return validate(Config(**sections))
 
 
@@ -451,8 +492,11 @@ def to_dict(cfg: Config) -> dict:
     out = {}
     for name in SECTIONS:
         section = asdict(getattr(cfg, name))
-        out[name] = {k: list(v) if isinstance(v, tuple) else v for k, v in section.items()
-                     if not (name == "model" and k in _FROM_ENCODER)}
+        out[name] = {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in section.items()
+            if not (name == "model" and k in _FROM_ENCODER)
+        }
     return out
 
 
@@ -531,8 +575,10 @@ def load_config(path: str | Path, overrides=()) -> Config:
     (and line for malformed YAML) and the key."""
     path = config_path(path)
     if not path.is_file():
-        raise ConfigError(f"config {str(path)!r} not found: give a YAML file or one of the bundled configs "
-                          f"({', '.join(bundled_configs())})")
+        raise ConfigError(
+            f"config {str(path)!r} not found: give a YAML file or one of the bundled configs "
+            f"({', '.join(bundled_configs())})"
+        )
     try:
         text = path.read_text()
     except OSError as e:
@@ -563,19 +609,61 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------ validation
-_POSITIVE_INT = ["model.hidden_size", "model.depth", "model.num_heads", "model.bottleneck_dim", "data.max_length",
-                 "train.global_batch_size", "train.log_every", "train.muon_ns_steps", "train.preview_samples",
-                 "sample.steps", "sample.num_samples"]
-_NON_NEGATIVE = ["model.num_time_tokens", "model.num_self_cond_cfg_tokens", "model.num_mode_tokens",
-                 "objective.self_cond_cfg_min", "data.num_workers", "train.min_lr", "train.weight_decay",
-                 "train.epochs", "train.muon_eps", "train.save_every", "train.keep_last", "train.preview_every", "sample.gamma",
-                 "sample.w", "sample.cfg_scale"]
-_POSITIVE = ["model.mlp_ratio", "objective.noise_scale", "objective.p_std", "objective.decoder_noise_scale",
-             "objective.decoder_p_std", "train.blr", "train.clip"]
-_PROBABILITY = ["objective.decoder_prob", "objective.self_cond_prob", "objective.label_drop_prob",
-                "train.ema_decay", "train.adam_b1", "train.adam_b2"]
-_OPTIONAL_MIN = {"data.max_input_length": 1, "train.batch_size": 1, "train.grad_accum_steps": 1,
-                 "train.warmup_steps": 0, "train.warmup_epochs": 0, "train.max_steps": 1}
+_POSITIVE_INT = [
+    "model.hidden_size",
+    "model.depth",
+    "model.num_heads",
+    "model.bottleneck_dim",
+    "data.max_length",
+    "train.global_batch_size",
+    "train.log_every",
+    "train.muon_ns_steps",
+    "train.preview_samples",
+    "sample.steps",
+    "sample.num_samples",
+]
+_NON_NEGATIVE = [
+    "model.num_time_tokens",
+    "model.num_self_cond_cfg_tokens",
+    "model.num_mode_tokens",
+    "objective.self_cond_cfg_min",
+    "data.num_workers",
+    "train.min_lr",
+    "train.weight_decay",
+    "train.epochs",
+    "train.muon_eps",
+    "train.save_every",
+    "train.keep_last",
+    "train.preview_every",
+    "sample.gamma",
+    "sample.w",
+    "sample.cfg_scale",
+]
+_POSITIVE = [
+    "model.mlp_ratio",
+    "objective.noise_scale",
+    "objective.p_std",
+    "objective.decoder_noise_scale",
+    "objective.decoder_p_std",
+    "train.blr",
+    "train.clip",
+]
+_PROBABILITY = [
+    "objective.decoder_prob",
+    "objective.self_cond_prob",
+    "objective.label_drop_prob",
+    "train.ema_decay",
+    "train.adam_b1",
+    "train.adam_b2",
+]
+_OPTIONAL_MIN = {
+    "data.max_input_length": 1,
+    "train.batch_size": 1,
+    "train.grad_accum_steps": 1,
+    "train.warmup_steps": 0,
+    "train.warmup_epochs": 0,
+    "train.max_steps": 1,
+}
 
 
 def _need(ok: bool, key: str, value, expected: str) -> None:
@@ -602,35 +690,83 @@ def validate(cfg: Config) -> Config:
     for key, low in _OPTIONAL_MIN.items():
         _need(_get(cfg, key) is None or _get(cfg, key) >= low, key, _get(cfg, key), f"null or a value >= {low}")
     m, o, d, e, t, s = cfg.model, cfg.objective, cfg.data, cfg.encoder, cfg.train, cfg.sample
-    _need(m.hidden_size % m.num_heads == 0, "model.hidden_size", m.hidden_size,
-          f"a multiple of model.num_heads ({m.num_heads})")
-    _need(m.hidden_size // m.num_heads % 2 == 0, "model.num_heads", m.num_heads,
-          f"a head width hidden_size/num_heads that is even (RoPE rotates pairs); got {m.hidden_size / m.num_heads:g}")
+    _need(
+        m.hidden_size % m.num_heads == 0,
+        "model.hidden_size",
+        m.hidden_size,
+        f"a multiple of model.num_heads ({m.num_heads})",
+    )
+    _need(
+        m.hidden_size // m.num_heads % 2 == 0,
+        "model.num_heads",
+        m.num_heads,
+        f"a head width hidden_size/num_heads that is even (RoPE rotates pairs); got {m.hidden_size / m.num_heads:g}",
+    )
     _need(0 <= m.dropout < 1, "model.dropout", m.dropout, "a rate in [0, 1)")
     _need(0 < o.t_eps <= 1, "objective.t_eps", o.t_eps, "a value in (0, 1]")
-    _need(o.self_cond_cfg_max >= o.self_cond_cfg_min, "objective.self_cond_cfg_max", o.self_cond_cfg_max,
-          f">= objective.self_cond_cfg_min ({o.self_cond_cfg_min})")
-    _need(d.max_input_length is None or d.max_input_length < d.max_length, "data.max_input_length",
-          d.max_input_length, f"fewer tokens than data.max_length ({d.max_length}), leaving room for the target")
+    _need(
+        o.self_cond_cfg_max >= o.self_cond_cfg_min,
+        "objective.self_cond_cfg_max",
+        o.self_cond_cfg_max,
+        f">= objective.self_cond_cfg_min ({o.self_cond_cfg_min})",
+    )
+    _need(
+        d.max_input_length is None or d.max_input_length < d.max_length,
+        "data.max_input_length",
+        d.max_input_length,
+        f"fewer tokens than data.max_length ({d.max_length}), leaving room for the target",
+    )
     _need(e.latent_std is None or e.latent_std > 0, "encoder.latent_std", e.latent_std, "null (estimate) or > 0")
     _need(bool(e.name_or_path), "encoder.name_or_path", e.name_or_path, "a model name or folder")
     _need(t.epochs > 0 or t.max_steps is not None, "train.epochs", t.epochs, "> 0, or train.max_steps set")
     _need(t.lr is None or t.lr > 0, "train.lr", t.lr, "null (blr scaling) or > 0")
     _need(0 <= t.muon_momentum < 1, "train.muon_momentum", t.muon_momentum, "a value in [0, 1)")
-    _need(all(0 <= b < 1 for b in t.muon_adam_betas), "train.muon_adam_betas", t.muon_adam_betas, "two values in [0, 1)")
+    _need(
+        all(0 <= b < 1 for b in t.muon_adam_betas), "train.muon_adam_betas", t.muon_adam_betas, "two values in [0, 1)"
+    )
     per = (t.batch_size or 1) * (t.grad_accum_steps or 1)
-    _need(t.global_batch_size % per == 0, "train.global_batch_size", t.global_batch_size,
-          f"a multiple of train.batch_size × train.grad_accum_steps ({per})")
+    _need(
+        t.global_batch_size % per == 0,
+        "train.global_batch_size",
+        t.global_batch_size,
+        f"a multiple of train.batch_size × train.grad_accum_steps ({per})",
+    )
     _need(0 < s.t_final <= 1, "sample.t_final", s.t_final, "a value in (0, 1]")
-    _need(s.cfg_scale == 1 or d.conditional, "sample.cfg_scale", s.cfg_scale,
-          "1 for an unconditional model (classifier-free guidance needs data.max_input_length)")
+    _need(
+        s.cfg_scale == 1 or d.conditional,
+        "sample.cfg_scale",
+        s.cfg_scale,
+        "1 for an unconditional model (classifier-free guidance needs data.max_input_length)",
+    )
     for mirror, home in MIRRORS.items():
         if _get(cfg, home) is not None and _get(cfg, mirror) != _get(cfg, home):
-            raise ConfigError(f"{mirror}={_get(cfg, mirror)!r} differs from its home {home}={_get(cfg, home)!r}; "
-                              "after editing a Config in place, re-sync it with dataclasses.replace(cfg)", mirror)
+            raise ConfigError(
+                f"{mirror}={_get(cfg, mirror)!r} differs from its home {home}={_get(cfg, home)!r}; "
+                "after editing a Config in place, re-sync it with dataclasses.replace(cfg)",
+                mirror,
+            )
     return cfg
 
 
-__all__ = ["ConfigError", "ModelConfig", "ObjectiveConfig", "DistillConfig", "SampleConfig", "DataConfig",
-           "EncoderConfig", "TrainConfig", "Config", "Settings", "PRESETS", "MIRRORS", "OFFICIAL_KEYS", "model_preset",
-           "load_config", "dump_config", "from_dict", "to_dict", "apply_overrides", "validate"]
+__all__ = [
+    "ConfigError",
+    "ModelConfig",
+    "ObjectiveConfig",
+    "DistillConfig",
+    "SampleConfig",
+    "DataConfig",
+    "EncoderConfig",
+    "TrainConfig",
+    "Config",
+    "Settings",
+    "PRESETS",
+    "MIRRORS",
+    "OFFICIAL_KEYS",
+    "model_preset",
+    "load_config",
+    "dump_config",
+    "from_dict",
+    "to_dict",
+    "apply_overrides",
+    "validate",
+]

@@ -8,6 +8,7 @@ Every random quantity of a step lives in :class:`Draws`; :func:`draw` makes them
 seeded s gives the official step's draws under ``torch.manual_seed(s)``, bit for bit).
 Time: t = 0 noise, t = 1 data.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
@@ -155,8 +156,9 @@ def _rows(mask: torch.Tensor, skip: bool) -> torch.Tensor | None:
 
 
 @torch.no_grad()
-def pd_inputs(teacher, x0, cond, cfg: ObjectiveConfig, pd: DistillConfig, d: Draws,
-              skip_unused_rows: bool = True) -> PDInputs:
+def pd_inputs(
+    teacher, x0, cond, cfg: ObjectiveConfig, pd: DistillConfig, d: Draws, skip_unused_rows: bool = True
+) -> PDInputs:
     """The teacher side of a step: times, z_{t_s}, the self-cond half (rows with ``d.self_cond``
     among the PD rows: the teacher's x̂ on ``[z_{t_s}, s0]``, s0 zero but x0 at condition
     positions; other rows s0), the target of :func:`teacher_target` and the student input. x0 (B, L,
@@ -164,8 +166,10 @@ def pd_inputs(teacher, x0, cond, cfg: ObjectiveConfig, pd: DistillConfig, d: Dra
     only on the rows whose result the loss uses (the seed on self-conditioned PD rows, the target on
     PD rows) instead of on all rows as officially; equal up to float rounding."""
     if d.sub_u.shape[1] != pd.pd_teacher_steps - 1:
-        raise ValueError(f"draws hold {d.sub_u.shape[1]} interior sub-step times, pd_teacher_steps="
-                         f"{pd.pd_teacher_steps} needs {pd.pd_teacher_steps - 1}; draw with the same DistillConfig")
+        raise ValueError(
+            f"draws hold {d.sub_u.shape[1]} interior sub-step times, pd_teacher_steps="
+            f"{pd.pd_teacher_steps} needs {pd.pd_teacher_steps - 1}; draw with the same DistillConfig"
+        )
     t_s, t_t = student_times(d.ce, d.u.to(x0.dtype), pd.pd_step_size)
     times = sub_step_times(t_s, t_t, d.sub_u.to(x0.dtype))
     z = flow.add_noise(x0, d.eps, t_s, cfg.noise_scale, cond)
@@ -176,8 +180,9 @@ def pd_inputs(teacher, x0, cond, cfg: ObjectiveConfig, pd: DistillConfig, d: Dra
     if cfg.self_cond_prob > 0 and model_config(teacher).self_cond:
         seed = _on_rows(lambda *a: teacher_x_hat(teacher, *a), _rows(use, skip_unused_rows), z, s0, t_s, w)
         sc = flow.restore(torch.where(use[:, None, None], seed, 0.0), x0, cond)
-    target = _on_rows(lambda *a: teacher_target(teacher, *a, cfg.t_eps), _rows(~d.ce, skip_unused_rows),
-                      x0, cond, z, sc, times, w)
+    target = _on_rows(
+        lambda *a: teacher_target(teacher, *a, cfg.t_eps), _rows(~d.ce, skip_unused_rows), x0, cond, z, sc, times, w
+    )
     z_dec = flow.decoder_latent(x0, d.dec_lambda, d.dec_eps, cfg.decoder_noise_scale)
     x = _net_input(teacher, torch.where(d.ce[:, None, None], z_dec, z), sc)
     return PDInputs(t_s, t_t, times, z, sc, target, x)
@@ -191,8 +196,17 @@ class PDLossOutput:
     tokens: torch.Tensor  # () number of tokens in the loss mask
 
 
-def loss_from_latents(student, teacher, x0, batch: dict, cfg: ObjectiveConfig, pd: DistillConfig, d: Draws,
-                      skip_unused_rows: bool = True, fused_ce: bool = True) -> PDLossOutput:
+def loss_from_latents(
+    student,
+    teacher,
+    x0,
+    batch: dict,
+    cfg: ObjectiveConfig,
+    pd: DistillConfig,
+    d: Draws,
+    skip_unused_rows: bool = True,
+    fused_ce: bool = True,
+) -> PDLossOutput:
     """The PD step loss given clean latents ``x0`` (B, L, C) of ``batch`` (``input_ids``,
     ``attention_mask``, ``cond_seq_mask`` (B, L)); no label drop (the official step has none). One
     student forward on :func:`pd_inputs`' input at t_s with the rows' w and per-row mode (decode on
@@ -223,8 +237,17 @@ def loss_from_latents(student, teacher, x0, batch: dict, cfg: ObjectiveConfig, p
     return PDLossOutput(loss=rows.mean(), rows=rows.detach(), ce=d.ce, tokens=lmask.sum())
 
 
-def training_loss(student, teacher, encoder, batch: dict, cfg: ObjectiveConfig, pd: DistillConfig, d: Draws,
-                  skip_unused_rows: bool = True, fused_ce: bool = True) -> PDLossOutput:
+def training_loss(
+    student,
+    teacher,
+    encoder,
+    batch: dict,
+    cfg: ObjectiveConfig,
+    pd: DistillConfig,
+    d: Draws,
+    skip_unused_rows: bool = True,
+    fused_ce: bool = True,
+) -> PDLossOutput:
     """Encode ``batch`` with the frozen ``encoder`` and return the PD loss of one step."""
     x0 = encode_batch(encoder, batch)
     return loss_from_latents(student, teacher, x0, batch, cfg, pd, d, skip_unused_rows, fused_ce)

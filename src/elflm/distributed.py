@@ -1,4 +1,5 @@
 """torchrun process groups, DDP / FSDP2 wrapping and full (gathered) state dicts."""
+
 from __future__ import annotations
 
 import os
@@ -85,14 +86,8 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module under DDP / ``torch.compile`` wrappers (FSDP2 modules are their own root)."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
+    """The plain module under a DDP wrapper (FSDP2 modules are their own root)."""
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:

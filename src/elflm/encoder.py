@@ -5,7 +5,8 @@ encoder (``AutoModel``) works too. Everything runs in float32, in eval mode, wit
 Latents are ``x0 = (h − latent_mean) / latent_std`` of the last hidden state ``h`` (B, L, C).
 
 Masks: ``mask`` is the (B, L) padding mask or the (B, L, L) encoder mask of SPEC §1 (row i may
-attend to column j where it is nonzero; built by :mod:`elflm.data.rows`). They enter the attention scores additively as ``(1 − mask)·finfo(float32).min``
+attend to column j where it is nonzero; built by :mod:`elflm.data.rows`). They enter the attention
+scores additively as ``(1 − mask)·finfo(float32).min``
 after the relative position bias, as in the official code.
 transformers 5.x rejects 3-D masks (``create_bidirectional_mask`` only takes (B, L) or prepared
 (B, 1, Lq, Lk) masks), so both kinds are passed as that 4-D additive form.
@@ -13,6 +14,7 @@ transformers 5.x rejects 3-D masks (``create_bidirectional_mask`` only takes (B,
 The authors' encoder weights (``t5_small_encoder_jax.pkl``) are read and converted to
 ``T5EncoderModel`` weights by :mod:`elflm.formats.t5_encoder`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -77,7 +79,9 @@ class TextEncoder(nn.Module):
     Always float32 and in eval mode; parameters have ``requires_grad=False``.
     """
 
-    def __init__(self, model: nn.Module, tokenizer=None, latent_mean: float = LATENT_MEAN, latent_std: float = LATENT_STD):
+    def __init__(
+        self, model: nn.Module, tokenizer=None, latent_mean: float = LATENT_MEAN, latent_std: float = LATENT_STD
+    ):
         super().__init__()
         if not latent_std > 0:
             raise ValueError(f"latent_std must be > 0, got {latent_std}")
@@ -96,7 +100,7 @@ class TextEncoder(nn.Module):
     # constructors ------------------------------------------------------------------------------
 
     @classmethod
-    def t5(cls, tokenizer=DEFAULT_T5, weights=None, *, seed: int = 0, **latent) -> "TextEncoder":
+    def t5(cls, tokenizer=DEFAULT_T5, weights=None, *, seed: int = 0, **latent) -> TextEncoder:
         """T5 encoder with the tokenizer ``tokenizer`` (folder or Hub id). ``weights``: None → random
         T5 built from the ``config.json`` beside the tokenizer (seeded by ``seed``; for tests);
         a ``.pkl`` file (or Hub ``org/repo/file.pkl``) → the authors' JAX pickle; otherwise an HF
@@ -118,14 +122,14 @@ class TextEncoder(nn.Module):
         return enc
 
     @classmethod
-    def from_pretrained(cls, name_or_path, tokenizer=None, **latent) -> "TextEncoder":
+    def from_pretrained(cls, name_or_path, tokenizer=None, **latent) -> TextEncoder:
         """Any HF encoder (local folder or Hub id) as the embedding space; ``tokenizer`` (folder, Hub
         id or tokenizer object) defaults to ``name_or_path``. T5 checkpoints load only the encoder."""
         model = _auto_encoder(name_or_path)
         return cls(model, _tokenizer(name_or_path if tokenizer is None else tokenizer), **latent)
 
     @classmethod
-    def from_jax_pickle(cls, path, tokenizer=DEFAULT_T5, config=None, **latent) -> "TextEncoder":
+    def from_jax_pickle(cls, path, tokenizer=DEFAULT_T5, config=None, **latent) -> TextEncoder:
         """The authors' encoder pickle (see :func:`load_jax_pickle`) as a ``T5EncoderModel``;
         ``config`` (``T5Config``) defaults to the sizes read from the arrays; ``tokenizer`` None →
         ids only."""
@@ -153,7 +157,7 @@ class TextEncoder(nn.Module):
     def device(self) -> torch.device:
         return self.model.get_input_embeddings().weight.device
 
-    def train(self, mode: bool = True) -> "TextEncoder":
+    def train(self, mode: bool = True) -> TextEncoder:
         """Frozen: the encoder stays in eval mode whatever ``mode`` says."""
         return super().train(False)
 
@@ -173,7 +177,7 @@ class TextEncoder(nn.Module):
         B, L = input_ids.shape
         if B == 0 or L == 0:
             raise ValueError(f"expected at least one row and one token, got input_ids of shape {(B, L)}")
-        if self.max_length is not None and L > self.max_length:
+        if self.max_length is not None and self.max_length < L:
             raise ValueError(f"sequence length {L} exceeds the encoder's max_position_embeddings {self.max_length}")
         lo, hi = (int(v) for v in torch.aminmax(input_ids))
         if lo < 0 or hi >= self.vocab_size:
@@ -182,7 +186,9 @@ class TextEncoder(nn.Module):
         if mask is None:
             return ids, None
         if not isinstance(mask, torch.Tensor) or tuple(mask.shape) not in ((B, L), (B, L, L)):
-            raise ValueError(f"expected a mask of shape (B, L) = {(B, L)} or (B, L, L) = {(B, L, L)}, got {_describe(mask)}")
+            raise ValueError(
+                f"expected a mask of shape (B, L) = {(B, L)} or (B, L, L) = {(B, L, L)}, got {_describe(mask)}"
+            )
         return ids, mask.to(self.device) != 0
 
     def hidden(self, input_ids: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -207,7 +213,9 @@ class TextEncoder(nn.Module):
         if mask is not None and (self._t5 or mask.dim() == 3):
             # additive (B, 1, 1, L) or (B, 1, L, L): 0 where attended, finfo.min elsewhere
             mask = mask[:, None] if mask.dim() == 3 else mask[:, None, None]
-            mask = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+            mask = torch.zeros(mask.shape, dtype=torch.float32, device=ids.device).masked_fill(
+                ~mask, torch.finfo(torch.float32).min
+            )
         return self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
 
     def _check_pair_mask(self) -> None:
@@ -265,13 +273,20 @@ def save_encoder_folder(source, directory, tokenizer=None) -> Path:
 
 
 __all__ = [
-    "LATENT_MEAN", "LATENT_STD", "EncoderFileError", "TextEncoder",
-    "normalize_latent", "denormalize_latent",
-    "load_tokenizer", "save_encoder_folder",
+    "LATENT_MEAN",
+    "LATENT_STD",
+    "EncoderFileError",
+    "TextEncoder",
+    "normalize_latent",
+    "denormalize_latent",
+    "load_tokenizer",
+    "save_encoder_folder",
 ]
 
 
-def build_encoder(cfg, device=None, *, latent_mean: float | None = None, latent_std: float | None = None) -> "TextEncoder":
+def build_encoder(
+    cfg, device=None, *, latent_mean: float | None = None, latent_std: float | None = None
+) -> TextEncoder:
     """The frozen encoder an :class:`~elflm.config.EncoderConfig` describes. ``cfg.weights``: a
     ``.pkl`` (the authors' pickle, local or ``org/repo/file.pkl``), an HF folder / Hub id, the word
     ``random`` (a seeded random T5 from the config beside the tokenizer: offline tests and toy runs),

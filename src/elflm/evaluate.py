@@ -26,6 +26,7 @@ The protocol follows the authors' official code (``src/utils/metrics_utils.py`` 
 
 sacreBLEU and rouge-score are imported when used (``pip install 'elflm[eval]'``).
 """
+
 from __future__ import annotations
 
 import importlib
@@ -71,7 +72,9 @@ def mean_entropy(id_lists: Sequence[Sequence[int]]) -> float:
 
 def _check_pairs(hypotheses: Sequence[str], references: Sequence[str], what: str) -> None:
     if len(hypotheses) != len(references):
-        raise ValueError(f"{what}: {len(hypotheses)} hypotheses but {len(references)} references (expected one reference each)")
+        raise ValueError(
+            f"{what}: {len(hypotheses)} hypotheses but {len(references)} references (expected one reference each)"
+        )
     if len(hypotheses) == 0:
         raise ValueError(f"{what}: no hypotheses")
     if not all(isinstance(s, str) for s in (*hypotheses, *references)):
@@ -89,7 +92,9 @@ def bleu(hypotheses: Sequence[str], references: Sequence[str]) -> float:
     """sacreBLEU corpus BLEU (0–100), lowercased, effective order, one reference per hypothesis."""
     _check_pairs(hypotheses, references, "BLEU")
     sacrebleu = _eval_dependency("sacrebleu", "sacrebleu")
-    return float(sacrebleu.corpus_bleu(list(hypotheses), [list(references)], lowercase=True, use_effective_order=True).score)
+    return float(
+        sacrebleu.corpus_bleu(list(hypotheses), [list(references)], lowercase=True, use_effective_order=True).score
+    )
 
 
 def rouge(hypotheses: Sequence[str], references: Sequence[str]) -> dict[str, float]:
@@ -124,7 +129,11 @@ def retokenize(texts: Sequence[str], tokenizer, max_length: int = DEFAULT_MAX_LE
     if bad:
         raise TypeError(f"samples must be strings; sample {bad[0]} is {type(texts[bad[0]]).__name__}")
     kept = [t for t in texts if t.strip()]
-    rows = tokenizer(kept, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"] if kept else []
+    rows = (
+        tokenizer(kept, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
+        if kept
+        else []
+    )
     ids = [list(r[:max_length]) for r in rows if len(r)]
     return Retokenized(ids, len(texts) - len(ids), sum(len(r) > max_length for r in rows), max_length)
 
@@ -166,7 +175,9 @@ def generative_perplexity(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     tok = retokenize(texts, tokenizer, judge_max_length(model, max_length))
-    out = dict(num_samples=len(texts), num_empty=tok.num_empty, num_truncated=tok.num_truncated, max_length=tok.max_length)
+    out = dict(
+        num_samples=len(texts), num_empty=tok.num_empty, num_truncated=tok.num_truncated, max_length=tok.max_length
+    )
     if not tok.ids:
         return dict(gen_ppl=None, nll=None, entropy=None, num_tokens=0, **out)
     eos = tokenizer.eos_token_id
@@ -188,14 +199,21 @@ def generative_perplexity(
         for r, ids in enumerate(rows):
             t, s = _scored_targets(ids, eos, append_eos=len(ids) < longest)
             inputs[r, : len(ids)], attn[r, : len(ids)] = torch.tensor(ids), 1
-            targets[r, : len(t)], scored[r, : len(s)] = torch.tensor(t, dtype=torch.long), torch.tensor(s, dtype=torch.bool)
+            targets[r, : len(t)], scored[r, : len(s)] = (
+                torch.tensor(t, dtype=torch.long),
+                torch.tensor(s, dtype=torch.bool),
+            )
         logits = model(input_ids=inputs.to(device), attention_mask=attn.to(device)).logits.float()
         nll = F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="none").view(shape)
         nll_sum += nll[scored.to(device)].double().sum().item()
         count += int(scored.sum())
     mean_nll = nll_sum / count if count else None
     return dict(
-        gen_ppl=math.exp(mean_nll) if count else None, nll=mean_nll, entropy=mean_entropy(tok.ids), num_tokens=count, **out
+        gen_ppl=math.exp(mean_nll) if count else None,
+        nll=mean_nll,
+        entropy=mean_entropy(tok.ids),
+        num_tokens=count,
+        **out,
     )
 
 
@@ -236,13 +254,18 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
             raise ImportError(f"a GGUF judge needs the packages {missing}: pip install gguf accelerate")
         kw["gguf_file"] = str(gguf_file)
     tokenizer = load_hf(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
-    model, info = load_hf(lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
-                            judge, "judge model")
+    model, info = load_hf(
+        lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
+        judge,
+        "judge model",
+    )
     if info["missing_keys"]:  # e.g. an encoder-only folder: transformers would add a random LM head
         missing = sorted(info["missing_keys"])
-        raise ValueError(f"judge {str(judge)!r} is not a complete causal language model: {len(missing)} weights are missing "
-                         f"from its checkpoint ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) and would be random; "
-                         "use a causal LM such as gpt2-large, a .gguf file, or 'smollm2'")
+        raise ValueError(
+            f"judge {str(judge)!r} is not a complete causal language model: {len(missing)} weights are missing "
+            f"from its checkpoint ({', '.join(missing[:3])}{', …' if len(missing) > 3 else ''}) and would be random; "
+            "use a causal LM such as gpt2-large, a .gguf file, or 'smollm2'"
+        )
     return model.to(device=resolve_device(device), dtype=torch.float32).eval(), tokenizer
 
 
@@ -315,7 +338,9 @@ def evaluate_file(
         refs, ref_path = read_references(references, reference_field), str(references)
     elif with_ref:
         if with_ref != len(rows):
-            raise ValueError(f"{samples_path}: {with_ref} of {len(rows)} samples have a 'reference'; expected all or none")
+            raise ValueError(
+                f"{samples_path}: {with_ref} of {len(rows)} samples have a 'reference'; expected all or none"
+            )
         refs, ref_path = [r["reference"] for r in rows], f"{samples_path} (field 'reference')"
     else:
         refs, ref_path = None, None
@@ -340,7 +365,11 @@ def evaluate_file(
         result["samples"].update(generative_perplexity(texts, model, tokenizer, **lm))
         if refs is not None:
             result["references"].update(generative_perplexity(refs, model, tokenizer, **lm))
-        result["judge"] = {"name": str(judge), "gguf_file": gguf_file, "max_length": judge_max_length(model, max_length)}
+        result["judge"] = {
+            "name": str(judge),
+            "gguf_file": gguf_file,
+            "max_length": judge_max_length(model, max_length),
+        }
     return result
 
 

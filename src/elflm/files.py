@@ -1,6 +1,7 @@
 """Reading and writing the text files elflm exchanges with users: UTF-8 lines (``.gz`` too), JSON
 lines with line-numbered errors, and JSONL outputs written to a temporary file beside the target
 and moved into place in one step (a reader never sees half a file). ``-`` is stdin / stdout."""
+
 from __future__ import annotations
 
 import gzip
@@ -26,7 +27,9 @@ def read_lines(path: str | Path) -> list[str]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         line = raw[: e.start].count(b"\n") + 1
-        raise ValueError(f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); expected a UTF-8 text file") from None
+        raise ValueError(
+            f"{path}:{line}: not valid UTF-8 ({e.reason} at byte {e.start}); expected a UTF-8 text file"
+        ) from None
     lines = text.split("\n")
     if lines[-1] == "":
         lines.pop()
@@ -50,7 +53,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
     return rows
 
 
-def read_texts(path: str | Path, field: str, *, what: str = "text", allow_empty: bool = True, option: str = "") -> list[str]:
+def read_texts(
+    path: str | Path, field: str, *, what: str = "text", allow_empty: bool = True, option: str = ""
+) -> list[str]:
     """Texts from a file: its lines, or for a JSONL file the string ``field`` of each object
     (blank lines skipped). ``allow_empty=False`` makes an empty text an error; an empty file is
     always one. ``option`` names the command-line option that chooses ``field``."""
@@ -100,6 +105,7 @@ def _umask() -> int:
 
 def write_jsonl(path: str | Path, records: Iterable[dict]) -> None:
     """One JSON object per line (UTF-8, not ASCII-escaped) to ``path`` (atomically) or stdout (``-``)."""
+
     def write(f):
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")

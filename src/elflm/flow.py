@@ -1,5 +1,6 @@
 """Flow-matching math (SPEC §3) as pure functions, and the counter-based generators every random
 draw comes from. Time: t = 0 pure noise, t = 1 clean data."""
+
 from __future__ import annotations
 
 import numpy as np

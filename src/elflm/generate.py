@@ -21,6 +21,7 @@ token ends the text (everything after it becomes the pad id), as the official de
 the first EOS; a conditional row without template keeps ``L − max_input_length`` tokens, as the
 official sampler does. Time: t = 0 noise, t = 1 data.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -215,8 +216,10 @@ def sample_rows(
     state = sampler.start([r.index for r in rows], L, [r.seed for r in rows], known)
     ids = sampler.decode(sampler.sample(state, callback)).argmax(-1).cpu()
     settings = {**used_settings(sampler.cfg, conditional), "length": L}
-    return [{**finish(r, ids[b, lay.start[b] : lay.start[b] + lay.size[b]], encoder, pad), **settings}
-            for b, r in enumerate(rows)]
+    return [
+        {**finish(r, ids[b, lay.start[b] : lay.start[b] + lay.size[b]], encoder, pad), **settings}
+        for b, r in enumerate(rows)
+    ]
 
 
 def generate_rows(
@@ -247,7 +250,9 @@ def generate_rows(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if any(r.source is not None for r in rows) and (max_input_length is None or not 0 < max_input_length < length):
-        raise ValueError(f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}")
+        raise ValueError(
+            f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}"
+        )
     sampler = Sampler(model, cfg or SampleConfig(), precision=precision, compiled=compiled)
     groups: dict[tuple, list[int]] = {}
     for k, r in enumerate(rows):
@@ -261,8 +266,15 @@ def generate_rows(
         bar = tqdm(total=len(rows), desc="sampling", unit="sample")
     out: list[dict | None] = [None] * len(rows)
     for call in calls:
-        recs = sample_rows(sampler, encoder, [rows[k] for k in call], length=length, max_input_length=max_input_length,
-                           pad_token=pad_token, callback=callback)
+        recs = sample_rows(
+            sampler,
+            encoder,
+            [rows[k] for k in call],
+            length=length,
+            max_input_length=max_input_length,
+            pad_token=pad_token,
+            callback=callback,
+        )
         for k, rec in zip(call, recs):
             out[k] = rec
         if bar is not None:
@@ -301,5 +313,17 @@ def generate(
         rows = [Row(k, seed) for k in range(num_samples or 0)]
     if not rows:
         raise ValueError("nothing to generate: give num_samples >= 1 or a non-empty list of sources")
-    return generate_rows(model, encoder, rows, cfg, batch_size=batch_size, length=length, max_input_length=max_input_length,
-                         pad_token=pad_token, precision=precision, compiled=compiled, progress=progress, callback=callback)
+    return generate_rows(
+        model,
+        encoder,
+        rows,
+        cfg,
+        batch_size=batch_size,
+        length=length,
+        max_input_length=max_input_length,
+        pad_token=pad_token,
+        precision=precision,
+        compiled=compiled,
+        progress=progress,
+        callback=callback,
+    )

@@ -4,6 +4,7 @@ or Hub id, uploads, and the errors that say how to work offline.
 Offline (``HF_HUB_OFFLINE=1`` or ``offline=True``) only the local Hub cache is used, and a missing
 file fails at once instead of waiting for the network.
 """
+
 from __future__ import annotations
 
 import os
@@ -134,8 +135,9 @@ def load_hf(load: Callable, name_or_path, what: str):
         ) from e
 
 
-def upload_folder(folder, repo_id: str, *, private: bool = False, token: str | None = None,
-                  commit_message: str = "Upload ELF model") -> str:
+def upload_folder(
+    folder, repo_id: str, *, private: bool = False, token: str | None = None, commit_message: str = "Upload ELF model"
+) -> str:
     """Upload ``folder`` to the Hub model repository ``repo_id`` (created if needed); returns the
     commit URL. Credentials: ``token`` or the saved login."""
     from huggingface_hub import HfApi

@@ -14,12 +14,12 @@ followed by EOS and padding. After decoding the known ids are written back; an E
 ends the text, an EOS inside an interior gap is kept as an id. Each record says which positions
 were generated (``generated``) and what each gap holds (``gaps``).
 """
+
 from __future__ import annotations
 
 import json
 import re
 from pathlib import Path
-from typing import Union
 
 import torch
 
@@ -27,7 +27,7 @@ from .config import SampleConfig
 from .generate import Row, Template, generate_rows, pad_id, source_ids
 from .model import model_config
 
-Segment = Union[str, int]
+Segment = str | int
 """A template segment: a ``str`` is known text, an ``int`` n is a gap of n tokens."""
 
 _MARKER = re.compile(r"\[MASK([^\[\]]*)(\]?)")
@@ -103,7 +103,7 @@ def build_template(segments: list[Segment], tokenizer, pad: int, max_length: int
             ids += piece
             known += [True] * len(piece)
     if all(known):
-        raise ValueError("the template has no gap: add [MASK:n] (or {\"gap\": n}) where tokens should be generated")
+        raise ValueError('the template has no gap: add [MASK:n] (or {"gap": n}) where tokens should be generated')
     if max_length is not None and len(ids) > max_length:
         raise ValueError(
             f"the template is {len(ids)} tokens ({sum(known)} known + {len(ids) - sum(known)} in gaps), "
@@ -163,18 +163,34 @@ def _budget(model, encoder, length: int | None, source: str | None, max_input_le
     if source is None:
         return total
     if max_input_length is None:
-        raise ValueError("a source needs a conditional checkpoint: pass max_input_length (the checkpoint's data.max_input_length)")
+        raise ValueError(
+            "a source needs a conditional checkpoint: pass max_input_length (the checkpoint's data.max_input_length)"
+        )
     return total - source_length(encoder, source, max_input_length)
 
 
-def template_for(model, encoder, template, length: int | None = None, source: str | None = None,
-                 max_input_length: int | None = None, pad_token: str = "pad") -> Template:
+def template_for(
+    model,
+    encoder,
+    template,
+    length: int | None = None,
+    source: str | None = None,
+    max_input_length: int | None = None,
+    pad_token: str = "pad",
+) -> Template:
     """:func:`make_template` checked against what the row leaves for it (see :func:`infill`)."""
     return make_template(template, encoder, _budget(model, encoder, length, source, max_input_length), pad_token)
 
 
-def prompt_for(model, encoder, prompt: str, length: int | None = None, source: str | None = None,
-               max_input_length: int | None = None, pad_token: str = "pad") -> Template:
+def prompt_for(
+    model,
+    encoder,
+    prompt: str,
+    length: int | None = None,
+    source: str | None = None,
+    max_input_length: int | None = None,
+    pad_token: str = "pad",
+) -> Template:
     """:func:`prompt_template` filling what the row leaves (see :func:`continue_prompt`)."""
     return prompt_template(encoder, prompt, _budget(model, encoder, length, source, max_input_length), pad_token)
 
@@ -207,9 +223,20 @@ def infill(
     return _sample(model, encoder, t, cfg, num_samples, source, seed, length, max_input_length, pad_token, kw)
 
 
-def continue_prompt(model, encoder, prompt: str, cfg: SampleConfig | None = None, *, num_samples: int = 1,
-                    source: str | None = None, seed: int = 0, length: int | None = None,
-                    max_input_length: int | None = None, pad_token: str = "pad", **kw) -> list[dict]:
+def continue_prompt(
+    model,
+    encoder,
+    prompt: str,
+    cfg: SampleConfig | None = None,
+    *,
+    num_samples: int = 1,
+    source: str | None = None,
+    seed: int = 0,
+    length: int | None = None,
+    max_input_length: int | None = None,
+    pad_token: str = "pad",
+    **kw,
+) -> list[dict]:
     """Prompted continuation: :func:`infill` of ``prompt`` followed by a gap filling the row
     (``length`` tokens, default ``max_length``; with a ``source``, what the source leaves of it)."""
     t = prompt_for(model, encoder, prompt, length, source, max_input_length, pad_token)
@@ -222,7 +249,9 @@ def _sample(model, encoder, t, cfg, num_samples, source, seed, length, max_input
     rows = [Row(k, seed, source, t) for k in range(num_samples)]
     if source is not None:
         length = length or model_config(model).max_length
-    return generate_rows(model, encoder, rows, cfg, length=length, max_input_length=max_input_length, pad_token=pad_token, **kw)
+    return generate_rows(
+        model, encoder, rows, cfg, length=length, max_input_length=max_input_length, pad_token=pad_token, **kw
+    )
 
 
 # ----------------------------------------------------------------------------- files
@@ -251,7 +280,9 @@ def read_templates(path: str | Path) -> list[dict]:
         elif isinstance(obj, (str, list)):
             item = {"template": obj, "source": None}
         else:
-            raise ValueError(f"{path}:{i}: expected a template string, a segment list or an object, got {type(obj).__name__}")
+            raise ValueError(
+                f"{path}:{i}: expected a template string, a segment list or an object, got {type(obj).__name__}"
+            )
         try:
             if isinstance(item["template"], str):
                 parse_template(item["template"])

@@ -11,6 +11,7 @@ expression of ``model.py``).
 Norms, RoPE, gates and the decode loss compute in at least float32 (float64 for a model cast to
 float64), whatever the input dtype.
 """
+
 from __future__ import annotations
 
 import torch
@@ -116,8 +117,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return gx @ w, (gx.mT @ x).to(weight.dtype), g.sum(0).to(bias.dtype), None, None
 
 
-def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor,
-                         chunk_tokens: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, targets: torch.Tensor, chunk_tokens: int | None = None
+) -> torch.Tensor:
     """Cross-entropy (N,) float32 of ``logits = x·weightᵀ + bias`` (x (N, K), weight (V, K))
     against ``targets`` (N,) ids, ``chunk_tokens`` rows at a time (default ``CE_CHUNK_ELEMENTS // V``);
     with several chunks and autograd on, each chunk's logits are recomputed in backward, so one
@@ -127,5 +129,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     size = chunk_tokens or max(1, CE_CHUNK_ELEMENTS // weight.shape[0])
     recompute = torch.is_grad_enabled() and x.shape[0] > size
     targets = targets.long()
-    return torch.cat([_LinearCrossEntropy.apply(x[i : i + size], weight, bias, targets[i : i + size], recompute)
-                      for i in range(0, max(x.shape[0], 1), size)])
+    return torch.cat(
+        [
+            _LinearCrossEntropy.apply(x[i : i + size], weight, bias, targets[i : i + size], recompute)
+            for i in range(0, max(x.shape[0], 1), size)
+        ]
+    )

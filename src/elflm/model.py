@@ -4,6 +4,7 @@ Input per token is ``[z, x̂_prev]`` (B, L, 2C) with self-conditioning, or ``z``
 tokens are prepended in the order time (4), self-conditioning-CFG (4, present when ``w`` is given),
 mode (4, zero vectors unless decoding); the text follows. Time convention: t = 0 noise, t = 1 data.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,6 +17,7 @@ from torch import nn
 from . import kernels
 from .config import ModelConfig
 from .pretrained import PretrainedModel
+
 
 class RMSNorm(nn.Module):
     """RMS layer norm over the last dim, ``w·x·rsqrt(mean(x²) + eps)``, eps 1e-6, computed in
@@ -187,7 +189,9 @@ class DecodeHead(nn.Module):
         flat = targets.flatten()
         keep = (flat >= 0).nonzero().squeeze(1)  # host sync: the number of computed tokens
         h = F.gelu(self.proj(x.flatten(0, 1).index_select(0, keep)), approximate="tanh")
-        ce = kernels.linear_cross_entropy(h, self.unembed.weight, self.unembed.bias, flat.index_select(0, keep), chunk_tokens)
+        ce = kernels.linear_cross_entropy(
+            h, self.unembed.weight, self.unembed.bias, flat.index_select(0, keep), chunk_tokens
+        )
         return ce.new_zeros(flat.shape).index_put((keep,), ce).view(targets.shape)
 
 
@@ -250,7 +254,7 @@ class ELF(nn.Module, PretrainedModel):
         nn.init.zeros_(self.final_layer.linear.weight)
         nn.init.zeros_(self.final_layer.linear.bias)
 
-    def set_fast_attention(self, fast: bool) -> "ELF":
+    def set_fast_attention(self, fast: bool) -> ELF:
         """Use PyTorch SDPA kernels (True) or the explicit float32 reference attention (False)."""
         for block in self.blocks:
             block.attn.fast = fast
@@ -310,11 +314,15 @@ class ELF(nn.Module, PretrainedModel):
         tokens and both heads run in the parameter dtype (float32 unless the model was cast)."""
         self._check_inputs(x, t, w)
         if torch.is_tensor(decode) and tuple(decode.shape) != (x.shape[0],):
-            raise ValueError(f"decode must be a bool or a ({x.shape[0]},) tensor of row gates, "
-                             f"got {tuple(decode.shape)}")
+            raise ValueError(
+                f"decode must be a bool or a ({x.shape[0]},) tensor of row gates, got {tuple(decode.shape)}"
+            )
         decoding = torch.is_tensor(decode) or bool(decode)
         if targets is not None and (not decoding or tuple(targets.shape) != tuple(x.shape[:2])):
-            raise ValueError(f"targets must be (B, L) = {tuple(x.shape[:2])} ids with decode=True, got {tuple(targets.shape)}, decode={decode}")
+            raise ValueError(
+                f"targets must be (B, L) = {tuple(x.shape[:2])} ids with decode=True, "
+                f"got {tuple(targets.shape)}, decode={decode}"
+            )
         dtype, device = self.text_proj.proj2.weight.dtype, x.device
         with torch.autocast(device.type, enabled=False):
             x = x.to(dtype)

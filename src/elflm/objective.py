@@ -4,6 +4,7 @@ self-conditioning-CFG target) or decode (token cross-entropy).
 Every random quantity of a step lives in :class:`Draws`, so tests can inject the golden draws;
 :func:`draw` makes them from a ``torch.Generator``. Time: t = 0 noise, t = 1 data.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -121,7 +122,9 @@ def decode_loss(model, x0, input_ids, lmask, cfg: ObjectiveConfig, d: Draws, fus
     return masked_mean(ce.view_as(input_ids).float(), lmask)
 
 
-def loss_from_latents(model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True) -> LossOutput:
+def loss_from_latents(
+    model, x0, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True
+) -> LossOutput:
     """The step loss given clean latents ``x0`` (B, L, C) of ``batch`` (``input_ids``,
     ``attention_mask``, ``cond_seq_mask`` (B, L)). Label-dropped rows get zero condition latents.
     ``reuse_prediction`` / ``fused_ce``: the fast paths of :func:`denoise_loss` / :func:`decode_loss`."""
@@ -145,7 +148,9 @@ def encode_batch(encoder, batch: dict, label_drop: torch.Tensor | None = None) -
     return encoder.encode(batch["input_ids"], encoder_mask(batch, label_drop))
 
 
-def training_loss(model, encoder, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True) -> LossOutput:
+def training_loss(
+    model, encoder, batch: dict, cfg: ObjectiveConfig, d: Draws, reuse_prediction: bool = True, fused_ce: bool = True
+) -> LossOutput:
     """Encode ``batch`` with the frozen ``encoder`` and return the loss of one step."""
     x0 = encode_batch(encoder, batch, d.label_drop)
     return loss_from_latents(model, x0, batch, cfg, d, reuse_prediction, fused_ce)

@@ -9,6 +9,7 @@ learning rate per optimizer update is :func:`lr_at`; :class:`EMA` keeps the aver
 sampling uses. ``torch.optim.Muon`` is not a substitute: it has no bias correction, runs
 Newton–Schulz in bfloat16, decays weights by default and takes no non-matrix parameters.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +56,9 @@ def _by_device(tensors: list[torch.Tensor]) -> dict[torch.device, list[torch.Ten
 
 
 # ---------------------------------------------------------------------------- Muon
-def newton_schulz(x: torch.Tensor, coeffs=NS_COEFFS, steps: int = 5, eps: float = 1e-8, gram: bool | None = None) -> torch.Tensor:
+def newton_schulz(
+    x: torch.Tensor, coeffs=NS_COEFFS, steps: int = 5, eps: float = 1e-8, gram: bool | None = None
+) -> torch.Tensor:
     """optax ``orthogonalize_via_newton_schulz`` of a matrix ``x`` (m, n): work on the wide
     orientation (transpose when m > n), ``X ← X / (‖X‖_F + eps)``, then ``steps`` times
     ``A = X·Xᵀ; X ← a·X + (b·A + c·A²)·X``; returned in the input orientation, input dtype.
@@ -123,7 +126,8 @@ class Muon(torch.optim.Optimizer):
         p ← p − lr·m̂/(sqrt(v̂) + eps)
 
     ``ns_gram``: how NS runs (:func:`newton_schulz`'s ``gram``; default: the Gram form for
-    CPU matrices at least 16 times as wide as tall, within a few times the plain form's float32 rounding of the plain one).
+    CPU matrices at least 16 times as wide as tall, within a few times the plain form's float32
+    rounding of the plain one).
     ``eps`` serves both branches, as in optax. No weight decay (the official run passes none).
     A parameter without ``.grad`` is stepped with a zero gradient, as optax steps every leaf:
     its momentum keeps moving it. ``lr`` is read from each param group at every :meth:`step`
@@ -154,8 +158,15 @@ class Muon(torch.optim.Optimizer):
             raise ValueError(f"eps must be >= 0, got {eps}")
         if len(adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {adam_betas}")
-        defaults = dict(lr=lr, momentum=momentum, ns_coeffs=tuple(ns_coeffs), ns_steps=ns_steps,
-                        eps=eps, adam_betas=tuple(adam_betas), ns_gram=ns_gram)
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            ns_coeffs=tuple(ns_coeffs),
+            ns_steps=ns_steps,
+            eps=eps,
+            adam_betas=tuple(adam_betas),
+            ns_gram=ns_gram,
+        )
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -216,7 +227,9 @@ def build_optimizer(model: nn.Module, cfg=None) -> torch.optim.Optimizer:
     if not params:
         raise ValueError("the model has no trainable parameters")
     if getattr(cfg, "optimizer", "muon") == "adamw":  # the official alternative: optax.adamw
-        return torch.optim.AdamW(params, lr=0.0, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8, weight_decay=cfg.weight_decay)
+        return torch.optim.AdamW(
+            params, lr=0.0, betas=(cfg.adam_b1, cfg.adam_b2), eps=1e-8, weight_decay=cfg.weight_decay
+        )
     kw = {k: getattr(cfg, "muon_" + k) for k in _HPARAMS if hasattr(cfg, "muon_" + k)}
     return Muon(params, lr=0.0, **kw)
 
@@ -228,8 +241,9 @@ def peak_lr(blr: float, global_batch: int) -> float:
     return blr * global_batch / 256
 
 
-def lr_at(step: int, *, peak: float, warmup: int, total: int | None = None,
-          schedule: str = "constant", min_lr: float = 0.0) -> float:
+def lr_at(
+    step: int, *, peak: float, warmup: int, total: int | None = None, schedule: str = "constant", min_lr: float = 0.0
+) -> float:
     """Learning rate of optimizer update ``step`` (counted from 0), as the official
     ``create_learning_rate_fn``: ``peak·step/warmup`` for ``step < warmup`` (so the first update
     has lr 0), then ``peak`` (``constant``) or a cosine from ``peak`` at ``warmup`` down to
@@ -256,8 +270,8 @@ class EMA:
     initialised to a copy of the parameters, then after every optimizer step
     ``ema ← decay·ema + (1 − decay)·param`` (no warm-up, no bias correction).
 
-    Names are those of the plain module's ``state_dict`` (DDP's ``module.`` and
-    ``torch.compile``'s ``_orig_mod.`` removed). Under FSDP2 the averages are DTensor shards
+    Names are those of the plain module's ``state_dict`` (DDP's ``module.`` removed; blocks are
+    compiled in place, so their names do not change). Under FSDP2 the averages are DTensor shards
     like the parameters; gather them with ``distributed.full_tensor`` to save."""
 
     def __init__(self, model: nn.Module, decay: float):
@@ -318,5 +332,4 @@ class EMA:
 
 
 def _named_params(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, p in unwrap(model).named_parameters():
-        yield name.replace("_orig_mod.", ""), p
+    return unwrap(model).named_parameters()

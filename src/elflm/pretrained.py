@@ -14,6 +14,7 @@
 (:mod:`elflm.checkpoint`) and the authors' checkpoints (:mod:`elflm.formats`); a Hub id is
 downloaded and, when not in our format, converted once into a cache folder.
 """
+
 from __future__ import annotations
 
 import json
@@ -79,7 +80,7 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, Settings]:
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: cannot read config ({e})") from e
     if not isinstance(cfg, dict) or cfg.get("format") != "elflm" or "model" not in cfg:
-        raise CheckpointError(f"{file}: not an elflm config (expected \"format\": \"elflm\" and a \"model\" section)")
+        raise CheckpointError(f'{file}: not an elflm config (expected "format": "elflm" and a "model" section)')
     if cfg.get("version", 0) > FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: written by a newer elflm (format version {cfg['version']} > {FORMAT_VERSION}); upgrade elflm"
@@ -166,8 +167,10 @@ def build_text_encoder(settings: Settings, device=None, *, cache_dir=None, offli
     other ``weights`` → an HF encoder folder / Hub id; no ``weights`` → ``name_or_path``.
     The latent mean/std fall back to the objective's."""
     e, o = settings.encoder, settings.objective
-    latent = dict(latent_mean=o.latent_mean if e.latent_mean is None else e.latent_mean,
-                  latent_std=o.latent_std if e.latent_std is None else e.latent_std)
+    latent = dict(
+        latent_mean=o.latent_mean if e.latent_mean is None else e.latent_mean,
+        latent_std=o.latent_std if e.latent_std is None else e.latent_std,
+    )
     if e.weights is not None and str(e.weights).endswith(".pkl"):
         pkl = hub.resolve_file(e.weights, "encoder pickle", cache_dir=cache_dir, offline=offline)
         enc = TextEncoder.from_jax_pickle(pkl, tokenizer=e.tokenizer_name, **latent)
@@ -180,8 +183,11 @@ def _check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where
     expected = model.state_dict()
     missing = sorted(set(expected) - set(sd))
     unexpected = sorted(set(sd) - set(expected))
-    shapes = [f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}"
-              for k, v in expected.items() if k in sd and sd[k].shape != v.shape]
+    shapes = [
+        f"{k}: {tuple(sd[k].shape)} != {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in sd and sd[k].shape != v.shape
+    ]
     problems = []
     if missing:
         problems.append(f"missing keys {missing[:6]}{' …' if len(missing) > 6 else ''}")
@@ -241,8 +247,15 @@ class PretrainedModel:
         ``revision``, ``cache_dir``, ``offline`` apply to Hub downloads."""
         path = Path(name_or_path).expanduser()
         if not path.exists() and hub.is_hub_id(str(name_or_path)):
-            path = cls._hub_folder(str(name_or_path), revision=revision, cache_dir=cache_dir, offline=offline,
-                                   config=config, max_length=max_length, raw=raw)
+            path = cls._hub_folder(
+                str(name_or_path),
+                revision=revision,
+                cache_dir=cache_dir,
+                offline=offline,
+                config=config,
+                max_length=max_length,
+                raw=raw,
+            )
         elif not path.exists():
             raise CheckpointError(f"{name_or_path}: no such file or folder, and not a Hub id of the form 'org/name'")
         which = "raw" if raw else "ema"
@@ -260,8 +273,10 @@ class PretrainedModel:
                     settings.encoder = replace(settings.encoder, tokenizer=str(tokenizer))
                 enc = build_text_encoder(settings, device, cache_dir=cache_dir, offline=offline)
             if enc.dim != model_cfg.encoder_dim:
-                raise CheckpointError(f"{path}: the encoder width {enc.dim} does not match the model's "
-                                      f"encoder_dim {model_cfg.encoder_dim}")
+                raise CheckpointError(
+                    f"{path}: the encoder width {enc.dim} does not match the model's "
+                    f"encoder_dim {model_cfg.encoder_dim}"
+                )
         vars(model).update(encoder=enc, tokenizer=getattr(enc, "tokenizer", None), pretrained=settings)
         return model
 
@@ -306,8 +321,9 @@ class PretrainedModel:
             "version": FORMAT_VERSION,
             "model": asdict(self.config),
             "encoder": asdict(_encoder_paths(enc_cfg, inside)),
-            "data": asdict(replace(settings.data, max_length=self.config.max_length,
-                                   tokenizer=inside(enc_cfg.tokenizer_name))),
+            "data": asdict(
+                replace(settings.data, max_length=self.config.max_length, tokenizer=inside(enc_cfg.tokenizer_name))
+            ),
             "objective": asdict(settings.objective),
             "sample": asdict(settings.sample),
             "source": dict(settings.source),
@@ -315,8 +331,15 @@ class PretrainedModel:
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         return directory
 
-    def push_to_hub(self, repo_id: str, *, private: bool = False, token: str | None = None,
-                    commit_message: str = "Upload ELF model", **save_kwargs) -> str:
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload ELF model",
+        **save_kwargs,
+    ) -> str:
         """Save the model (:meth:`save_pretrained` with ``save_kwargs``) into a temporary folder
         and upload it to the Hub model repository ``repo_id`` (created if needed). Returns the
         commit URL. Credentials: ``token`` or the saved login."""
@@ -355,8 +378,17 @@ class PretrainedModel:
         return model.save_pretrained(output, raw_state_dict=raw_sd, settings=settings, encoder=enc)
 
     @classmethod
-    def _hub_folder(cls, repo_id: str, *, revision=None, cache_dir=None, offline=None, config=None, max_length=None,
-                    raw: bool = False) -> Path:
+    def _hub_folder(
+        cls,
+        repo_id: str,
+        *,
+        revision=None,
+        cache_dir=None,
+        offline=None,
+        config=None,
+        max_length=None,
+        raw: bool = False,
+    ) -> Path:
         """A local model folder for a Hub model: the snapshot itself when it is in our format, else
         the snapshot converted once into ``hub.cache_root()/converted/models--org--name/<commit>``."""
         snapshot = hub.download(repo_id, revision=revision, cache_dir=cache_dir, offline=offline)

@@ -18,6 +18,7 @@ ones, with ``configs/quickstart.yaml`` (each printed as the equivalent command l
 
 Everything is written to one output folder.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -70,8 +71,10 @@ def required_packages(judge: bool) -> list[Package]:
 
 def install_command(packages: list[Package]) -> str:
     """The pip command(s) that install ``packages``: the ``--no-deps`` ones first."""
-    groups = [("pip install --no-deps ", [p.pip for p in packages if p.no_deps]),
-              ("pip install ", [p.pip for p in packages if not p.no_deps])]
+    groups = [
+        ("pip install --no-deps ", [p.pip for p in packages if p.no_deps]),
+        ("pip install ", [p.pip for p in packages if not p.no_deps]),
+    ]
     return " && ".join(prefix + " ".join(names) for prefix, names in groups if names)
 
 
@@ -239,42 +242,80 @@ def run_quickstart(
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if minutes <= 0 or num_samples < 1 or num_references < 1:
-        raise ValueError(f"minutes, num_samples and num_references must be positive, got {minutes}, {num_samples}, {num_references}")
+        raise ValueError(
+            f"minutes, num_samples and num_references must be positive, got {minutes}, {num_samples}, {num_references}"
+        )
     check_packages(required_packages(judge is not None))
     out = Path(output).resolve()
     run_dir, untrained_dir = out / "run", out / "untrained"
     if (run_dir.exists() or untrained_dir.exists()) and not overwrite:
-        raise ValueError(f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder")
+        raise ValueError(
+            f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder"
+        )
     for d in (run_dir, untrained_dir):
         shutil.rmtree(d, ignore_errors=True)
     config = config_path(config or "quickstart")
     if not config.is_file():
-        raise FileNotFoundError(f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)")
+        raise FileNotFoundError(
+            f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)"
+        )
     commands: list[str] = []
     enc_dir = encoder_folder()
     print(f"elflm quickstart → {out}\nencoder: all-MiniLM-L6-v2 ({enc_dir})")
 
     # 1. data
     corpus = split_corpus(speech_files(), out / "corpus")
-    print(f"corpus: {corpus['train_speeches']} speeches for training, {corpus['heldout_speeches']} held out (every {HELDOUT_EVERY}th)")
+    print(
+        f"corpus: {corpus['train_speeches']} speeches for training, {corpus['heldout_speeches']} held out "
+        f"(every {HELDOUT_EVERY}th)"
+    )
     base = load_config(config, list(overrides))
     L = base.data.max_length
     data = {}
     for name in ("train", "heldout"):
         data[name] = out / "data" / name
-        show(["elflm", "prepare", str(corpus[name]), "-o", str(data[name]), "--tokenizer", str(enc_dir), "--line-docs",
-              "--max-length", str(L)], commands)
-        prepare(corpus[name], data[name], tokenizer=str(enc_dir), max_length=L, line_docs=True, overwrite=True, progress=progress)
+        show(
+            [
+                "elflm",
+                "prepare",
+                str(corpus[name]),
+                "-o",
+                str(data[name]),
+                "--tokenizer",
+                str(enc_dir),
+                "--line-docs",
+                "--max-length",
+                str(L),
+            ],
+            commands,
+        )
+        prepare(
+            corpus[name],
+            data[name],
+            tokenizer=str(enc_dir),
+            max_length=L,
+            line_docs=True,
+            overwrite=True,
+            progress=progress,
+        )
     tokenizer = load_tokenizer(enc_dir)
     references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
     ref_file = out / "corpus" / "heldout-rows.txt"
     write_text(ref_file, "".join(t.replace("\n", " ") + "\n" for t in references))
-    unigram = [tokenizer.decode(row.tolist(), skip_special_tokens=True)
-               for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_samples, seed)]
+    unigram = [
+        tokenizer.decode(row.tolist(), skip_special_tokens=True)
+        for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_samples, seed)
+    ]
     write_text(out / "corpus" / "word-frequency-rows.txt", "".join(t.replace("\n", " ") + "\n" for t in unigram))
 
-    fixed = [f"encoder.name_or_path={enc_dir}", f"data.train_path={data['train']}", f"data.eval_path={data['heldout']}",
-             f"train.seed={seed}", *([f"train.device={device}"] if device else []), *overrides]
+    fixed = [
+        f"encoder.name_or_path={enc_dir}",
+        f"data.train_path={data['train']}",
+        f"data.eval_path={data['heldout']}",
+        f"train.seed={seed}",
+        *([f"train.device={device}"] if device else []),
+        *overrides,
+    ]
     cfg = load_config(config, fixed + [f"train.output_dir={untrained_dir}"])
 
     # 2. the untrained model (step 0 of the same run) and the step time
@@ -291,13 +332,38 @@ def run_quickstart(
     dev, batch = device or cfg.train.device, min(num_samples, 64)
 
     def sample(ckpt: Path, path: Path) -> tuple[list[dict], float]:
-        show(["elflm", "sample", "--checkpoint", str(ckpt), "--num-samples", str(num_samples), "--batch-size", str(batch),
-              "--seed", str(seed), "--device", dev, "-o", str(path)], commands)
+        show(
+            [
+                "elflm",
+                "sample",
+                "--checkpoint",
+                str(ckpt),
+                "--num-samples",
+                str(num_samples),
+                "--batch-size",
+                str(batch),
+                "--seed",
+                str(seed),
+                "--device",
+                dev,
+                "-o",
+                str(path),
+            ],
+            commands,
+        )
         t0 = time.perf_counter()
         model = ELF.from_pretrained(ckpt, device=resolve_device(dev))
         encoder, settings = model.encoder, model.pretrained
-        records = generate(model, encoder, settings.sample, num_samples=num_samples, batch_size=batch, seed=seed,
-                           pad_token=settings.data.pad_token, progress=progress)
+        records = generate(
+            model,
+            encoder,
+            settings.sample,
+            num_samples=num_samples,
+            batch_size=batch,
+            seed=seed,
+            pad_token=settings.data.pad_token,
+            progress=progress,
+        )
         write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
         return records, time.perf_counter() - t0
 
@@ -307,8 +373,11 @@ def run_quickstart(
         t0 = time.perf_counter()
         print(f"\nloading the judge {judge}")
         judge_model, judge_tok = load_judge(judge, device=resolve_device(dev))
-        for name, texts in (("held-out data", references), ("untrained ELF (step 0)", [r["text"] for r in untrained_records]),
-                            (UNIGRAM_ROW, unigram)):
+        for name, texts in (
+            ("held-out data", references),
+            ("untrained ELF (step 0)", [r["text"] for r in untrained_records]),
+            (UNIGRAM_ROW, unigram),
+        ):
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
         eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_samples + len(references))
 
@@ -333,23 +402,41 @@ def run_quickstart(
     print("samples of the untrained model:")
     for r in untrained_records[:2]:
         print(f"  · {r['text']}")
-    rows = {"held-out data": {"count": len(references)}, f"trained ELF ({steps} steps)": {"count": num_samples},
-            "untrained ELF (step 0)": {"count": num_samples}, UNIGRAM_ROW: {"count": num_samples}}
+    rows = {
+        "held-out data": {"count": len(references)},
+        f"trained ELF ({steps} steps)": {"count": num_samples},
+        "untrained ELF (step 0)": {"count": num_samples},
+        UNIGRAM_ROW: {"count": num_samples},
+    }
     if judge_model is not None:
-        show(["elflm", "eval", str(out / "samples.jsonl"), "--references", str(ref_file), "--judge", str(judge)], commands)
+        show(
+            ["elflm", "eval", str(out / "samples.jsonl"), "--references", str(ref_file), "--judge", str(judge)],
+            commands,
+        )
         show(["elflm", "eval", str(out / "samples-untrained.jsonl"), "--judge", str(judge)], commands)
         scores[f"trained ELF ({steps} steps)"] = generative_perplexity(
-            [r["text"] for r in trained_records], judge_model, judge_tok, batch_size=32, progress=progress)
+            [r["text"] for r in trained_records], judge_model, judge_tok, batch_size=32, progress=progress
+        )
         for name, r in scores.items():
             rows[name].update(gen_ppl=r["gen_ppl"], entropy=r["entropy"], num_empty=r["num_empty"])
     curve = plot_losses(run_dir / "metrics.jsonl", out / "loss.png")
     total_s = time.perf_counter() - start
     result = {
-        "output": str(out), "config": str(config), "overrides": cfg_overrides, "judge": judge, "steps": steps,
-        "seconds_per_step": step_s, "train_seconds": train_s, "total_seconds": total_s,
-        "checkpoint": str(trained_ckpt), "untrained_checkpoint": str(untrained_ckpt),
-        "samples": str(out / "samples.jsonl"), "untrained_samples": str(out / "samples-untrained.jsonl"),
-        "references": str(ref_file), "loss_curve": str(curve), "table": rows,
+        "output": str(out),
+        "config": str(config),
+        "overrides": cfg_overrides,
+        "judge": judge,
+        "steps": steps,
+        "seconds_per_step": step_s,
+        "train_seconds": train_s,
+        "total_seconds": total_s,
+        "checkpoint": str(trained_ckpt),
+        "untrained_checkpoint": str(untrained_ckpt),
+        "samples": str(out / "samples.jsonl"),
+        "untrained_samples": str(out / "samples-untrained.jsonl"),
+        "references": str(ref_file),
+        "loss_curve": str(curve),
+        "table": rows,
     }
     write_text(out / "metrics.json", json.dumps(result, indent=1))
     write_text(out / "commands.sh", "# the quickstart as ordinary elflm commands\n" + "\n".join(commands) + "\n")

@@ -13,6 +13,7 @@ configured method, the last step is always ODE; adding a method is adding a func
 mechanism, :class:`Known`) are held at their clean latents at every step. Time: t = 0 noise,
 t = 1 data.
 """
+
 from __future__ import annotations
 
 import math
@@ -88,6 +89,7 @@ STEPS: dict[str, Callable] = {"ode": ode_step, "sde": sde_step}
 
 def check_settings(cfg: SampleConfig) -> SampleConfig:
     """Raise ``ValueError`` naming a sampler setting of the wrong type or out of range."""
+
     def number(key, low, high=math.inf, integer=False):
         v = getattr(cfg, key)
         if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
@@ -177,8 +179,10 @@ class Sampler:
         param = next(model.parameters())
         self.device = param.device
         if (precision == "fp64") != (param.dtype == torch.float64):
-            raise ValueError(f"precision {precision} needs the model in {'float64' if precision == 'fp64' else 'float32'}; "
-                             f"it is in {param.dtype} (load it with the matching dtype)")
+            raise ValueError(
+                f"precision {precision} needs the model in {'float64' if precision == 'fp64' else 'float32'}; "
+                f"it is in {param.dtype} (load it with the matching dtype)"
+            )
         self.dtype = torch.float64 if precision == "fp64" else torch.float32
         self.compiled = compiled
         self.forward = model
@@ -188,8 +192,13 @@ class Sampler:
 
     # -- states -----------------------------------------------------------------------------------
 
-    def state(self, z_init: torch.Tensor, grid: torch.Tensor, known: Known | None = None,
-              noise: Callable[[int], torch.Tensor] | None = None) -> State:
+    def state(
+        self,
+        z_init: torch.Tensor,
+        grid: torch.Tensor,
+        known: Known | None = None,
+        noise: Callable[[int], torch.Tensor] | None = None,
+    ) -> State:
         """A state from given draws: ``z_init`` (B, L, C) already × noise scale, ``grid`` (N + 1,)
         shared or (B, N + 1) per row, ``noise(i)`` the SDE noise of step i (default ``randn``)."""
         flow.check_finite(z_init=z_init)
@@ -207,12 +216,16 @@ class Sampler:
         x_hat = torch.zeros_like(z) if known is None else known.restore(torch.zeros_like(z))
         return State(z, x_hat, grid, 0, known, noise)
 
-    def start(self, rows: Sequence[int], length: int, seed: int | Sequence[int] = 0, known: Known | None = None) -> State:
+    def start(
+        self, rows: Sequence[int], length: int, seed: int | Sequence[int] = 0, known: Known | None = None
+    ) -> State:
         """The state of rows ``rows`` (global indices) of ``length`` tokens of a run seeded with
         ``seed`` (one seed, or one per row): every draw from the row's own stream (:class:`RowNoise`)."""
         seeds = [seed] * len(rows) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(rows) or not rows:
-            raise ValueError(f"expected one seed per row and at least one row, got {len(seeds)} seeds for {len(rows)} rows")
+            raise ValueError(
+                f"expected one seed per row and at least one row, got {len(seeds)} seeds for {len(rows)} rows"
+            )
         streams = RowNoise(list(zip(seeds, rows)), self.device)
         z = streams.normal(length, self.mcfg.encoder_dim) * self.cfg.noise_scale
         grid = streams.grids(self.cfg)
@@ -223,8 +236,10 @@ class Sampler:
     def predict(self, z: torch.Tensor, t: torch.Tensor, x_prev: torch.Tensor, known: Known | None):
         """``(v, x̂)`` (B, L, C) at times ``t`` (B,): one forward on ``[z, x̂_prev]`` with the
         self-conditioning-CFG scale ``w``; with classifier-free guidance (``cfg_scale != 1`` and a
-        condition to drop, ``known.dropped``) the conditional and condition-dropped evaluations run as one batched forward,
+        condition to drop, ``known.dropped``) the conditional and condition-dropped evaluations run
+        as one batched forward,
         mixed as ``u + c·(c − u)``. Known positions get ``x̂ = known``, ``v = 0``."""
+
         def fix(v, x, k):
             return (v, x) if k is None else (flow.restore(v, 0.0, k.mask), k.restore(x))
 
@@ -260,8 +275,15 @@ class Sampler:
         if method != "ode":
             eps = state.noise(i) if state.noise is not None else torch.randn_like(state.z)
         t, t_next = state.grid[:, i], state.grid[:, i + 1]
-        z, x = STEPS[method](lambda zz, tt: self.predict(zz, tt, state.x_hat, state.known),
-                             state.z, t, t_next, self.cfg, eps, state.known)
+        z, x = STEPS[method](
+            lambda zz, tt: self.predict(zz, tt, state.x_hat, state.known),
+            state.z,
+            t,
+            t_next,
+            self.cfg,
+            eps,
+            state.known,
+        )
         return replace(state, z=z, x_hat=x, step=i + 1)
 
     @torch.no_grad()

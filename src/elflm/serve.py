@@ -16,12 +16,13 @@ request's ``seed`` (random when not given), so it equals row k of ``elflm sample
 same settings. fastapi, uvicorn and pydantic are imported when the app is built
 (``pip install 'elflm[serve]'``).
 """
+
 import asyncio
 import os
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
-from typing import Literal, Optional, Union
+from typing import Literal
 
 from . import infill
 from .config import SampleConfig
@@ -47,8 +48,10 @@ class Limits:
             if not v > 0 and not (k == "batch_wait_ms" and v == 0):
                 raise ValueError(f"server limit {k} must be > 0, got {v}")
         if self.max_samples > self.max_batch:
-            raise ValueError(f"max_samples ({self.max_samples}) must not exceed max_batch ({self.max_batch}): "
-                             "a request's samples share one sampler call")
+            raise ValueError(
+                f"max_samples ({self.max_samples}) must not exceed max_batch ({self.max_batch}): "
+                "a request's samples share one sampler call"
+            )
 
 
 def require_serve():
@@ -78,24 +81,38 @@ def request_models(limits: Limits, max_length: int):
         """At most one of ``prompt``, ``template``, ``segments``; none = unconditional."""
 
         model_config = ConfigDict(extra="forbid")
-        prompt: Optional[str] = Field(None, min_length=1, max_length=limits.max_chars,
-                                      description="known prefix; the rest of the row is generated")
-        template: Optional[str] = Field(None, min_length=1, max_length=limits.max_chars,
-                                        description='text with gaps, e.g. "The cat [MASK:5] on the mat."')
-        segments: Optional[list[Union[TextSegment, GapSegment]]] = Field(
-            None, min_length=1, max_length=limits.max_segments, description='[{"text": ...} | {"gap": n}, ...]')
-        source: Optional[str] = Field(None, min_length=1, max_length=limits.max_chars,
-                                      description="condition (conditional checkpoints only)")
+        prompt: str | None = Field(
+            None,
+            min_length=1,
+            max_length=limits.max_chars,
+            description="known prefix; the rest of the row is generated",
+        )
+        template: str | None = Field(
+            None,
+            min_length=1,
+            max_length=limits.max_chars,
+            description='text with gaps, e.g. "The cat [MASK:5] on the mat."',
+        )
+        segments: list[TextSegment | GapSegment] | None = Field(
+            None, min_length=1, max_length=limits.max_segments, description='[{"text": ...} | {"gap": n}, ...]'
+        )
+        source: str | None = Field(
+            None, min_length=1, max_length=limits.max_chars, description="condition (conditional checkpoints only)"
+        )
         num_samples: int = Field(1, ge=1, le=limits.max_samples)
-        length: Optional[int] = Field(None, ge=2, le=max_length,
-                                      description="row length (default max_length); with a template the row is the template")
-        method: Optional[Literal["ode", "sde"]] = None
-        steps: Optional[int] = Field(None, ge=1, le=limits.max_steps)
-        grid: Optional[Literal["uniform", "logit_normal"]] = None
-        w: Optional[float] = Field(None, ge=0.0, le=20.0, description="self-conditioning guidance scale")
-        gamma: Optional[float] = Field(None, ge=0.0, le=100.0, description="SDE churn")
-        cfg_scale: Optional[float] = Field(None, ge=0.0, le=20.0, description="classifier-free guidance (with a source)")
-        seed: Optional[int] = Field(None, ge=0, lt=2**63, description="noise seed (default: random)")
+        length: int | None = Field(
+            None,
+            ge=2,
+            le=max_length,
+            description="row length (default max_length); with a template the row is the template",
+        )
+        method: Literal["ode", "sde"] | None = None
+        steps: int | None = Field(None, ge=1, le=limits.max_steps)
+        grid: Literal["uniform", "logit_normal"] | None = None
+        w: float | None = Field(None, ge=0.0, le=20.0, description="self-conditioning guidance scale")
+        gamma: float | None = Field(None, ge=0.0, le=100.0, description="SDE churn")
+        cfg_scale: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance (with a source)")
+        seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed (default: random)")
 
         @model_validator(mode="after")
         def _one_kind(self):
@@ -116,7 +133,9 @@ def request_models(limits: Limits, max_length: int):
     class Sample(BaseModel):
         text: str
         ids: list[int]
-        generated: list[int] = Field(description="positions (in ids) that were sampled; the others are the known tokens")
+        generated: list[int] = Field(
+            description="positions (in ids) that were sampled; the others are the known tokens"
+        )
         gaps: list[Gap]
 
     class GenerateResponse(BaseModel):
@@ -138,7 +157,7 @@ class Job:
     rows: list[Row]
     cfg: SampleConfig
     key: tuple
-    length: Optional[int]
+    length: int | None
     future: asyncio.Future
     queued: float = field(default_factory=time.perf_counter)
 
@@ -159,14 +178,18 @@ class Batcher:
         self.precision = precision
         self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
-        self.arrived: Optional[asyncio.Event] = None
+        self.arrived: asyncio.Event | None = None
         self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
 
     # -- requests -------------------------------------------------------------------------------
 
     def job(self, req, text_segment_cls) -> Job:
         """Validate ``req`` against the model and build its rows; ValueError says what is wrong."""
-        over = {k: getattr(req, k) for k in ("method", "steps", "grid", "w", "gamma", "cfg_scale") if getattr(req, k) is not None}
+        over = {
+            k: getattr(req, k)
+            for k in ("method", "steps", "grid", "w", "gamma", "cfg_scale")
+            if getattr(req, k) is not None
+        }
         cfg = replace(self.defaults, **over)
         L = req.length or self.max_length
         enc = self.encoder
@@ -203,7 +226,10 @@ class Batcher:
 
     def submit(self, job: Job) -> asyncio.Future:
         if self.arrived is None:
-            raise RuntimeError("the batcher is not running: serve the app with its lifespan (uvicorn, or TestClient as a context manager)")
+            raise RuntimeError(
+                "the batcher is not running: serve the app with its lifespan "
+                "(uvicorn, or TestClient as a context manager)"
+            )
         if len(self.pending) >= self.limits.max_queue:
             raise QueueFull(f"the server is busy ({self.limits.max_queue} requests waiting); retry later")
         self.pending.append(job)
@@ -223,7 +249,10 @@ class Batcher:
                 await self.arrived.wait()
             key = self.pending[0].key
             deadline = loop.time() + self.limits.batch_wait_ms / 1000
-            while sum(len(j.rows) for j in self.pending if j.key == key) < self.limits.max_batch and loop.time() < deadline:
+            while (
+                sum(len(j.rows) for j in self.pending if j.key == key) < self.limits.max_batch
+                and loop.time() < deadline
+            ):
                 self.arrived.clear()
                 try:
                     await asyncio.wait_for(self.arrived.wait(), deadline - loop.time())
@@ -250,8 +279,14 @@ class Batcher:
 
     def _sample(self, call: list[Job]) -> list[dict]:
         rows = [r for job in call for r in job.rows]
-        return sample_rows(self.sampler(call[0].cfg), self.encoder, rows, length=call[0].length,
-                           max_input_length=self.max_in, pad_token=self.pad_token)
+        return sample_rows(
+            self.sampler(call[0].cfg),
+            self.encoder,
+            rows,
+            length=call[0].length,
+            max_input_length=self.max_in,
+            pad_token=self.pad_token,
+        )
 
     async def _serve(self, call: list[Job]) -> None:
         start = time.perf_counter()
@@ -273,29 +308,38 @@ class Batcher:
             recs, k = records[k : k + len(job.rows)], k + len(job.rows)
             if job.future.done():
                 continue
-            job.future.set_result({
-                "samples": [_sample(r) for r in recs],
-                "seed": job.rows[0].seed,
-                "settings": used_settings(job.cfg, job.rows[0].source is not None),
-                "batch_size": n,
-                "batched_requests": len(call),
-                "queue_ms": (start - job.queued) * 1000,
-                "compute_ms": compute,
-            })
+            job.future.set_result(
+                {
+                    "samples": [_sample(r) for r in recs],
+                    "seed": job.rows[0].seed,
+                    "settings": used_settings(job.cfg, job.rows[0].source is not None),
+                    "batch_size": n,
+                    "batched_requests": len(call),
+                    "queue_ms": (start - job.queued) * 1000,
+                    "compute_ms": compute,
+                }
+            )
 
     def health(self) -> dict:
         s = self.stats
         return {
             "status": "ok",
-            "model": {"max_length": self.max_length, "conditional": self.max_in is not None,
-                      "max_input_length": self.max_in, "pad_token": self.pad_token,
-                      "device": str(next(self.model.parameters()).device),
-                      "parameters": sum(p.numel() for p in self.model.parameters())},
+            "model": {
+                "max_length": self.max_length,
+                "conditional": self.max_in is not None,
+                "max_input_length": self.max_in,
+                "pad_token": self.pad_token,
+                "device": str(next(self.model.parameters()).device),
+                "parameters": sum(p.numel() for p in self.model.parameters()),
+            },
             "sample_defaults": {k: v for k, v in asdict(self.defaults).items() if k != "num_samples"},
             "limits": asdict(self.limits),
             "queue": len(self.pending),
-            "stats": {**s, "mean_batch_size": s["rows"] / s["calls"] if s["calls"] else 0.0,
-                      "mean_batched_requests": s["requests"] / s["calls"] if s["calls"] else 0.0},
+            "stats": {
+                **s,
+                "mean_batch_size": s["rows"] / s["calls"] if s["calls"] else 0.0,
+                "mean_batched_requests": s["requests"] / s["calls"] if s["calls"] else 0.0,
+            },
         }
 
 
@@ -306,7 +350,7 @@ def _sample(record: dict) -> dict:
     return {"text": record["text"], "ids": record["ids"], **{k: record.get(k, v) for k, v in whole.items()}}
 
 
-def create_app(model, encoder, settings, limits: Optional[Limits] = None, precision: str = "fp32"):
+def create_app(model, encoder, settings, limits: Limits | None = None, precision: str = "fp32"):
     """The FastAPI app serving ``model`` / ``encoder`` with the checkpoint ``settings``."""
     require_serve()
     from contextlib import asynccontextmanager
@@ -333,8 +377,12 @@ def create_app(model, encoder, settings, limits: Optional[Limits] = None, precis
             except asyncio.CancelledError:
                 pass
 
-    app = FastAPI(title="elflm", version="1", lifespan=lifespan,
-                  description="Embedded Language Flows: unconditional, prompted, infilling and conditional generation.")
+    app = FastAPI(
+        title="elflm",
+        version="1",
+        lifespan=lifespan,
+        description="Embedded Language Flows: unconditional, prompted, infilling and conditional generation.",
+    )
     app.state.batcher = batcher
 
     @app.exception_handler(ValueError)
@@ -345,9 +393,14 @@ def create_app(model, encoder, settings, limits: Optional[Limits] = None, precis
     async def _busy(request: Request, exc: QueueFull):
         return JSONResponse(status_code=503, content={"detail": str(exc)})
 
-    @app.post("/generate", response_model=GenerateResponse,
-              responses={422: {"description": "invalid request (the detail says what was expected)"},
-                         503: {"description": "queue full"}})
+    @app.post(
+        "/generate",
+        response_model=GenerateResponse,
+        responses={
+            422: {"description": "invalid request (the detail says what was expected)"},
+            503: {"description": "queue full"},
+        },
+    )
     async def generate(req: GenerateRequest):
         job = batcher.job(req, TextSegment)
         return await batcher.submit(job)

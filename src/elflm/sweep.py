@@ -9,6 +9,7 @@ ROUGE against references for conditional sweeps. Results: ``sweep.csv``, ``sweep
 plots (Gen PPL vs entropy, Gen PPL vs steps, BLEU vs steps) drawn with matplotlib
 (``pip install 'elflm[plots]'``).
 """
+
 from __future__ import annotations
 
 import csv
@@ -51,8 +52,14 @@ def grid_settings(
     for method, gamma, w, c, n in itertools.product(
         values["method"], values["gamma"], values["w"], values["cfg_scale"], values["steps"]
     ):
-        cfg = replace(base, method=method, gamma=0.0 if method == "ode" else float(gamma), w=float(w),
-                      cfg_scale=float(c), steps=int(n))
+        cfg = replace(
+            base,
+            method=method,
+            gamma=0.0 if method == "ode" else float(gamma),
+            w=float(w),
+            cfg_scale=float(c),
+            steps=int(n),
+        )
         if cfg not in out:
             out.append(cfg)
     return out
@@ -77,7 +84,9 @@ def _cached(path: Path, expect: dict, count: int, sources: list[str] | None) -> 
         rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     except (ValueError, UnicodeDecodeError):
         return None
-    if len(rows) != count or not all(isinstance(r, dict) and all(r.get(k) == v for k, v in expect.items()) for r in rows):
+    if len(rows) != count or not all(
+        isinstance(r, dict) and all(r.get(k) == v for k, v in expect.items()) for r in rows
+    ):
         return None
     if sources is not None and [r.get("source") for r in rows] != list(sources):
         return None
@@ -115,8 +124,10 @@ def run_sweep(
     if judge is None and references is None:
         raise ValueError("nothing to measure: give a judge LM (Gen PPL, entropy) or references (BLEU, ROUGE)")
     if references is not None and (sources is None or len(references) != len(sources)):
-        raise ValueError(f"references need one entry per condition: {len(references)} references, "
-                         f"{0 if sources is None else len(sources)} conditions")
+        raise ValueError(
+            f"references need one entry per condition: {len(references)} references, "
+            f"{0 if sources is None else len(sources)} conditions"
+        )
     out_dir = Path(output_dir)
     (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     count = len(sources) if sources is not None else num_samples
@@ -132,16 +143,32 @@ def run_sweep(
         seconds = None
         if records is None:
             t0 = time.perf_counter()
-            records = generate(model, encoder, cfg, num_samples=num_samples, sources=sources, batch_size=batch_size,
-                               seed=seed, length=length, max_input_length=max_input_length, pad_token=pad_token,
-                               precision=precision)
+            records = generate(
+                model,
+                encoder,
+                cfg,
+                num_samples=num_samples,
+                sources=sources,
+                batch_size=batch_size,
+                seed=seed,
+                length=length,
+                max_input_length=max_input_length,
+                pad_token=pad_token,
+                precision=precision,
+            )
             seconds = time.perf_counter() - t0
             records = [{**r, **fixed} for r in records]
             write_jsonl(path, records)
         texts = [r["text"] for r in records]
         used = used_settings(cfg, sources is not None)
-        row = {"name": name, **{a: used.get(a) for a in AXES}, "grid": cfg.grid, "num_samples": len(texts),
-               "seconds": seconds, "samples_per_s": None if not seconds else len(texts) / seconds}
+        row = {
+            "name": name,
+            **{a: used.get(a) for a in AXES},
+            "grid": cfg.grid,
+            "num_samples": len(texts),
+            "seconds": seconds,
+            "samples_per_s": None if not seconds else len(texts) / seconds,
+        }
         if judge is not None:
             lm = ev.generative_perplexity(texts, *judge, batch_size=judge_batch_size)
             row.update(gen_ppl=lm["gen_ppl"], entropy=lm["entropy"], num_empty=lm["num_empty"])
@@ -198,7 +225,9 @@ def _figure():
 def _label(key: tuple, names: tuple) -> str:
     sym = {"gamma": "γ", "w": "w", "cfg_scale": "cfg", "steps": "steps"}
     ode = dict(zip(names, key)).get("method") == "ode"
-    return " ".join(str(v) if n == "method" else f"{sym[n]}={v:g}" for n, v in zip(names, key) if not (ode and n == "gamma"))
+    return " ".join(
+        str(v) if n == "method" else f"{sym[n]}={v:g}" for n, v in zip(names, key) if not (ode and n == "gamma")
+    )
 
 
 def _series(rows: list[dict], along: str, metric: str) -> dict[tuple, list[dict]]:
@@ -222,10 +251,16 @@ def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
         ax = fig.add_subplot()
         for (names, key), rs in _series(rows, along, "gen_ppl").items():
             pts = [r for r in rs if r.get("entropy") is not None]
-            line, = ax.plot([r["entropy"] for r in pts], [r["gen_ppl"] for r in pts], "o-", label=_label(key, names))
+            (line,) = ax.plot([r["entropy"] for r in pts], [r["gen_ppl"] for r in pts], "o-", label=_label(key, names))
             for r in pts:
-                ax.annotate(f"{along}={r[along]:g}", (r["entropy"], r["gen_ppl"]), textcoords="offset points",
-                            xytext=(4, 4), fontsize=7, color=line.get_color())
+                ax.annotate(
+                    f"{along}={r[along]:g}",
+                    (r["entropy"], r["gen_ppl"]),
+                    textcoords="offset points",
+                    xytext=(4, 4),
+                    fontsize=7,
+                    color=line.get_color(),
+                )
         ax.set(xlabel="entropy (nats)", ylabel="Gen PPL", yscale="log", title=f"Gen PPL vs entropy (along {along})")
         ax.legend(fontsize=8)
         written.append(out / "ppl_vs_entropy.png")

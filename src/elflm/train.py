@@ -7,6 +7,7 @@ seeded with ``(seed, s, j)``, and the data order of an epoch from ``(seed, epoch
 therefore a pure function of the weights, the optimizer state and ``s``, so resuming at ``s``
 continues the same run, and K processes × 1 micro-batch equal 1 process × K micro-batches.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -86,10 +87,16 @@ def step_flops_per_token(m, length: int, decoder_prob: float) -> float:
     """Expected training FLOPs per token of one step: the denoise branch runs a no-grad forward
     on the self-conditioned half of the rows and one forward + backward (3.5 forwards), the decode
     branch forward + backward (3)."""
-    return (1 - decoder_prob) * 3.5 * flops_per_token(m, length, False) + decoder_prob * 3 * flops_per_token(m, length, True)
+    return (1 - decoder_prob) * 3.5 * flops_per_token(m, length, False) + decoder_prob * 3 * flops_per_token(
+        m, length, True
+    )
 
 
-PEAK_TFLOPS = {"H100": {"bf16": 989.0, "fp32": 495.0}, "H200": {"bf16": 989.0, "fp32": 495.0}, "A100": {"bf16": 312.0, "fp32": 156.0}}
+PEAK_TFLOPS = {
+    "H100": {"bf16": 989.0, "fp32": 495.0},
+    "H200": {"bf16": 989.0, "fp32": 495.0},
+    "A100": {"bf16": 312.0, "fp32": 156.0},
+}
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:
@@ -104,7 +111,9 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 
 @torch.no_grad()
-def estimate_latent_stats(encoder, dataset, device, rows: int = 256, batch: int = 32, seed: int = 0) -> tuple[float, float]:
+def estimate_latent_stats(
+    encoder, dataset, device, rows: int = 256, batch: int = 32, seed: int = 0
+) -> tuple[float, float]:
     """Scalar mean and std of the encoder's hidden states over the valid tokens of up to ``rows``
     training rows (a seeded random subset): the latent normalisation when the config leaves it open."""
     pick = torch.randperm(len(dataset), generator=seeded(seed, 2**31))[:rows]
@@ -139,7 +148,8 @@ class Trainer:
         self.model_config = cfg.resolved_model(self.encoder.dim, self.encoder.vocab_size)
         if self.dataset.max_length > self.model_config.max_length:
             raise ValueError(
-                f"data rows have {self.dataset.max_length} tokens but model.max_length is {self.model_config.max_length}"
+                f"data rows have {self.dataset.max_length} tokens "
+                f"but model.max_length is {self.model_config.max_length}"
             )
         model = ELF(self.model_config).to(dev)
         self.plan = make_plan(cfg, len(self.dataset), self.dist.world)
@@ -147,7 +157,9 @@ class Trainer:
         strategy = cfg.train.distributed
         self.shared_branch = cfg.train.branch == "per_step" or (cfg.train.branch == "auto" and strategy == "fsdp")
         if strategy == "fsdp" and not self.shared_branch:
-            raise ValueError("train.distributed=fsdp needs train.branch=per_step (or auto): FSDP ranks must run the same passes")
+            raise ValueError(
+                "train.distributed=fsdp needs train.branch=per_step (or auto): FSDP ranks must run the same passes"
+            )
         if dev.type == "cuda":  # float32 heads and encoder run on TF32 tensor cores
             torch.set_float32_matmul_precision("high")
         self.model = distributed.wrap(model, self.dist, cfg.train.distributed)
@@ -178,21 +190,34 @@ class Trainer:
             "plan": vars(self.plan),
             "model_config": vars(self.model_config),
         }
-        ckpt = TrainingCheckpoint.write(self.out, self.step, raw=raw, ema=ema, optimizer=optimizer, config=self.cfg,
-                                        state=state, keep_last=self.cfg.train.keep_last)
+        ckpt = TrainingCheckpoint.write(
+            self.out,
+            self.step,
+            raw=raw,
+            ema=ema,
+            optimizer=optimizer,
+            config=self.cfg,
+            state=state,
+            keep_last=self.cfg.train.keep_last,
+        )
         return ckpt.path
 
     def _full_optimizer_state(self) -> dict:
         sd = self.optimizer.state_dict()
-        state = {k: {n: distributed.full_tensor(v).cpu() if torch.is_tensor(v) else v for n, v in s.items()} for k, s in sd["state"].items()}
+        state = {
+            k: {n: distributed.full_tensor(v).cpu() if torch.is_tensor(v) else v for n, v in s.items()}
+            for k, s in sd["state"].items()
+        }
         return {"state": state, "param_groups": sd["param_groups"]}
 
     def load(self, path: str | Path) -> None:
         """Restore a checkpoint folder written by :meth:`save` (or the run's latest)."""
         ckpt = TrainingCheckpoint.find(path)
         if ckpt is None:
-            raise FileNotFoundError(f"no complete training checkpoint at {path} (a folder with "
-                                    f"{TrainingCheckpoint.STATE}, or a run folder with {TrainingCheckpoint.FOLDER}/step_*)")
+            raise FileNotFoundError(
+                f"no complete training checkpoint at {path} (a folder with "
+                f"{TrainingCheckpoint.STATE}, or a run folder with {TrainingCheckpoint.FOLDER}/step_*)"
+            )
         raw_sd, ema_sd, optim_sd, meta = ckpt.raw(), ckpt.ema(), ckpt.optimizer(), ckpt.state()
         distributed.load_full_state_dict(self.net, raw_sd)
         self.ema.load_state_dict({k: self._like_param(k, v) for k, v in ema_sd.items()})
@@ -219,42 +244,74 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def batch(self, rows: torch.Tensor) -> dict:
-        return {k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in collate([self.dataset[int(i)] for i in rows]).items()}
+        return {
+            k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v
+            for k, v in collate([self.dataset[int(i)] for i in rows]).items()
+        }
+
+    def micro_loss(self, batch: dict, j: int) -> tuple[torch.Tensor, dict[str, float]]:
+        """The loss of micro-batch ``j`` (0 ≤ j < world·accum) of the current step and its logged
+        parts (``loss``, ``l2_loss``, ``ce_loss``); every draw comes from ``(seed, step, j)``."""
+        cfg, d = self.cfg, self.dist
+        B, L = batch["input_ids"].shape
+        draws = objective.draw(
+            cfg.objective,
+            B,
+            L,
+            self.model_config.encoder_dim,
+            generator=seeded(cfg.train.seed, self.step, j, device=d.device),
+            device=d.device,
+        )
+        if self.shared_branch:
+            draws.decode = bool(
+                torch.rand((), generator=seeded(cfg.train.seed, self.step)) < cfg.objective.decoder_prob
+            )
+        out = objective.training_loss(self.model, self.encoder, batch, cfg.objective, draws)
+        return out.loss, objective.logged_losses(out, cfg.objective)
 
     def train_step(self) -> dict:
-        """One optimizer step over ``accum`` micro-batches; returns logged metrics."""
+        """One optimizer step over ``accum`` micro-batches (:meth:`micro_loss` each); returns logged metrics."""
         cfg, plan, d = self.cfg, self.plan, self.dist
-        C = self.model_config.encoder_dim
         self.model.train()
         losses, parts = [], {"l2_loss": [], "ce_loss": []}
         for m in range(plan.accum):
             j = d.rank * plan.accum + m
             batch = self.batch(plan.indices(len(self.dataset), cfg.train.seed, self.step, j))
-            B, L = batch["input_ids"].shape
             torch.manual_seed(int(seeded(cfg.train.seed, self.step, j, 1).initial_seed()))  # dropout
-            draws = objective.draw(cfg.objective, B, L, C, generator=seeded(cfg.train.seed, self.step, j, device=d.device), device=d.device)
-            if self.shared_branch:
-                draws.decode = bool(torch.rand((), generator=seeded(cfg.train.seed, self.step)) < cfg.objective.decoder_prob)
             sync = m == plan.accum - 1 or not hasattr(self.model, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                out = objective.training_loss(self.model, self.encoder, batch, cfg.objective, draws)
-                (out.loss / plan.accum).backward()
-            logged = objective.logged_losses(out, cfg.objective)
+                loss, logged = self.micro_loss(batch, j)
+                (loss / plan.accum).backward()
             losses.append(logged["loss"])
             for k in parts:
                 parts[k].append(logged[k])
         grad_norm = clip_grad_norm_(self.net.parameters(), cfg.train.clip)
-        lr = lr_at(self.step, peak=cfg.train.peak_lr, warmup=plan.warmup_steps, total=plan.total_steps, schedule=cfg.train.lr_schedule, min_lr=cfg.train.min_lr)
+        lr = lr_at(
+            self.step,
+            peak=cfg.train.peak_lr,
+            warmup=plan.warmup_steps,
+            total=plan.total_steps,
+            schedule=cfg.train.lr_schedule,
+            min_lr=cfg.train.min_lr,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net)
         self.step += 1
-        stats = torch.tensor([np.mean(losses), np.mean(parts["l2_loss"]), np.mean(parts["ce_loss"])], dtype=torch.float64)
+        stats = torch.tensor(
+            [np.mean(losses), np.mean(parts["l2_loss"]), np.mean(parts["ce_loss"])], dtype=torch.float64
+        )
         stats = distributed.all_reduce_mean(stats.to(d.device), d).cpu()
-        return {"loss": stats[0].item(), "l2_loss": stats[1].item(), "ce_loss": stats[2].item(), "grad_norm": float(grad_norm), "lr": lr}
+        return {
+            "loss": stats[0].item(),
+            "l2_loss": stats[1].item(),
+            "ce_loss": stats[2].item(),
+            "grad_norm": float(grad_norm),
+            "lr": lr,
+        }
 
     def fit(self, progress: bool = True) -> list[dict]:
         """Train until ``plan.total_steps``; returns the logged records."""
@@ -290,7 +347,11 @@ class Trainer:
                 if d.device.type == "cuda":
                     torch.cuda.synchronize(d.device)
                 dt = time.perf_counter() - t0
-                rec = {"step": self.step, **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "l2_loss", "ce_loss", "grad_norm")}, "lr": stats["lr"]}
+                rec = {
+                    "step": self.step,
+                    **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "l2_loss", "ce_loss", "grad_norm")},
+                    "lr": stats["lr"],
+                }
                 rec["tokens_per_s"] = tokens_per_step * len(window) / dt
                 rec["mfu"] = flops * len(window) / dt / (peak * d.world) if peak else None
                 if d.device.type == "cuda":
@@ -314,8 +375,10 @@ class Trainer:
             f.write(json.dumps(rec) + "\n")
         mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
         mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
-        line = (f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
-                f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}")
+        line = (
+            f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
+            f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}"
+        )
         (bar.write if bar is not None else print)(line)
         if self.writer is not None:
             for k, v in rec.items():
@@ -327,7 +390,10 @@ class Trainer:
         n = self.cfg.train.preview_samples
         with self.ema.swapped(self.net):
             self.net.eval()
-            texts = [r["text"] for r in generate(self.net, self.encoder, self.cfg.sample, num_samples=n, batch_size=n, seed=self.step)]
+            texts = [
+                r["text"]
+                for r in generate(self.net, self.encoder, self.cfg.sample, num_samples=n, batch_size=n, seed=self.step)
+            ]
         for t in texts:
             (bar.write if bar is not None else print)(f"  [step {self.step}] {t[:200]!r}")
         if self.writer is not None:

@@ -7,6 +7,7 @@ self-conditioning input, argmax) and keeps the ids and times of the first ``max_
 row has its own time grid). Only the first sampler call is recorded (a call starts when step 0 comes
 again). Time: t = 0 noise, t = 1 data.
 """
+
 from __future__ import annotations
 
 import html
@@ -56,7 +57,10 @@ class Trajectory:
 
     def texts(self, sample: int = 0) -> list[str]:
         """Decoded text of ``sample`` at every step (up to its first EOS, special tokens dropped)."""
-        return [self.tokenizer.decode(_until_eos(s.ids[sample], self.tokenizer), skip_special_tokens=True) for s in self.steps]
+        return [
+            self.tokenizer.decode(_until_eos(s.ids[sample], self.tokenizer), skip_special_tokens=True)
+            for s in self.steps
+        ]
 
 
 def _until_eos(ids: torch.Tensor, tokenizer) -> list[int]:
@@ -128,11 +132,13 @@ def render_html(traj: Trajectory, title: str = "ELF sampling trajectory") -> str
         )
         prev = step.ids
     c = traj.cfg
-    info = (f"{len(traj.steps)} steps, method {c.method}, grid {c.grid}, w {c.w}, γ {c.gamma}, "
-            f"t_final {c.t_final}; x̂ decoded with the decode head at every step; "
-            "highlighted tokens changed since the previous step, · marks special tokens (padding, EOS)")
+    info = (
+        f"{len(traj.steps)} steps, method {c.method}, grid {c.grid}, w {c.w}, γ {c.gamma}, "
+        f"t_final {c.t_final}; x̂ decoded with the decode head at every step; "
+        "highlighted tokens changed since the previous step, · marks special tokens (padding, EOS)"
+    )
     return (
-        "<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         f"<title>{html.escape(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>\n<p>{html.escape(info)}</p>\n"
         f"<table>\n<thead><tr><th>step</th><th>changed</th>{head}</tr></thead>\n"

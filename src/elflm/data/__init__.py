@@ -1,6 +1,7 @@
 """Training data (SPEC §1): rows and their masks (:mod:`.rows`), the prepared dataset on disk and
 its memory-mapped reader (:mod:`.dataset`), the input readers (:mod:`.readers`) and
 ``elflm prepare`` (:mod:`.prepare`: tokenise, pack, shard)."""
+
 from .dataset import PackedDataset, read_meta
 from .prepare import prepare
 from .readers import load_hf_dataset
@@ -15,6 +16,15 @@ from .rows import (
 )
 
 __all__ = [
-    "PackedDataset", "apply_label_drop", "batch_from_rows", "build_rows", "collate", "encoder_attention_mask",
-    "encoder_mask", "load_hf_dataset", "loss_mask", "prepare", "read_meta",
+    "PackedDataset",
+    "apply_label_drop",
+    "batch_from_rows",
+    "build_rows",
+    "collate",
+    "encoder_attention_mask",
+    "encoder_mask",
+    "load_hf_dataset",
+    "loss_mask",
+    "prepare",
+    "read_meta",
 ]

@@ -8,6 +8,7 @@ complete and records the tokenizer, lengths, counts, dtype, sources and every op
 * ``lengths-00000.bin``: (rows, 2) little-endian ``int32`` ``[cond_len, total_len]`` per row, from
   which the masks are rebuilt (:mod:`elflm.data.rows`).
 """
+
 from __future__ import annotations
 
 import json

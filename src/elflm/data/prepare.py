@@ -21,6 +21,7 @@ pre-tokenised sets) are used as stored, one example per row (``rows``), exactly 
 loader batches them. Conditional text is tokenised like those sets: source and target each followed
 by EOS (their ``tokenizer(text)`` default).
 """
+
 from __future__ import annotations
 
 import itertools
@@ -45,7 +46,7 @@ from tqdm.auto import tqdm
 from ..encoder import load_tokenizer
 from ..version import __version__
 from .dataset import FORMAT, FORMAT_VERSION, META, read_meta
-from .readers import FORMATS, chunks, records, resolve_sources, source_fingerprint
+from .readers import chunks, records, resolve_sources, source_fingerprint
 from .rows import rows_from_flat
 
 WORK = ".prepare-work"
@@ -107,9 +108,18 @@ def prepare(
     workers = default_workers() if workers is None else workers
     fields = {"text": text_field, "source": source_field, "target": target_field}
     asked = {
-        "max_length": max_length, "max_input_length": max_input_length, "format": format, "fields": fields,
-        "split": split, "line_docs": line_docs, "delimiter": delimiter, "separator": separator, "packing": packing,
-        "pad_token": pad_token, "shard_rows": shard_rows, "chunk_size": chunk_size,
+        "max_length": max_length,
+        "max_input_length": max_input_length,
+        "format": format,
+        "fields": fields,
+        "split": split,
+        "line_docs": line_docs,
+        "delimiter": delimiter,
+        "separator": separator,
+        "packing": packing,
+        "pad_token": pad_token,
+        "shard_rows": shard_rows,
+        "chunk_size": chunk_size,
     }
     out = Path(output)
     _validate(asked, workers, out)
@@ -191,9 +201,15 @@ class _Plan:
         """What the saved chunks depend on (``.prepare-work/plan.json``)."""
         o = self.options
         return {
-            "version": FORMAT_VERSION, "sources": self.source_info, "tokenizer": self.tokenizer_info,
-            "conditional": self.conditional, "fields": o["fields"], "line_docs": o["line_docs"],
-            "delimiter": o["delimiter"], "chunk_size": o["chunk_size"], "piece_chars": self.piece_chars,
+            "version": FORMAT_VERSION,
+            "sources": self.source_info,
+            "tokenizer": self.tokenizer_info,
+            "conditional": self.conditional,
+            "fields": o["fields"],
+            "line_docs": o["line_docs"],
+            "delimiter": o["delimiter"],
+            "chunk_size": o["chunk_size"],
+            "piece_chars": self.piece_chars,
             "dtype": self.dtype.str,
         }
 
@@ -223,7 +239,10 @@ def _plan(inputs: list, tokenizer: str, asked: dict) -> _Plan:
         source_info=[source_fingerprint(k, s) for k, s in sources],
         tokenizer=tok,
         tokenizer_info={
-            "name_or_path": str(tokenizer), "class": type(tok).__name__, "size": vocab, "eos_id": eos_id,
+            "name_or_path": str(tokenizer),
+            "class": type(tok).__name__,
+            "size": vocab,
+            "eos_id": eos_id,
             "pad_id": tok.pad_token_id,
         },
         pad_id=pad_id,
@@ -422,6 +441,7 @@ def _tokenise(plan: _Plan, work: Path, workers: int, counts: Counter, progress: 
             bar.close()
     return _Tokenised(n_chunks, reused, fresh_tokens, time.perf_counter() - t0)
 
+
 # ----------------------------------------------------------------------------- pack (shards)
 
 
@@ -474,7 +494,13 @@ class _Packer:
     with the official row rule (conditional pairs always)."""
 
     def __init__(
-        self, writer: _ShardWriter, L: int, pad_id: int, packing: str, sep: int | None, max_input_length,
+        self,
+        writer: _ShardWriter,
+        L: int,
+        pad_id: int,
+        packing: str,
+        sep: int | None,
+        max_input_length,
         counts: Counter,
     ):
         self.w, self.L, self.pad, self.packing, self.sep = writer, L, pad_id, packing, sep
@@ -552,12 +578,23 @@ def _pack(plan: _Plan, out: Path, work: Path, n_chunks: int, counts: Counter) ->
         _remove_outputs(out)
         raise ValueError("the inputs hold no tokens (empty corpus): every document is empty")
     meta = {
-        "format": FORMAT, "version": FORMAT_VERSION, "conditional": plan.conditional,
-        "max_length": L, "max_input_length": o["max_input_length"], "dtype": plan.dtype.name,
-        "pad_id": plan.pad_id, "eos_id": eos_id, "pad_token": o["pad_token"],
-        "rows": counts["rows"], "tokens": counts["tokens"], "shards": shards,
-        "counts": {k: counts[k] for k in sorted(counts)}, "tokenizer": plan.tokenizer_info,
-        "sources": plan.source_info, "options": o, "elflm_version": __version__,
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "conditional": plan.conditional,
+        "max_length": L,
+        "max_input_length": o["max_input_length"],
+        "dtype": plan.dtype.name,
+        "pad_id": plan.pad_id,
+        "eos_id": eos_id,
+        "pad_token": o["pad_token"],
+        "rows": counts["rows"],
+        "tokens": counts["tokens"],
+        "shards": shards,
+        "counts": {k: counts[k] for k in sorted(counts)},
+        "tokenizer": plan.tokenizer_info,
+        "sources": plan.source_info,
+        "options": o,
+        "elflm_version": __version__,
     }
     _write_json(out / META, meta)
     return meta

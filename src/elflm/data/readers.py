@@ -10,6 +10,7 @@ batch). Datasets that already hold token ids (the authors' ``openwebtext-t5``,
 ``condition_input_ids``) are read as those ids. Empty lines and invalid UTF-8 are counted in a
 ``collections.Counter`` the caller passes.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -23,7 +24,12 @@ import numpy as np
 
 FORMATS = ("auto", "text", "jsonl", "tsv", "parallel", "hf")
 _EXTENSIONS = {
-    ".txt": "text", ".txt.gz": "text", ".jsonl": "jsonl", ".jsonl.gz": "jsonl", ".tsv": "tsv", ".tsv.gz": "tsv",
+    ".txt": "text",
+    ".txt.gz": "text",
+    ".jsonl": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".tsv": "tsv",
+    ".tsv.gz": "tsv",
 }
 _HF_BATCH = 1000  # rows per Arrow batch read from a datasets.Dataset
 
@@ -142,8 +148,11 @@ def source_fingerprint(kind: str, src) -> dict:
     resolved path, size and modification time (a changed input is prepared again)."""
     if kind == "hf":
         return {
-            "format": "hf", "dataset": _dataset_name(src), "split": str(getattr(src, "split", None)),
-            "fingerprint": src._fingerprint, "rows": len(src),
+            "format": "hf",
+            "dataset": _dataset_name(src),
+            "split": str(getattr(src, "split", None)),
+            "fingerprint": src._fingerprint,
+            "rows": len(src),
         }
     paths = src if kind == "parallel" else (src,)
     files = [{"path": str(p.resolve()), "bytes": p.stat().st_size, "mtime_ns": p.stat().st_mtime_ns} for p in paths]

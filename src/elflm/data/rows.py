@@ -6,6 +6,7 @@ target`` truncated / padded to ``max_length`` with the pad id (EOS for condition
 ``[cond_len, total_len]`` determines its masks: position ``i`` is condition if ``i < cond_len`` and
 valid if ``i < total_len``.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -6,6 +6,7 @@ with (:mod:`.official`) and their T5 encoder pickle (:mod:`.t5_encoder`).
 config, settings and weights. Official checkpoints store no architecture sizes:
 :func:`infer_model_config` reads them from the parameter shapes.
 """
+
 from __future__ import annotations
 
 import re
@@ -76,8 +77,10 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
     kind = f"starts with {head!r}"
     if path.suffix == ".safetensors":
         kind = "a safetensors file (pass the elflm model folder holding it)"
-    raise CheckpointError(f"{path}: unknown checkpoint file format ({kind}); "
-                          "expected a pytorch_elf torch.save zip file or a flax msgpack file")
+    raise CheckpointError(
+        f"{path}: unknown checkpoint file format ({kind}); "
+        "expected a pytorch_elf torch.save zip file or a flax msgpack file"
+    )
 
 
 def _read_weights(fmt: str, path: Path, which: str) -> Weights:
@@ -121,8 +124,13 @@ def read_checkpoint(
         )
     settings, official_max_length = official.settings_from_official(cfg, cfg_file)
     cfg_src = str(cfg_file) if cfg_file else ("given settings" if isinstance(config, dict) else None)
-    settings.source = {"format": fmt, "path": str(resolved), "step": weights.step, "config": cfg_src,
-                       "weights": "ema" if weights.ema is not None else "raw"}
+    settings.source = {
+        "format": fmt,
+        "path": str(resolved),
+        "step": weights.step,
+        "config": cfg_src,
+        "weights": "ema" if weights.ema is not None else "raw",
+    }
     model_cfg = infer_model_config(weights.sampling, max_length or official_max_length, str(resolved))
     return model_cfg, settings, weights
 
@@ -148,8 +156,16 @@ def infer_model_config(sd: dict[str, torch.Tensor], max_length: int, where: str 
         raise CheckpointError(f"{where}: no mlp_ratio gives a SwiGLU width of {mlp_hidden} at hidden size {H}")
     count = lambda name: sd[name].shape[1] if name in sd else 0
     return ModelConfig(
-        encoder_dim=C, vocab_size=V, max_length=int(max_length), hidden_size=H, depth=depth,
-        num_heads=H // head_dim, mlp_ratio=ratio, bottleneck_dim=bottleneck, num_time_tokens=n_time,
-        num_self_cond_cfg_tokens=count("self_cond_cfg_tokens"), num_mode_tokens=count("mode_tokens"),
+        encoder_dim=C,
+        vocab_size=V,
+        max_length=int(max_length),
+        hidden_size=H,
+        depth=depth,
+        num_heads=H // head_dim,
+        mlp_ratio=ratio,
+        bottleneck_dim=bottleneck,
+        num_time_tokens=n_time,
+        num_self_cond_cfg_tokens=count("self_cond_cfg_tokens"),
+        num_mode_tokens=count("mode_tokens"),
         self_cond="self_cond_proj.weight" in sd,
     )

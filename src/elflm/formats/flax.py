@@ -5,6 +5,7 @@ ours.
 A checkpoint holds the trees ``params`` (raw weights), ``ema_params1`` (EMA weights) and
 ``step``; leaves are ``/``-joined Flax paths such as ``blocks_0/attn/qkv/kernel``.
 """
+
 from __future__ import annotations
 
 import ast

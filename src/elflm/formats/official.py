@@ -1,6 +1,7 @@
 """The official training config (the authors' flat ``Config`` / ``SamplingConfig`` fields) and
 what it means for us: their defaults, the settings of the published models, the ``config.yml``
 beside a checkpoint, and its translation into our :class:`~elflm.config.Settings`."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -12,18 +13,46 @@ from ..config import DataConfig, EncoderConfig, ObjectiveConfig, SampleConfig, S
 
 # Defaults of the official ``Config`` / ``SamplingConfig`` for fields a dumped config.yml omits.
 DEFAULTS = dict(
-    max_length=128, max_input_length=None, pad_token="pad", encoder_model_name="t5-small", encoder_checkpoint=None,
-    tokenizer_name=None, latent_mean=0.0, latent_std=1.0, denoiser_p_mean=0.8, denoiser_p_std=0.8,
-    denoiser_noise_scale=1.0, t_eps=0.05, time_schedule="logit_normal", decoder_prob=0.5, decoder_noise_scale=1.0,
-    decoder_p_mean=0.8, decoder_p_std=0.8, label_drop_prob=0.0, self_cond_prob=0.5, self_cond_cfg_min=0.5,
+    max_length=128,
+    max_input_length=None,
+    pad_token="pad",
+    encoder_model_name="t5-small",
+    encoder_checkpoint=None,
+    tokenizer_name=None,
+    latent_mean=0.0,
+    latent_std=1.0,
+    denoiser_p_mean=0.8,
+    denoiser_p_std=0.8,
+    denoiser_noise_scale=1.0,
+    t_eps=0.05,
+    time_schedule="logit_normal",
+    decoder_prob=0.5,
+    decoder_noise_scale=1.0,
+    decoder_p_mean=0.8,
+    decoder_p_std=0.8,
+    label_drop_prob=0.0,
+    self_cond_prob=0.5,
+    self_cond_cfg_min=0.5,
     self_cond_cfg_max=5.0,
 )
 # First entries of the official uncond / cond sampling config files.
 SAMPLING = {
-    "uncond": dict(sampling_method="sde", num_sampling_steps=[32], cfgs=[1], sde_gamma=1.5, self_cond_cfg_scales=[3],
-                   time_schedule="logit_normal"),
-    "cond": dict(sampling_method="ode", num_sampling_steps=[64], cfgs=[2], sde_gamma=0.0, self_cond_cfg_scales=[1],
-                 time_schedule="logit_normal"),
+    "uncond": dict(
+        sampling_method="sde",
+        num_sampling_steps=[32],
+        cfgs=[1],
+        sde_gamma=1.5,
+        self_cond_cfg_scales=[3],
+        time_schedule="logit_normal",
+    ),
+    "cond": dict(
+        sampling_method="ode",
+        num_sampling_steps=[64],
+        cfgs=[2],
+        sde_gamma=0.0,
+        self_cond_cfg_scales=[1],
+        time_schedule="logit_normal",
+    ),
 }
 _SDE64 = {**SAMPLING["uncond"], "num_sampling_steps": [64], "sde_gamma": 1.0}  # ELF-M / ELF-L defaults
 _CONDITIONAL = dict(pad_token="eos", decoder_noise_scale=1.0, label_drop_prob=0.1)
@@ -37,9 +66,20 @@ _PUBLISHED = {
     "ELF-B-xsum": dict(max_length=1088, max_input_length=1024, **_CONDITIONAL),
 }
 _PUBLISHED_COMMON = dict(
-    encoder_model_name="t5-small", encoder_checkpoint=ENCODER, latent_mean=0.0, latent_std=0.2,
-    denoiser_p_mean=-1.5, denoiser_p_std=0.8, denoiser_noise_scale=2.0, t_eps=0.05, time_schedule="logit_normal",
-    decoder_prob=0.2, decoder_noise_scale=5.0, decoder_p_mean=0.8, decoder_p_std=0.8, self_cond_prob=0.5,
+    encoder_model_name="t5-small",
+    encoder_checkpoint=ENCODER,
+    latent_mean=0.0,
+    latent_std=0.2,
+    denoiser_p_mean=-1.5,
+    denoiser_p_std=0.8,
+    denoiser_noise_scale=2.0,
+    t_eps=0.05,
+    time_schedule="logit_normal",
+    decoder_prob=0.2,
+    decoder_noise_scale=5.0,
+    decoder_p_mean=0.8,
+    decoder_p_std=0.8,
+    self_cond_prob=0.5,
 )
 
 
@@ -89,21 +129,36 @@ def settings_from_official(cfg: dict, config_file: Path | None = None) -> tuple[
     (the official run resolved it against its working folder)."""
     c = {**DEFAULTS, **cfg}
     objective = ObjectiveConfig(
-        latent_mean=float(c["latent_mean"]), latent_std=float(c["latent_std"]),
-        noise_scale=float(c["denoiser_noise_scale"]), p_mean=float(c["denoiser_p_mean"]),
-        p_std=float(c["denoiser_p_std"]), t_eps=float(c["t_eps"]), time_schedule=c["time_schedule"],
-        decoder_prob=float(c["decoder_prob"]), decoder_noise_scale=float(c["decoder_noise_scale"]),
-        decoder_p_mean=float(c["decoder_p_mean"]), decoder_p_std=float(c["decoder_p_std"]),
-        self_cond_prob=float(c["self_cond_prob"]), self_cond_cfg_min=float(c["self_cond_cfg_min"]),
-        self_cond_cfg_max=float(c["self_cond_cfg_max"]), label_drop_prob=float(c["label_drop_prob"]),
+        latent_mean=float(c["latent_mean"]),
+        latent_std=float(c["latent_std"]),
+        noise_scale=float(c["denoiser_noise_scale"]),
+        p_mean=float(c["denoiser_p_mean"]),
+        p_std=float(c["denoiser_p_std"]),
+        t_eps=float(c["t_eps"]),
+        time_schedule=c["time_schedule"],
+        decoder_prob=float(c["decoder_prob"]),
+        decoder_noise_scale=float(c["decoder_noise_scale"]),
+        decoder_p_mean=float(c["decoder_p_mean"]),
+        decoder_p_std=float(c["decoder_p_std"]),
+        self_cond_prob=float(c["self_cond_prob"]),
+        self_cond_cfg_min=float(c["self_cond_cfg_min"]),
+        self_cond_cfg_max=float(c["self_cond_cfg_max"]),
+        label_drop_prob=float(c["label_drop_prob"]),
         pad_token=c["pad_token"],
     )
     conditional = c["max_input_length"] is not None
     s = {**SAMPLING["cond" if conditional else "uncond"], **(c.get("sampling_configs") or [{}])[0]}
     sample = SampleConfig(
-        method=s["sampling_method"], steps=int(s["num_sampling_steps"][0]), grid=s["time_schedule"],
-        gamma=float(s.get("sde_gamma") or 0.0), w=float(s["self_cond_cfg_scales"][0]), cfg_scale=float(s["cfgs"][0]),
-        noise_scale=objective.noise_scale, p_mean=objective.p_mean, p_std=objective.p_std, t_eps=objective.t_eps,
+        method=s["sampling_method"],
+        steps=int(s["num_sampling_steps"][0]),
+        grid=s["time_schedule"],
+        gamma=float(s.get("sde_gamma") or 0.0),
+        w=float(s["self_cond_cfg_scales"][0]),
+        cfg_scale=float(s["cfgs"][0]),
+        noise_scale=objective.noise_scale,
+        p_mean=objective.p_mean,
+        p_std=objective.p_std,
+        t_eps=objective.t_eps,
     )
     tokenizer = c["tokenizer_name"] or c["encoder_model_name"]
     weights = c["encoder_checkpoint"]
@@ -111,9 +166,17 @@ def settings_from_official(cfg: dict, config_file: Path | None = None) -> tuple[
         found = [d / weights for d in (config_file.parent, config_file.parent.parent) if (d / weights).is_file()]
         weights = str(found[0]) if found else weights
     encoder = EncoderConfig(
-        kind="t5", name_or_path=c["encoder_model_name"], weights=weights, tokenizer=tokenizer,
-        latent_mean=objective.latent_mean, latent_std=objective.latent_std,
+        kind="t5",
+        name_or_path=c["encoder_model_name"],
+        weights=weights,
+        tokenizer=tokenizer,
+        latent_mean=objective.latent_mean,
+        latent_std=objective.latent_std,
     )
-    data = DataConfig(max_length=int(c["max_length"]), max_input_length=c["max_input_length"], pad_token=c["pad_token"],
-                      tokenizer=tokenizer)
+    data = DataConfig(
+        max_length=int(c["max_length"]),
+        max_input_length=c["max_input_length"],
+        pad_token=c["pad_token"],
+        tokenizer=tokenizer,
+    )
     return Settings(encoder, data, objective, sample), int(c["max_length"])

@@ -1,6 +1,7 @@
 """The authors' T5 encoder weights (``t5_small_encoder_jax.pkl``: the Flax T5-small encoder tree
 as nested dicts of numpy arrays, SPEC §2) read through an allow-listing unpickler that only builds
 numpy arrays, and converted into a ``transformers.T5EncoderModel``."""
+
 from __future__ import annotations
 
 import pickle
@@ -120,10 +121,21 @@ def infer_t5_config(params: dict[str, np.ndarray]):
     if inner % heads:
         raise ValueError(f"attention width {inner} is not a multiple of the {heads} heads of the relative bias")
     return T5Config(
-        vocab_size=int(vocab), d_model=int(d_model), d_kv=inner // heads, d_ff=int(d_ff), num_layers=layers,
-        num_heads=int(heads), relative_attention_num_buckets=int(buckets), relative_attention_max_distance=128,
-        feed_forward_proj="gated-gelu" if gated else "relu", dropout_rate=0.0, layer_norm_epsilon=1e-6,
-        is_encoder_decoder=False, use_cache=False, pad_token_id=0, eos_token_id=1,
+        vocab_size=int(vocab),
+        d_model=int(d_model),
+        d_kv=inner // heads,
+        d_ff=int(d_ff),
+        num_layers=layers,
+        num_heads=int(heads),
+        relative_attention_num_buckets=int(buckets),
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu" if gated else "relu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+        is_encoder_decoder=False,
+        use_cache=False,
+        pad_token_id=0,
+        eos_token_id=1,
     )
 
 

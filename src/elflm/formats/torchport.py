@@ -1,6 +1,7 @@
 """The authors' PyTorch port (the ``pytorch_elf`` branch): a ``torch.save`` dict with ``params``
 (the module ``state_dict``), ``ema_params1``, ``step`` … (golden README §7), read with
 ``torch.load(weights_only=True)``; and its parameter names mapped to ours."""
+
 from __future__ import annotations
 
 import pickle
@@ -54,5 +55,8 @@ def read_port_weights(file: str | Path):
             raise CheckpointError(f"{file}: '{key}' must map names to tensors")
     ema = payload.get("ema_params1")
     step = payload.get("step")
-    return (port_params_to_state_dict(ema) if ema else None, port_params_to_state_dict(payload["params"]),
-            int(step) if isinstance(step, int) else None)
+    return (
+        port_params_to_state_dict(ema) if ema else None,
+        port_params_to_state_dict(payload["params"]),
+        int(step) if isinstance(step, int) else None,
+    )
