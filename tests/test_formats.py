@@ -44,9 +44,9 @@ def test_flax_orbax_reads_exactly(golden_dir):
     assert {k: getattr(cfg, k) for k in sizes} == sizes and cfg == infer_model_config(weights.ema, 16)
     assert settings.source == {
         "format": "flax-orbax",
-        "path": str(FLAX),
+        "path": FLAX.name,
         "step": 3,
-        "config": str(FLAX_CONFIG),
+        "config": FLAX_CONFIG.name,
         "weights": "ema",
     }
     assert settings.objective.latent_std == 0.2 and settings.objective.noise_scale == 2.0

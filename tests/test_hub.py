@@ -88,7 +88,7 @@ def test_no_network_error_explains_what_to_do(tmp_path):
     for part in ("embedded-language-flows/ELF-B-owt", "HF_HUB_OFFLINE", str(tmp_path / "hub-cache"), "local path"):
         assert part in msg
     with pytest.raises(
-        hub.HubError, match="(?s)could not load the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"
+        hub.HubError, match="(?s)cannot get the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"
     ):
         from transformers import AutoTokenizer
 

@@ -7,7 +7,9 @@ and that resuming, ``ELF.from_pretrained`` and ``elflm convert`` read, through o
 * ``optimizer.pt`` – the optimizer state, tensors and plain containers only (read back with
   ``torch.load(weights_only=True)``);
 * ``config.yaml`` – the run's :class:`~elflm.config.Config`;
-* ``trainer_state.json`` – step, epoch, samples seen, seed, world size, batch plan, model config.
+* ``trainer_state.json`` – step, epoch, samples seen, seed, world size, batch plan, model config;
+* ``encoder/`` – the local files the encoder settings name (weights, tokenizer), copied in so that
+  the checkpoint samples from anywhere (:mod:`elflm.portable`); Hub ids are kept as they are.
 
 A checkpoint is written into a temporary folder and renamed, so a run killed mid-save keeps the
 previous one; the last ``keep_last`` are kept.
@@ -20,11 +22,13 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from . import portable
 from .config import Config, dump_config, load_config
 
 _STEP = re.compile(r"step_(\d+)")
@@ -92,7 +96,8 @@ class TrainingCheckpoint:
         keep_last: int,
     ) -> TrainingCheckpoint:
         """Write ``run_dir/checkpoints/step_{step}`` (into a temporary folder, then renamed) and
-        delete all but the last ``keep_last`` checkpoints (0: keep all)."""
+        delete all but the last ``keep_last`` checkpoints (0: keep all). The local encoder files
+        of ``config`` are copied in and recorded relative to the checkpoint."""
         root = Path(run_dir) / cls.FOLDER
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{step:07d}"
@@ -102,7 +107,7 @@ class TrainingCheckpoint:
         save_file(raw, str(tmp / cls.RAW))
         save_file(ema, str(tmp / cls.EMA))
         torch.save(optimizer, tmp / cls.OPTIMIZER)
-        dump_config(config, tmp / cls.CONFIG)
+        dump_config(replace(config, encoder=portable.bundle_encoder(config.encoder, tmp)), tmp / cls.CONFIG)
         _write_json(tmp / cls.STATE, state)
         if final.exists():
             shutil.rmtree(final)
@@ -138,8 +143,9 @@ class TrainingCheckpoint:
         return self._read(self.OPTIMIZER, lambda f: torch.load(f, map_location="cpu", weights_only=True))
 
     def config(self) -> Config:
-        """The run's config."""
-        return self._read(self.CONFIG, load_config)
+        """The run's config, its encoder paths resolved inside the checkpoint."""
+        cfg = self._read(self.CONFIG, load_config)
+        return replace(cfg, encoder=portable.resolve_encoder(cfg.encoder, self.path))
 
 
 def _write_json(path: Path, obj) -> None:

@@ -253,9 +253,11 @@ def load_judge(judge: str | Path = DEFAULT_JUDGE, *, gguf_file: str | None = Non
         if missing:
             raise ImportError(f"a GGUF judge needs the packages {missing}: pip install gguf accelerate")
         kw["gguf_file"] = str(gguf_file)
-    tokenizer = load_hf(lambda n: AutoTokenizer.from_pretrained(n, **kw), judge, "judge tokenizer")
+    tokenizer = load_hf(lambda n, **local: AutoTokenizer.from_pretrained(n, **kw, **local), judge, "judge tokenizer")
     model, info = load_hf(
-        lambda n: AutoModelForCausalLM.from_pretrained(n, dtype=torch.float32, output_loading_info=True, **kw),
+        lambda n, **local: AutoModelForCausalLM.from_pretrained(
+            n, dtype=torch.float32, output_loading_info=True, **kw, **local
+        ),
         judge,
         "judge model",
     )

@@ -1,19 +1,28 @@
 """Every Hugging Face Hub interaction: downloads into the Hub cache, loading HF objects by folder
 or Hub id, uploads, and the errors that say how to work offline.
 
-Offline (``HF_HUB_OFFLINE=1`` or ``offline=True``) only the local Hub cache is used, and a missing
-file fails at once instead of waiting for the network.
+Before the first request of a process the Hub endpoint is probed once (a HEAD request with a
+3-second timeout, through the usual proxy settings). Offline (``HF_HUB_OFFLINE=1`` or
+``offline=True``) or when the probe fails, only the local Hub cache is used, so a missing file fails
+within a few seconds instead of after the client's retries, with a :class:`HubError` that names
+``HF_HUB_OFFLINE`` and the local alternatives. This holds for every kind of Hub id: checkpoints,
+encoder pickles, tokenizers, encoders, judges and datasets.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*")  # legacy ids (t5-small), org/repo, org/repo/file
+PROBE_TIMEOUT = 3.0  # seconds for the one reachability probe of the endpoint
+_OFFLINE_WHY = "offline mode is on (HF_HUB_OFFLINE=1)"
 
 
 class HubError(OSError):
@@ -25,6 +34,12 @@ def is_hub_id(name) -> bool:
     return bool(_REPO_ID.fullmatch(str(name))) and not Path(name).exists()
 
 
+def is_hub_file(name) -> bool:
+    """``org/name/path/in/repo`` (a file of a Hub repository) that is not an existing local path."""
+    text = str(name)
+    return text.count("/") >= 2 and bool(_NAME.fullmatch(text)) and not Path(text).exists()
+
+
 def is_offline(offline: bool | None = None) -> bool:
     """``offline`` if given, else whether ``HF_HUB_OFFLINE`` is set."""
     if offline is not None:
@@ -34,8 +49,34 @@ def is_offline(offline: bool | None = None) -> bool:
     return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
 
 
+def endpoint() -> str:
+    """The Hub endpoint: ``$HF_ENDPOINT`` or huggingface_hub's default."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+@functools.lru_cache(maxsize=8)
+def _probe(url: str) -> str | None:
+    """None when ``url`` answers (any HTTP status), else why not; asked once per process."""
+    try:
+        urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=PROBE_TIMEOUT).close()
+    except urllib.error.HTTPError:
+        return None  # it answered
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        return f"the Hub ({url}) cannot be reached: {type(reason).__name__}: {reason}"
+    return None
+
+
+def unavailable(offline: bool | None = None) -> str | None:
+    """Why the Hub cannot be used now (offline mode, or the endpoint does not answer), or None."""
+    return _OFFLINE_WHY if is_offline(offline) else _probe(endpoint())
+
+
 def cache_root() -> Path:
-    """Where Hub checkpoints converted to our format are kept: ``$ELFLM_CACHE`` or ``~/.cache/elflm``."""
+    """Where elflm keeps what it derives from Hub downloads (converted checkpoints, prepared
+    datasets): ``$ELFLM_CACHE`` or ``~/.cache/elflm``."""
     return Path(os.environ.get("ELFLM_CACHE") or Path.home() / ".cache" / "elflm")
 
 
@@ -43,22 +84,18 @@ def _hub_cache(cache_dir) -> str | None:
     return str(cache_dir) if cache_dir else os.environ.get("HF_HUB_CACHE")
 
 
-def _unreachable(what: str, offline: bool, cache_dir, err: Exception) -> HubError:
+def offline_error(what: str, why: str, cache_dir=None) -> HubError:
+    """The error for ``what`` (a Hub id, ``repo:file`` or a description) that could not be had
+    because of ``why``: names HF_HUB_OFFLINE, the cache and the local alternatives."""
     from huggingface_hub import constants
 
     cache = _hub_cache(cache_dir) or constants.HF_HUB_CACHE
-    cause = err.__cause__ or err.__context__ or err
-    if offline:
-        why = "offline mode is on (HF_HUB_OFFLINE=1)"
-    else:
-        why = f"the Hub cannot be reached ({type(cause).__name__}: {cause})"
     return HubError(
-        f"cannot get {what} from the Hugging Face Hub: {why} and it is not in the local cache {cache}. "
+        f"cannot get {what} from the Hugging Face Hub: {why}, and it is not in the local cache {cache}. "
         "Either connect to the internet and retry; or download it once on a connected machine "
         f"(`hf download {what.split(':')[0]}`), point HF_HUB_CACHE (or HF_HOME) at that cache and set "
-        "HF_HUB_OFFLINE=1; "
-        "or pass a local path instead of a Hub id (a folder written by `elflm convert` / save_pretrained, "
-        "or an official checkpoint folder or file)."
+        "HF_HUB_OFFLINE=1; or pass a local path instead of a Hub id (a folder written by `elflm convert` / "
+        "save_pretrained, an official checkpoint, or a local tokenizer / encoder / judge folder)."
     )
 
 
@@ -69,10 +106,12 @@ def download(
     revision: str | None = None,
     cache_dir=None,
     offline: bool | None = None,
+    ignore_patterns: list[str] | None = None,
+    repo_type: str = "model",
 ) -> Path:
-    """Snapshot folder of a Hub model repository (or one ``filename`` in it), cached by
-    huggingface_hub. Offline only the cache is used; a missing network fails at once with a
-    message saying how to work offline."""
+    """Snapshot folder of a Hub repository (or one ``filename`` in it), cached by
+    huggingface_hub; ``ignore_patterns`` leaves files out of a snapshot. Without the Hub (see
+    :func:`unavailable`) only the cache is used, and a miss fails at once with a :class:`HubError`."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from huggingface_hub.errors import (
         GatedRepoError,
@@ -81,17 +120,18 @@ def download(
         RevisionNotFoundError,
     )
 
-    offline = is_offline(offline)
-    kw = dict(revision=revision, cache_dir=_hub_cache(cache_dir), local_files_only=offline, etag_timeout=10)
+    why = unavailable(offline)
+    kw = dict(revision=revision, cache_dir=_hub_cache(cache_dir), local_files_only=why is not None, etag_timeout=10)
     what = f"{repo_id}:{filename}" if filename else repo_id
     try:
         if filename:
-            return Path(hf_hub_download(repo_id, filename, **kw))
-        return Path(snapshot_download(repo_id, **kw))
+            return Path(hf_hub_download(repo_id, filename, repo_type=repo_type, **kw))
+        return Path(snapshot_download(repo_id, repo_type=repo_type, ignore_patterns=ignore_patterns, **kw))
     except (RepositoryNotFoundError, GatedRepoError, RevisionNotFoundError) as e:
         raise HubError(f"{what}: not found on the Hugging Face Hub or not accessible ({type(e).__name__}: {e})") from e
     except (LocalEntryNotFoundError, OSError) as e:  # not in the cache offline; connection errors of the HTTP client
-        raise _unreachable(what, offline, cache_dir, e) from e
+        cause = e.__cause__ or e.__context__ or e
+        raise offline_error(what, why or f"the Hub failed ({type(cause).__name__}: {cause})", cache_dir) from e
 
 
 def _is_local(name) -> bool:
@@ -116,33 +156,48 @@ def resolve_file(path, what: str, *, cache_dir=None, offline: bool | None = None
 
 
 def load_hf(load: Callable, name_or_path, what: str):
-    """``load(name_or_path)`` (an HF ``from_pretrained``) for a local folder or a Hub id; a Hub
-    failure becomes a :class:`HubError` that says how to work offline."""
+    """``load(name_or_path, local_files_only=...)`` (an HF ``from_pretrained``) for a local folder
+    or a Hub id. Without the Hub (:func:`unavailable`) only the cache is asked; a failure becomes a
+    :class:`HubError` that says how to work offline."""
     _check_name(name_or_path, what)
     if _is_local(name_or_path):
-        return load(str(Path(str(name_or_path)).expanduser()))
+        return load(str(Path(str(name_or_path)).expanduser()), local_files_only=True)
+    why = unavailable()
     try:
-        return load(str(name_or_path))
+        return load(str(name_or_path), local_files_only=why is not None)
     except OSError as e:
-        from huggingface_hub import constants
+        why = why or f"the Hub did not provide it ({type(e).__name__}: {e})"
+        raise offline_error(f"the {what} {str(name_or_path)!r}", why) from e
 
-        cache = _hub_cache(None) or constants.HF_HUB_CACHE
-        raise HubError(
-            f"could not load the {what} {str(name_or_path)!r}: it is not a local path and the Hugging Face Hub did not "
-            f"provide it ({type(e).__name__}: {e}). Without network access, download it once where there is network "
-            f"(it is kept in the Hugging Face cache, {cache}; set HF_HOME or HF_HUB_CACHE to move it) "
-            "and run with HF_HUB_OFFLINE=1, or pass a local folder / file path instead."
-        ) from e
+
+def require_hub(what: str, later: str | None = None) -> None:
+    """Fail at once with a :class:`HubError` when the Hub cannot be used (:func:`unavailable`)
+    for ``what`` (e.g. an upload), saying how to go on (``later``)."""
+    why = unavailable()
+    if why is not None:
+        later = later or "save it to a folder (save_pretrained) and run `elflm push FOLDER REPO_ID` when online"
+        raise HubError(f"cannot {what}: {why}; {later}")
 
 
 def upload_folder(
     folder, repo_id: str, *, private: bool = False, token: str | None = None, commit_message: str = "Upload ELF model"
 ) -> str:
     """Upload ``folder`` to the Hub model repository ``repo_id`` (created if needed); returns the
-    commit URL. Credentials: ``token`` or the saved login."""
+    commit URL. Credentials: ``token`` or the saved login. Without the Hub it fails at once with a
+    :class:`HubError` that says how to upload later."""
     from huggingface_hub import HfApi
 
+    later = f"the folder is ready at {folder}; upload it later with `elflm push {folder} {repo_id}`"
+    require_hub(f"upload to the Hugging Face Hub repository {repo_id}", later)
     api = HfApi(token=token)
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
-    info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message)
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(
+            repo_id=repo_id, folder_path=str(folder), repo_type="model", commit_message=commit_message
+        )
+    except Exception as e:  # HTTP, authentication and connection errors of the client
+        raise HubError(
+            f"uploading to the Hugging Face Hub repository {repo_id} failed ({type(e).__name__}: {e}); "
+            f"log in with `hf auth login` or pass a token; {later}"
+        ) from e
     return str(getattr(info, "commit_url", info))

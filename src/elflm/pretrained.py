@@ -7,36 +7,43 @@
   tokenizer, latent mean/std), ``data`` (``max_input_length``, ``pad_token`` of conditional
   models), ``objective``, ``sample`` (the sampling defaults) and ``source`` (where the weights
   came from);
-* ``encoder/`` – optional copy of the encoder (HF encoder folder with its tokenizer); paths in
-  the ``encoder`` section are relative to the model folder.
+* ``encoder/`` – the encoder when it is not a Hub id (an HF encoder folder with its tokenizer, or
+  copies of the local files the settings name); paths in the ``encoder`` section are relative to
+  the model folder (:mod:`elflm.portable`), so a folder loads from anywhere after being moved;
+* ``README.md`` – the model card: YAML metadata (library, tags, base encoder, datasets, metrics)
+  and how to use the model.
 
 ``from_pretrained`` also reads, without converting, a training run or checkpoint
-(:mod:`elflm.checkpoint`) and the authors' checkpoints (:mod:`elflm.formats`); a Hub id is
-downloaded and, when not in our format, converted once into a cache folder.
+(:mod:`elflm.checkpoint`) and foreign checkpoints (:mod:`elflm.formats`); a Hub id is downloaded
+and, when not in our format, converted once into a cache folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
+import warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file, save_file
 
-from . import formats, hub
+from . import formats, hub, portable
 from .checkpoint import CheckpointError, TrainingCheckpoint
-from .config import SECTIONS, EncoderConfig, ModelConfig, Settings
-from .encoder import TextEncoder, build_encoder
-from .formats import Weights, official
+from .config import SECTIONS, ModelConfig, Settings
+from .encoder import TextEncoder, build_encoder, load_tokenizer
+from .formats import Weights, lightning, official
+from .formats.t5_encoder import t5_from_state_dict
+from .version import __version__
 
 WEIGHTS = "model.safetensors"
 RAW_WEIGHTS = "model_raw.safetensors"
 CONFIG = "config.json"
-ENCODER_DIR = "encoder"
+CARD = "README.md"
+ENCODER_DIR = portable.ENCODER_DIR
 FORMAT_VERSION = 1
 FORMATS = ("elflm", "elflm-train", *formats.FORMATS)
 _SETTINGS = {f.name: SECTIONS[f.name] for f in fields(Settings) if f.name in SECTIONS}
@@ -65,11 +72,6 @@ def _load_safetensors(file: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{file}: cannot read safetensors weights (truncated or corrupted?): {e}") from e
 
 
-def _encoder_paths(enc: EncoderConfig, resolve) -> EncoderConfig:
-    """``enc`` with ``weights`` / ``tokenizer`` passed through ``resolve`` (relative <-> absolute)."""
-    return replace(enc, weights=resolve(enc.weights), tokenizer=resolve(enc.tokenizer))
-
-
 def read_config(directory: str | Path) -> tuple[ModelConfig, Settings]:
     """Model config and settings of a model folder's ``config.json``; encoder paths that exist
     relative to the folder become absolute."""
@@ -87,9 +89,8 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, Settings]:
         )
     where = str(file)
     sections = {name: _dataclass_from(cls, cfg.get(name) or {}, where) for name, cls in _SETTINGS.items()}
-    local = lambda p: str(directory / p) if p is not None and (directory / p).exists() else p
-    sections["encoder"] = _encoder_paths(sections["encoder"], local)
-    sections["data"] = replace(sections["data"], tokenizer=local(sections["data"].tokenizer))
+    sections["encoder"] = portable.resolve_encoder(sections["encoder"], directory)
+    sections["data"] = replace(sections["data"], tokenizer=sections["encoder"].tokenizer_name)
     return _dataclass_from(ModelConfig, cfg["model"], where), Settings(**sections, source=cfg.get("source") or {})
 
 
@@ -110,7 +111,7 @@ def _read_training(ckpt: TrainingCheckpoint, which: str) -> tuple[ModelConfig, S
         raise CheckpointError(f"{where}: no model_config in the training state")
     model_cfg = _dataclass_from(ModelConfig, state["model_config"], where)
     step = state.get("step")
-    settings = Settings.from_config(ckpt.config(), {"format": "elflm-train", "path": str(ckpt.path), "step": step})
+    settings = Settings.from_config(ckpt.config(), {"format": "elflm-train", "path": ckpt.path.name, "step": step})
     ema = ckpt.ema() if which != "raw" else None
     raw = ckpt.raw() if which != "ema" else None
     return model_cfg, settings, Weights(ema=ema, raw=raw, step=step)
@@ -160,23 +161,55 @@ def read_checkpoint(
     return (replace(model_cfg, max_length=max_length) if max_length else model_cfg), settings, weights
 
 
+def file_encoder(weights, tokenizer=None, *, cache_dir=None, offline: bool | None = None, **latent):
+    """The :class:`~elflm.encoder.TextEncoder` of encoder weights held in a foreign file, or None
+    for other ``weights``: ``.pkl`` → the authors' encoder pickle (local, or ``org/repo/file`` on
+    the Hub); ``.ckpt`` → the T5 encoder inside a Lightning checkpoint
+    (:mod:`elflm.formats.lightning`). ``tokenizer`` (folder or Hub id) None: ids only."""
+    if weights is None:
+        return None
+    if str(weights).endswith(".pkl"):
+        pkl = hub.resolve_file(weights, "encoder pickle", cache_dir=cache_dir, offline=offline)
+        return TextEncoder.from_jax_pickle(pkl, tokenizer=tokenizer, **latent)
+    if str(weights).endswith(".ckpt"):
+        sd = lightning.read_encoder(weights)
+        if sd is None:
+            raise CheckpointError(f"{weights}: this Lightning checkpoint holds no encoder weights ('encoder.*')")
+        tok = load_tokenizer(tokenizer) if tokenizer is not None else None
+        return TextEncoder(t5_from_state_dict(sd, str(weights)), tok, **latent)
+    return None
+
+
 def build_text_encoder(settings: Settings, device=None, *, cache_dir=None, offline: bool | None = None) -> TextEncoder:
     """The frozen :class:`~elflm.encoder.TextEncoder` that ``settings.encoder`` describes:
-    ``weights`` ending in ``.pkl`` → the authors' encoder pickle (local, or ``org/repo/file`` on the
-    Hub, e.g. the official ``embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl``);
-    other ``weights`` → an HF encoder folder / Hub id; no ``weights`` → ``name_or_path``.
-    The latent mean/std fall back to the objective's."""
+    ``weights`` in a foreign file (:func:`file_encoder`: the authors' pickle, e.g. the official
+    ``embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl``, or a Lightning
+    checkpoint), an HF encoder folder / Hub id, or none (``name_or_path``). The latent mean/std
+    fall back to the objective's. A tokenizer with more tokens than the encoder embeds gets a
+    warning (:func:`check_tokenizer`)."""
     e, o = settings.encoder, settings.objective
     latent = dict(
         latent_mean=o.latent_mean if e.latent_mean is None else e.latent_mean,
         latent_std=o.latent_std if e.latent_std is None else e.latent_std,
     )
-    if e.weights is not None and str(e.weights).endswith(".pkl"):
-        pkl = hub.resolve_file(e.weights, "encoder pickle", cache_dir=cache_dir, offline=offline)
-        enc = TextEncoder.from_jax_pickle(pkl, tokenizer=e.tokenizer_name, **latent)
-    else:
-        enc = build_encoder(e, **latent)
+    enc = file_encoder(e.weights, e.tokenizer_name, cache_dir=cache_dir, offline=offline, **latent)
+    enc = enc if enc is not None else build_encoder(e, **latent)
+    check_tokenizer(enc, e.tokenizer_name)
     return enc if device is None else enc.to(device)
+
+
+def check_tokenizer(encoder: TextEncoder, name) -> None:
+    """Warn when the tokenizer has more tokens than the encoder embeds (``len(tokenizer) >
+    encoder.vocab_size``): text may encode to ids the encoder cannot take (token ids below the
+    encoder's vocabulary still work)."""
+    tok = encoder.tokenizer
+    if tok is not None and len(tok) > encoder.vocab_size:
+        warnings.warn(
+            f"the tokenizer {str(name)!r} has {len(tok)} tokens but the encoder embeds only {encoder.vocab_size}: "
+            "text may encode to ids the encoder cannot take; pass the tokenizer the encoder was made with "
+            "(--tokenizer / tokenizer=)",
+            stacklevel=2,
+        )
 
 
 def _check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: str) -> None:
@@ -201,6 +234,95 @@ def _check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where
 
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous() for k, v in sd.items()}
+
+
+# --------------------------------------------------------------------------- model cards
+
+TAGS = ["elflm", "elf", "embedded-language-flows", "flow-matching", "text-generation"]
+
+
+def card_metrics(report: dict) -> dict[str, float]:
+    """Numbers for a model card from a metrics dict: an ``elflm eval --json`` report (the samples'
+    ``gen_ppl`` / ``entropy``, ``bleu``, ``rouge*``) or a flat ``{name: number}``."""
+    if not isinstance(report, dict):
+        raise ValueError(f"metrics must be a mapping of names to numbers, got {type(report).__name__}")
+    flat = dict(report.get("samples") or {}) if isinstance(report.get("samples"), dict) else {}
+    flat.update({k: v for k, v in report.items() if k != "samples"})
+    keep = {"gen_ppl", "entropy", "bleu", "rouge1", "rouge2", "rougeL"} if "samples" in report else None
+    return {
+        k: float(v)
+        for k, v in flat.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and (keep is None or k in keep)
+    }
+
+
+def model_card(model_cfg: ModelConfig, settings: Settings, metrics: dict | None = None, name: str = "ELF") -> str:
+    """The ``README.md`` of a model folder: YAML metadata (``library_name: elflm``, tags, the base
+    encoder and datasets when they are Hub ids, the metrics as a ``model-index``) and a short
+    description with how to load and sample it."""
+    enc, data, s = settings.encoder, settings.data, settings.sample
+    meta: dict = {"library_name": "elflm", "pipeline_tag": "text-generation", "tags": list(TAGS)}
+    base = enc.weights if enc.weights not in (None, "random") else enc.name_or_path
+    if base and not portable.is_local(base) and not str(base).startswith(ENCODER_DIR):
+        meta["base_model"] = "/".join(str(base).split("/")[:2])
+    if data.train_path and hub.is_hub_id(data.train_path):
+        meta["datasets"] = [data.train_path]
+    metrics = card_metrics(metrics) if metrics else {}
+    if metrics:
+        dataset = {"name": data.train_path or "samples", "type": data.train_path or "samples"}
+        meta["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "text-generation"},
+                        "dataset": dataset,
+                        "metrics": [{"type": k, "value": v, "name": k} for k, v in metrics.items()],
+                    }
+                ],
+            }
+        ]
+    kind = "conditional" if data.max_input_length else "unconditional"
+    sampler = f"{s.method}, {s.steps} steps, {s.grid} grid, w = {s.w:g}" + (
+        f", γ = {s.gamma:g}" if s.method == "sde" else ""
+    )
+    lines = [
+        "---",
+        yaml.safe_dump(meta, sort_keys=False).rstrip(),
+        "---",
+        "",
+        f"# {name}",
+        "",
+        f"An {kind} [ELF](https://arxiv.org/abs/2605.10938) (Embedded Language Flows) model for "
+        "[elflm](https://github.com/lillian039/ELF): a flow-matching language model in the frozen embedding space of "
+        f"the text encoder `{enc.name_or_path}`, decoding to tokens at the last step with the same network.",
+        "",
+        f"- network: depth {model_cfg.depth}, width {model_cfg.hidden_size}, {model_cfg.num_heads} heads, "
+        f"encoder width {model_cfg.encoder_dim}, vocabulary {model_cfg.vocab_size}, {model_cfg.max_length} tokens"
+        + (f" (condition: {data.max_input_length})" if data.max_input_length else ""),
+        f"- sampler defaults: {sampler}",
+    ]
+    if settings.source.get("format"):
+        step = settings.source.get("step")
+        lines.append(f"- weights: {settings.source['format']}" + (f", step {step}" if step is not None else ""))
+    if metrics:
+        lines.append("- metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+    lines += [
+        "",
+        "```python",
+        "from elflm import ELF, generate",
+        'model = ELF.from_pretrained("<this repository or folder>")',
+        "texts = generate(model, model.encoder, model.pretrained.sample, num_samples=4, seed=0)",
+        "```",
+        "",
+        "```bash",
+        "elflm sample --checkpoint <this repository or folder> --num-samples 4",
+        "```",
+        "",
+        f"Written by elflm {__version__}.",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- the model mixin
@@ -237,13 +359,13 @@ class PretrainedModel:
         offline: bool | None = None,
     ):
         """The model, in eval mode on ``device``, from a model folder, a training run or
-        checkpoint, one of the authors' checkpoints or a Hub id; with the EMA weights
-        (``raw=True``: the raw ones).
+        checkpoint, a foreign checkpoint, a Hub id (``org/name``) or a Hub file
+        (``org/name/path/file.ckpt``); with the EMA weights (``raw=True``: the raw ones).
 
         ``encoder``: True = the encoder the checkpoint describes, False = none, a
         ``TextEncoder``, or encoder weights to use instead (the authors' pickle or an HF encoder
         folder / Hub id); ``tokenizer`` replaces its tokenizer folder / Hub id. ``config`` /
-        ``max_length`` complete the authors' checkpoints (:func:`read_checkpoint`);
+        ``max_length`` complete foreign checkpoints (:func:`read_checkpoint`);
         ``revision``, ``cache_dir``, ``offline`` apply to Hub downloads."""
         path = Path(name_or_path).expanduser()
         if not path.exists() and hub.is_hub_id(str(name_or_path)):
@@ -256,8 +378,14 @@ class PretrainedModel:
                 max_length=max_length,
                 raw=raw,
             )
+        elif not path.exists() and hub.is_hub_file(str(name_or_path)):
+            repo_id = "/".join(str(name_or_path).split("/")[:2])
+            path = hub.resolve_file(name_or_path, "checkpoint file", cache_dir=cache_dir, offline=offline)
+            config = config if config is not None or official.find_config(path) else official.published_config(repo_id)
         elif not path.exists():
-            raise CheckpointError(f"{name_or_path}: no such file or folder, and not a Hub id of the form 'org/name'")
+            raise CheckpointError(
+                f"{name_or_path}: no such file or folder, and not a Hub id of the form 'org/name' (or 'org/name/file')"
+            )
         which = "raw" if raw else "ema"
         model_cfg, settings, weights = read_checkpoint(path, config=config, max_length=max_length, which=which)
         model = cls._with_weights(model_cfg, weights.raw if raw else weights.sampling, str(path))
@@ -287,48 +415,49 @@ class PretrainedModel:
         raw_state_dict: dict[str, torch.Tensor] | None = None,
         settings: Settings | None = None,
         encoder="auto",
+        metrics: dict | None = None,
     ) -> Path:
-        """Write the model (its current weights, normally the EMA weights) as a model folder:
-        ``model.safetensors``, ``config.json`` and, with ``raw_state_dict``, ``model_raw.safetensors``.
-        ``settings`` defaults to those the model was loaded with (``.pretrained``).
-        ``encoder``: a :class:`~elflm.encoder.TextEncoder` to copy in as ``encoder/``; ``"auto"``
-        copies the attached ``.encoder`` when its weights are a local file or folder (so the
-        folder does not depend on it); ``False`` only describes the encoder in ``config.json``."""
+        """Write the model (its current weights, normally the EMA weights) as a model folder that
+        loads from anywhere: ``model.safetensors``, ``config.json``, ``README.md`` (the model card,
+        with ``metrics`` when given: see :func:`card_metrics`) and, with ``raw_state_dict``,
+        ``model_raw.safetensors``. ``settings`` defaults to those the model was loaded with
+        (``.pretrained``). ``encoder``: a :class:`~elflm.encoder.TextEncoder` to save as
+        ``encoder/``; ``"auto"`` saves the attached ``.encoder`` when the settings name a local
+        encoder or tokenizer; ``False`` saves none. Local files the encoder settings still name are
+        copied into ``encoder/`` (:func:`elflm.portable.bundle_encoder`); Hub ids stay Hub ids."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         settings = settings or getattr(self, "pretrained", None) or Settings()
         enc_cfg = settings.encoder
+        local = any(portable.is_local(getattr(enc_cfg, f)) for f in portable.PATH_FIELDS) or enc_cfg.weights == "random"
         if encoder == "auto":
-            local = enc_cfg.weights is not None and Path(enc_cfg.weights).exists()
             encoder = getattr(self, "encoder", None) if local else None
         if encoder is not None and encoder is not False:
-            path = str(encoder.save_pretrained(directory / ENCODER_DIR))
-            tokenizer = path if encoder.tokenizer is not None else enc_cfg.tokenizer
-            enc_cfg = replace(enc_cfg, weights=path, tokenizer=tokenizer)
+            path = str(encoder.save_pretrained(directory / ENCODER_DIR).absolute())
+            tokenizer = path if encoder.tokenizer is not None else enc_cfg.tokenizer_name
+            enc_cfg = replace(enc_cfg, name_or_path=path, weights=path, tokenizer=tokenizer)
+        enc_cfg = portable.bundle_encoder(enc_cfg, directory)
         save_file(_cpu(self.state_dict()), str(directory / WEIGHTS), metadata={"format": "pt"})
         if raw_state_dict is not None:
             _check_state_dict(self, raw_state_dict, "raw_state_dict")
             save_file(_cpu(raw_state_dict), str(directory / RAW_WEIGHTS), metadata={"format": "pt"})
-        here = directory.resolve()
-
-        def inside(p):  # paths into the folder are stored relative to it
-            if p and Path(p).exists() and Path(p).resolve().is_relative_to(here):
-                return os.path.relpath(Path(p).resolve(), here)
-            return p
-
+        train_path = settings.data.train_path
+        data = replace(
+            settings.data,
+            max_length=self.config.max_length,
+            tokenizer=enc_cfg.tokenizer_name,
+            train_path=train_path if train_path and hub.is_hub_id(train_path) else None,
+        )
+        saved = Settings(enc_cfg, data, settings.objective, settings.sample, dict(settings.source))
         config = {
             "format": "elflm",
             "version": FORMAT_VERSION,
             "model": asdict(self.config),
-            "encoder": asdict(_encoder_paths(enc_cfg, inside)),
-            "data": asdict(
-                replace(settings.data, max_length=self.config.max_length, tokenizer=inside(enc_cfg.tokenizer_name))
-            ),
-            "objective": asdict(settings.objective),
-            "sample": asdict(settings.sample),
-            "source": dict(settings.source),
+            **{name: asdict(getattr(saved, name)) for name in _SETTINGS},
+            "source": saved.source,
         }
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        (directory / CARD).write_text(model_card(self.config, saved, metrics, directory.absolute().name))
         return directory
 
     def push_to_hub(
@@ -340,11 +469,13 @@ class PretrainedModel:
         commit_message: str = "Upload ELF model",
         **save_kwargs,
     ) -> str:
-        """Save the model (:meth:`save_pretrained` with ``save_kwargs``) into a temporary folder
-        and upload it to the Hub model repository ``repo_id`` (created if needed). Returns the
-        commit URL. Credentials: ``token`` or the saved login."""
+        """Save the model (:meth:`save_pretrained` with ``save_kwargs``, model card included) into
+        a temporary folder and upload it to the Hub model repository ``repo_id`` (created if
+        needed). Returns the commit URL. Credentials: ``token`` or the saved login. Without the Hub
+        it fails at once with a :class:`~elflm.hub.HubError`."""
+        hub.require_hub(f"upload to the Hugging Face Hub repository {repo_id}")
         with tempfile.TemporaryDirectory() as tmp:
-            folder = self.save_pretrained(tmp, **save_kwargs)
+            folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], **save_kwargs)
             return hub.upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
 
     @classmethod
@@ -361,21 +492,30 @@ class PretrainedModel:
         tokenizer: str | Path | None = None,
     ) -> Path:
         """Convert a checkpoint (format detected, or forced with ``format``) into a model folder
-        ``output``: ``model.safetensors`` holds the EMA weights (the raw ones when the source has
-        no EMA), ``raw=True`` adds ``model_raw.safetensors``. ``encoder`` (the authors' encoder
-        pickle or an HF encoder folder / Hub id) is converted and copied in as ``encoder/`` with
-        ``tokenizer`` (HF tokenizer folder or Hub id; default: the config's, ``t5-small``)."""
+        ``output`` that loads from anywhere: ``model.safetensors`` holds the EMA weights (the raw
+        ones when the source has no EMA), ``raw=True`` adds ``model_raw.safetensors``. The encoder
+        is ``encoder`` (the authors' encoder pickle or an HF encoder folder / Hub id) or the one
+        the source names; when it is local (a pickle beside the checkpoint, the T5 weights inside a
+        Lightning checkpoint, a folder) it is converted and saved in ``encoder/``; a Hub id stays a
+        Hub id. ``tokenizer`` (HF folder or Hub id; default: the config's, ``t5-small``) is saved
+        with it when local."""
         model_cfg, settings, weights = read_checkpoint(src, format, config, max_length, which="both" if raw else "ema")
         if raw and (weights.raw is None or weights.ema is None):
             raise CheckpointError(f"{src}: raw=True needs both EMA and raw weights in the source")
         model = cls._with_weights(model_cfg, weights.sampling, str(src))
-        enc = False
         if encoder is not None:
-            tokenizer = str(tokenizer) if tokenizer else settings.encoder.tokenizer
-            settings.encoder = replace(settings.encoder, weights=str(encoder), tokenizer=tokenizer)
-            enc = build_text_encoder(settings)
+            settings.encoder = replace(settings.encoder, weights=str(encoder))
+        if tokenizer is not None:
+            settings.encoder = replace(settings.encoder, tokenizer=str(tokenizer))
+        e = settings.encoder
+        # foreign encoder files are converted once here (loading then needs no pickle or Lightning
+        # reader); a local tokenizer is saved with them, a Hub id stays one; local HF folders are copied
+        tok = e.tokenizer_name if portable.is_local(e.tokenizer_name) else None
+        enc = file_encoder(e.weights, tok) if portable.is_local(e.weights) else None
+        if enc is not None:
+            check_tokenizer(enc, tok)
         raw_sd = weights.raw if raw else None
-        return model.save_pretrained(output, raw_state_dict=raw_sd, settings=settings, encoder=enc)
+        return model.save_pretrained(output, raw_state_dict=raw_sd, settings=settings, encoder=enc or False)
 
     @classmethod
     def _hub_folder(
@@ -390,8 +530,11 @@ class PretrainedModel:
         raw: bool = False,
     ) -> Path:
         """A local model folder for a Hub model: the snapshot itself when it is in our format, else
-        the snapshot converted once into ``hub.cache_root()/converted/models--org--name/<commit>``."""
-        snapshot = hub.download(repo_id, revision=revision, cache_dir=cache_dir, offline=offline)
+        the snapshot converted once into ``hub.cache_root()/converted/models--org--name/<commit>``.
+        A Lightning repository's per-epoch checkpoints (``checkpoints/*.ckpt``) are not downloaded."""
+        snapshot = hub.download(
+            repo_id, revision=revision, cache_dir=cache_dir, offline=offline, ignore_patterns=["checkpoints/*.ckpt"]
+        )
         fmt, resolved = detect_format(snapshot)
         if fmt == "elflm":
             return resolved
@@ -417,5 +560,39 @@ class PretrainedModel:
             shutil.rmtree(tmp, ignore_errors=True)
         return out
 
-
-# --------------------------------------------------------------------------- elflm convert
+    @classmethod
+    def push_folder(
+        cls,
+        path: str | Path,
+        repo_id: str,
+        *,
+        private: bool = False,
+        token: str | None = None,
+        commit_message: str = "Upload ELF model",
+        metrics: dict | None = None,
+        config: str | Path | dict | None = None,
+        max_length: int | None = None,
+    ) -> str:
+        """``elflm push``: upload a model folder to the Hub repository ``repo_id``; its model card is
+        written first when it has none, or when ``metrics`` are given. Anything else
+        :meth:`~PretrainedModel.from_pretrained` reads (a training run, a foreign checkpoint) is
+        converted into a temporary folder first. Returns the commit URL; without the Hub it fails at
+        once with a :class:`~elflm.hub.HubError`."""
+        hub.require_hub(f"upload to the Hugging Face Hub repository {repo_id}")
+        path = Path(path)
+        fmt, resolved = detect_format(path)
+        upload = lambda folder: hub.upload_folder(  # noqa: E731
+            folder, repo_id, private=private, token=token, commit_message=commit_message
+        )
+        if fmt == "elflm":
+            if metrics is not None or not (resolved / CARD).is_file():
+                model_cfg, settings = read_config(resolved)
+                name = repo_id.split("/")[-1]
+                (resolved / CARD).write_text(model_card(model_cfg, settings, metrics, name))
+            return upload(resolved)
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = cls.convert(path, Path(tmp) / repo_id.split("/")[-1], config=config, max_length=max_length)
+            if metrics is not None:
+                model_cfg, settings = read_config(folder)
+                (folder / CARD).write_text(model_card(model_cfg, settings, metrics, folder.name))
+            return upload(folder)

@@ -1,6 +1,7 @@
 """Foreign checkpoint formats, read without their frameworks: the authors' Flax checkpoints
-(:mod:`.flax`), their PyTorch port (:mod:`.torchport`), the official training config they come
-with (:mod:`.official`) and their T5 encoder pickle (:mod:`.t5_encoder`).
+(:mod:`.flax`), their PyTorch port (:mod:`.torchport`), the unofficial Lightning reproduction
+(:mod:`.lightning`), the official training config they come with (:mod:`.official`) and the
+authors' T5 encoder pickle (:mod:`.t5_encoder`).
 
 :func:`detect_format` names the format of a path, :func:`read_checkpoint` reads one into our model
 config, settings and weights. Official checkpoints store no architecture sizes:
@@ -17,11 +18,11 @@ import torch
 
 from ..checkpoint import CheckpointError
 from ..config import ModelConfig, Settings
-from . import official
+from . import lightning, official
 from .flax import read_msgpack_weights, read_orbax_weights
 from .torchport import read_port_weights
 
-FORMATS = ("flax-orbax", "flax-msgpack", "torch-port")
+FORMATS = ("flax-orbax", "flax-msgpack", "torch-port", "lightning")
 _STEP = re.compile(r"checkpoint_(\d+)")  # the official run folder: run/checkpoint_<step>
 
 
@@ -60,18 +61,22 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         inner = _latest_step(path)
         if inner:
             return detect_format(inner)
+        ckpt = lightning.find_checkpoint(path)
+        if ckpt is not None:
+            return "lightning", ckpt
         weights = [p for p in path.iterdir() if p.suffix in (".pt", ".pth", ".ckpt", ".msgpack")]
         if len(weights) == 1:
             return detect_format(weights[0])
         listing = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "nothing"
         raise CheckpointError(
             f"{path}: unknown checkpoint layout (found: {listing}); expected an elflm model folder or training "
-            "checkpoint, an orbax checkpoint_<step> folder, a flax msgpack file or a pytorch_elf torch.save file"
+            "checkpoint, an orbax checkpoint_<step> folder, a flax msgpack file, a pytorch_elf torch.save file or "
+            "a Lightning .ckpt file (or a folder with last.ckpt)"
         )
     with open(path, "rb") as f:
         head = f.read(8)
     if head[:4] == b"PK\x03\x04":
-        return "torch-port", path
+        return ("lightning" if lightning.is_lightning(path) else "torch-port"), path
     if head[:1] and (0x80 <= head[0] <= 0x8F or head[0] in (0xDE, 0xDF)):
         return "flax-msgpack", path
     kind = f"starts with {head!r}"
@@ -79,7 +84,7 @@ def detect_format(path: str | Path) -> tuple[str, Path]:
         kind = "a safetensors file (pass the elflm model folder holding it)"
     raise CheckpointError(
         f"{path}: unknown checkpoint file format ({kind}); "
-        "expected a pytorch_elf torch.save zip file or a flax msgpack file"
+        "expected a pytorch_elf torch.save or Lightning .ckpt zip file, or a flax msgpack file"
     )
 
 
@@ -115,18 +120,31 @@ def read_checkpoint(
     fmt, resolved = detect_format(path)
     if format is not None and format != fmt:
         fmt, resolved = format, Path(path)
-    weights = _read_weights(fmt, resolved, which)
-    cfg, cfg_file = official.read_config(config, resolved)
+    embedded, has_encoder = None, False
+    if fmt == "lightning":
+        ema, raw, step, embedded, has_encoder = lightning.read_lightning(resolved, which)
+        weights = Weights(ema, raw, step)
+    else:
+        weights = _read_weights(fmt, resolved, which)
+    if embedded is not None and config is None:
+        cfg, cfg_file = embedded, None
+    else:
+        cfg, cfg_file = official.read_config(config, resolved)
     if max_length is None and "max_length" not in cfg:
         raise CheckpointError(
             f"{resolved}: the official checkpoint does not store max_length and no config.yml was found beside it; "
             "pass the training YAML (--config / config=) or --max-length"
         )
     settings, official_max_length = official.settings_from_official(cfg, cfg_file)
-    cfg_src = str(cfg_file) if cfg_file else ("given settings" if isinstance(config, dict) else None)
+    if has_encoder:  # the frozen encoder travels inside the checkpoint
+        settings.encoder.weights = str(resolved.absolute())
+    if cfg_file:
+        cfg_src = cfg_file.name
+    else:
+        cfg_src = "given settings" if isinstance(config, dict) else "embedded" if embedded is not None else None
     settings.source = {
         "format": fmt,
-        "path": str(resolved),
+        "path": resolved.name,
         "step": weights.step,
         "config": cfg_src,
         "weights": "ema" if weights.ema is not None else "raw",

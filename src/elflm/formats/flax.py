@@ -116,7 +116,7 @@ def read_orbax(
     ``{collection: {"/"-joined flax path: array}}`` (absent collections are left out)."""
     import tensorstore as ts
 
-    path = Path(path)
+    path = Path(path).absolute()  # a file: URI takes no relative path ("file://../x" reads ".." as a host)
     leaves, zarr3 = _orbax_leaves(path)
     wanted = {k: v for k, v in leaves.items() if k[0] in collections or k == ("step",)}
     if (path / "manifest.ocdbt").is_file():

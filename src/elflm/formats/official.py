@@ -83,9 +83,17 @@ _PUBLISHED_COMMON = dict(
 )
 
 
+# The unofficial Lightning reproduction (its reproduction/elf_b-owt/config.yml): ELF-B on OpenWebText
+# with the Hub's t5-small encoder weights (which its checkpoints also carry).
+_REPRODUCTIONS = {"Ugness/elf-torch": dict(max_length=1024, encoder_checkpoint=None)}
+
+
 def published_config(repo_id: str) -> dict | None:
-    """The official training settings of a published ``embedded-language-flows/ELF-*`` model
-    (``-torch`` variants included), or None for other repositories."""
+    """The training settings of a published ``embedded-language-flows/ELF-*`` model (``-torch``
+    variants included) or of the Lightning reproduction ``Ugness/elf-torch``, or None for other
+    repositories."""
+    if repo_id in _REPRODUCTIONS:
+        return {**_PUBLISHED_COMMON, **_REPRODUCTIONS[repo_id]}
     org, _, name = repo_id.partition("/")
     name = name.removesuffix("-torch")
     if org != "embedded-language-flows" or name not in _PUBLISHED:

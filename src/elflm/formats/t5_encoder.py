@@ -107,17 +107,11 @@ def _get(params: dict, key: str) -> np.ndarray:
     return params[key]
 
 
-def infer_t5_config(params: dict[str, np.ndarray]):
-    """``T5Config`` of a Flax T5 encoder tree (flat ``/`` keys), sizes read from the array shapes:
-    ReLU feed-forward (``wi``) or gated GELU (``wi_0``/``wi_1``), max distance 128, eps 1e-6, no dropout."""
+def t5_config(*, vocab: int, d_model: int, buckets: int, heads: int, inner: int, d_ff: int, layers: int, gated: bool):
+    """The ``T5Config`` of a T5 encoder of these sizes: ReLU feed-forward (gated GELU when
+    ``gated``), max distance 128, eps 1e-6, no dropout."""
     from transformers import T5Config
 
-    vocab, d_model = _get(params, "shared/embedding").shape
-    buckets, heads = _get(params, _REL_BIAS).shape
-    inner = _get(params, _ATTN.format(i=0) + "/q/kernel").shape[1]
-    gated = _FF.format(i=0) + "/wi_0/kernel" in params
-    d_ff = _get(params, _FF.format(i=0) + ("/wi_0/kernel" if gated else "/wi/kernel")).shape[1]
-    layers = len({m.group(1) for k in params if (m := re.match(r"encoder/block_(\d+)/", k))})
     if inner % heads:
         raise ValueError(f"attention width {inner} is not a multiple of the {heads} heads of the relative bias")
     return T5Config(
@@ -136,6 +130,23 @@ def infer_t5_config(params: dict[str, np.ndarray]):
         use_cache=False,
         pad_token_id=0,
         eos_token_id=1,
+    )
+
+
+def infer_t5_config(params: dict[str, np.ndarray]):
+    """``T5Config`` of a Flax T5 encoder tree (flat ``/`` keys), sizes read from the array shapes."""
+    vocab, d_model = _get(params, "shared/embedding").shape
+    buckets, heads = _get(params, _REL_BIAS).shape
+    gated = _FF.format(i=0) + "/wi_0/kernel" in params
+    return t5_config(
+        vocab=vocab,
+        d_model=d_model,
+        buckets=buckets,
+        heads=heads,
+        inner=_get(params, _ATTN.format(i=0) + "/q/kernel").shape[1],
+        d_ff=_get(params, _FF.format(i=0) + ("/wi_0/kernel" if gated else "/wi/kernel")).shape[1],
+        layers=len({m.group(1) for k in params if (m := re.match(r"encoder/block_(\d+)/", k))}),
+        gated=gated,
     )
 
 
@@ -180,4 +191,44 @@ def t5_from_jax_params(params: dict[str, np.ndarray], config=None):
         rows = [(k, got.get(k), expected.get(k)) for k in diff[:4]]
         raise ValueError(f"weights do not fit the T5 config: {rows} (name, file, config)")
     model.load_state_dict(sd, strict=True)
+    return model.float().eval()
+
+
+# --------------------------------------------------------------------------- torch T5 state dicts
+
+
+def t5_from_state_dict(sd: dict[str, torch.Tensor], where: str = "encoder weights"):
+    """A float32 ``T5EncoderModel`` (eval) from a ``T5EncoderModel`` state dict (``shared.weight``
+    or ``encoder.embed_tokens.weight``, ``encoder.block.N…``), sizes read from the shapes."""
+    from transformers import T5EncoderModel
+
+    sd = dict(sd)
+    emb = sd.get("shared.weight", sd.get("encoder.embed_tokens.weight"))
+    bias = sd.get("encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight")
+    q = sd.get("encoder.block.0.layer.0.SelfAttention.q.weight")
+    gated = "encoder.block.0.layer.1.DenseReluDense.wi_0.weight" in sd
+    wi = sd.get(f"encoder.block.0.layer.1.DenseReluDense.{'wi_0' if gated else 'wi'}.weight")
+    if emb is None or bias is None or q is None or wi is None:
+        raise ValueError(f"{where}: not a T5 encoder state dict (expected shared.weight, encoder.block.0…)")
+    sd.setdefault("shared.weight", emb)
+    sd.setdefault("encoder.embed_tokens.weight", emb)
+    layers = len({m.group(1) for k in sd if (m := re.match(r"encoder\.block\.(\d+)\.", k))})
+    config = t5_config(
+        vocab=emb.shape[0],
+        d_model=emb.shape[1],
+        buckets=bias.shape[0],
+        heads=bias.shape[1],
+        inner=q.shape[0],
+        d_ff=wi.shape[0],
+        layers=layers,
+        gated=gated,
+    )
+    model = T5EncoderModel(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in sd.items()}
+    if expected != got:
+        diff = sorted(k for k in set(expected) | set(got) if expected.get(k) != got.get(k))
+        rows = [(k, got.get(k), expected.get(k)) for k in diff[:4]]
+        raise ValueError(f"{where}: weights do not fit a T5 encoder: {rows} (name, file, config)")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True)
     return model.float().eval()
