@@ -1,6 +1,7 @@
 """The Hugging Face Hub, offline: snapshots in the cache load (converted once when foreign), Hub
 files resolve from the cache, and a missing network fails at once saying what to do."""
 
+import importlib.util
 import shutil
 
 import pytest
@@ -87,9 +88,39 @@ def test_no_network_error_explains_what_to_do(tmp_path):
     msg = str(e.value)
     for part in ("embedded-language-flows/ELF-B-owt", "HF_HUB_OFFLINE", str(tmp_path / "hub-cache"), "local path"):
         assert part in msg
-    with pytest.raises(
-        hub.HubError, match="(?s)cannot get the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"
-    ):
+    with pytest.raises(hub.HubError, match="(?s)cannot get the tokenizer 'org/no-such-tokenizer'.*HF_HUB_OFFLINE=1"):
         from transformers import AutoTokenizer
 
         hub.load_hf(AutoTokenizer.from_pretrained, "org/no-such-tokenizer", "tokenizer")
+
+
+@pytest.mark.parametrize("how", ["HF_HUB_OFFLINE", "unreachable endpoint"])
+def test_every_kind_of_hub_id_fails_at_once(how, monkeypatch):
+    """Checkpoint, encoder pickle, tokenizer, encoder, judge and dataset ids: a HubError naming
+    HF_HUB_OFFLINE and the local alternatives, from the cache only (no retries)."""
+    from elflm import evaluate
+    from elflm.data.readers import load_hf_dataset
+    from elflm.encoder import TextEncoder, load_tokenizer
+
+    if how == "unreachable endpoint":
+        monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+        monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: connection refused
+        assert "cannot be reached" in hub.unavailable()
+    else:
+        assert hub.unavailable() == "offline mode is on (HF_HUB_OFFLINE=1)"
+    calls = {
+        "checkpoint": lambda: ELF.from_pretrained("embedded-language-flows/ELF-B-owt", encoder=False),
+        "checkpoint file": lambda: ELF.from_pretrained("Ugness/elf-torch/checkpoints/x.ckpt", encoder=False),
+        "encoder pickle": lambda: hub.resolve_file("org/enc/t5.pkl", "encoder pickle"),
+        "tokenizer": lambda: load_tokenizer("t5-small"),
+        "encoder": lambda: TextEncoder.from_pretrained("org/encoder"),
+        "judge": lambda: evaluate.load_judge("gpt2-large"),
+    }
+    if importlib.util.find_spec("datasets"):
+        calls["dataset"] = lambda: load_hf_dataset("embedded-language-flows/openwebtext-t5")
+    for kind, call in calls.items():
+        with pytest.raises(hub.HubError) as e:
+            call()
+        msg = str(e.value)
+        assert "HF_HUB_OFFLINE" in msg and "local path" in msg, (kind, msg)
+        assert ("offline mode is on" if how == "HF_HUB_OFFLINE" else "cannot be reached") in msg, (kind, msg)

@@ -2,7 +2,7 @@
 printing errors. Every command here is a thin layer over functions of the package (the same ones
 the Python API documents); errors raised where a bad value enters are printed as one line.
 
-Commands: prepare, train, sample, eval, sweep, convert, serve, quickstart.
+Commands: prepare, train, sample, eval, sweep, convert, push, serve, quickstart.
 """
 
 from __future__ import annotations
@@ -571,10 +571,13 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--raw", action="store_true", help="also write the raw (non-EMA) weights as model_raw.safetensors")
     p.add_argument(
-        "--encoder", default=None, help="encoder to copy in: official t5_small_encoder_jax.pkl or an HF encoder folder"
+        "--encoder",
+        default=None,
+        help="encoder weights: the official t5_small_encoder_jax.pkl, an HF encoder folder or Hub id "
+        "(default: the one the source names; local ones are copied in)",
     )
     p.add_argument(
-        "--tokenizer", default=None, help="tokenizer for --encoder (HF name or folder; default from the config)"
+        "--tokenizer", default=None, help="tokenizer (HF folder, copied in, or Hub id; default from the config)"
     )
 
 
@@ -597,6 +600,47 @@ def _run_convert(a) -> int:
         f"depth {model_cfg.depth}, hidden {model_cfg.hidden_size}, heads {model_cfg.num_heads}, "
         f"C {model_cfg.encoder_dim}, V {model_cfg.vocab_size}, max_length {model_cfg.max_length}"
     )
+    return 0
+
+
+# ----------------------------------------------------------------------------- push
+
+
+def _push_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("folder", help="elflm model folder (a training run or a foreign checkpoint is converted first)")
+    p.add_argument("repo_id", help="Hub model repository org/name (created if needed)")
+    p.add_argument("--private", action="store_true", help="create the repository as private")
+    p.add_argument("--token", default=None, help="Hub token (default: the saved login or HF_TOKEN)")
+    p.add_argument("--message", default="Upload ELF model", help="commit message")
+    p.add_argument(
+        "--metrics",
+        default=None,
+        metavar="JSON",
+        help="metrics for the model card: the output of `elflm eval --json`, or a JSON object of numbers",
+    )
+    p.add_argument("--config", default=None, help="foreign checkpoints: the training YAML (as in convert)")
+    p.add_argument("--max-length", type=positive_int, default=None, help="foreign checkpoints: max_length")
+
+
+def _run_push(a) -> int:
+    metrics = None
+    if a.metrics is not None:
+        try:
+            metrics = json.loads(Path(a.metrics).read_text())
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--metrics {a.metrics}: cannot read a JSON object ({e})") from e
+        pretrained.card_metrics(metrics)  # refuse a file that holds no mapping before any upload
+    url = ELF.push_folder(
+        a.folder,
+        a.repo_id,
+        private=a.private,
+        token=a.token,
+        commit_message=a.message,
+        metrics=metrics,
+        config=a.config,
+        max_length=a.max_length,
+    )
+    print(f"uploaded {a.folder} to {a.repo_id}: {url}")
     return 0
 
 
@@ -692,7 +736,8 @@ COMMANDS = {
     ),
     "eval": (_eval_args, _run_eval, "Gen PPL, entropy, BLEU, ROUGE of a samples file"),
     "sweep": (_sweep_args, _run_sweep, "sample + evaluate over a grid of sampler settings: CSV, Markdown, plots"),
-    "convert": (_convert_args, _run_convert, "convert the authors' checkpoints"),
+    "convert": (_convert_args, _run_convert, "convert the authors' and the Lightning reproduction's checkpoints"),
+    "push": (_push_args, _run_push, "upload a model folder (with its model card) to the Hugging Face Hub"),
     "serve": (_serve_args, _run_serve, "HTTP generation server (FastAPI) that batches concurrent requests"),
     "quickstart": (
         _quickstart_args,

@@ -34,6 +34,13 @@ def is_hub_id(name) -> bool:
     return bool(_REPO_ID.fullmatch(str(name))) and not Path(name).exists()
 
 
+def check_repo_id(repo_id: str) -> str:
+    """``repo_id`` if it has the form ``org/name``, else a ``ValueError`` saying so."""
+    if not _REPO_ID.fullmatch(str(repo_id)):
+        raise ValueError(f"repository id {repo_id!r}: expected the form 'org/name' (a Hub user or organisation / name)")
+    return str(repo_id)
+
+
 def is_hub_file(name) -> bool:
     """``org/name/path/in/repo`` (a file of a Hub repository) that is not an existing local path."""
     text = str(name)
@@ -41,12 +48,14 @@ def is_hub_file(name) -> bool:
 
 
 def is_offline(offline: bool | None = None) -> bool:
-    """``offline`` if given, else whether ``HF_HUB_OFFLINE`` is set."""
+    """``offline`` if given, else ``HF_HUB_OFFLINE`` as it is set now (huggingface_hub reads it
+    once, when first imported)."""
     if offline is not None:
         return offline
     from huggingface_hub import constants
 
-    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    env = os.environ.get("HF_HUB_OFFLINE")
+    return constants.HF_HUB_OFFLINE if env is None else env.strip().lower() in ("1", "true", "yes", "on")
 
 
 def endpoint() -> str:

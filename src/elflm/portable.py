@@ -37,8 +37,9 @@ def _inside(path: Path, folder: Path) -> bool:
 def bundle_encoder(enc: EncoderConfig, folder: str | Path) -> EncoderConfig:
     """``enc`` with every local path copied into ``folder/encoder`` (once per source: the first
     folder becomes ``encoder/`` itself, a later one ``encoder/<field>``, a file keeps its name) and
-    recorded relative to ``folder``; paths already inside ``folder`` become relative. A value that is neither an existing path, a Hub id nor ``random`` is refused:
-    the folder would not load elsewhere."""
+    recorded relative to ``folder``; paths already inside ``folder`` become relative. A value that
+    is neither an existing path, a Hub id nor ``random`` is refused: the folder would not load
+    elsewhere."""
     folder = Path(folder)
     copied: dict[Path, str] = {}
     out = {}

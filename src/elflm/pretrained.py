@@ -262,9 +262,10 @@ def model_card(model_cfg: ModelConfig, settings: Settings, metrics: dict | None 
     description with how to load and sample it."""
     enc, data, s = settings.encoder, settings.data, settings.sample
     meta: dict = {"library_name": "elflm", "pipeline_tag": "text-generation", "tags": list(TAGS)}
-    base = enc.weights if enc.weights not in (None, "random") else enc.name_or_path
-    if base and not portable.is_local(base) and not str(base).startswith(ENCODER_DIR):
-        meta["base_model"] = "/".join(str(base).split("/")[:2])
+    hub_names = [n for n in (enc.name_or_path, enc.weights) if n and n != "random" and not portable.is_local(n)]
+    hub_names = [n for n in hub_names if not str(n).startswith(ENCODER_DIR)]
+    if hub_names:  # the encoder's Hub repository (of a Hub file such as org/repo/file.pkl: the repository)
+        meta["base_model"] = "/".join(str(hub_names[0]).split("/")[:2])
     if data.train_path and hub.is_hub_id(data.train_path):
         meta["datasets"] = [data.train_path]
     metrics = card_metrics(metrics) if metrics else {}
@@ -435,7 +436,8 @@ class PretrainedModel:
         if encoder is not None and encoder is not False:
             path = str(encoder.save_pretrained(directory / ENCODER_DIR).absolute())
             tokenizer = path if encoder.tokenizer is not None else enc_cfg.tokenizer_name
-            enc_cfg = replace(enc_cfg, name_or_path=path, weights=path, tokenizer=tokenizer)
+            name = path if portable.is_local(enc_cfg.name_or_path) else enc_cfg.name_or_path  # a Hub name stays
+            enc_cfg = replace(enc_cfg, name_or_path=name, weights=path, tokenizer=tokenizer)
         enc_cfg = portable.bundle_encoder(enc_cfg, directory)
         save_file(_cpu(self.state_dict()), str(directory / WEIGHTS), metadata={"format": "pt"})
         if raw_state_dict is not None:
@@ -473,7 +475,7 @@ class PretrainedModel:
         a temporary folder and upload it to the Hub model repository ``repo_id`` (created if
         needed). Returns the commit URL. Credentials: ``token`` or the saved login. Without the Hub
         it fails at once with a :class:`~elflm.hub.HubError`."""
-        hub.require_hub(f"upload to the Hugging Face Hub repository {repo_id}")
+        hub.require_hub(f"upload to the Hugging Face Hub repository {hub.check_repo_id(repo_id)}")
         with tempfile.TemporaryDirectory() as tmp:
             folder = self.save_pretrained(Path(tmp) / repo_id.split("/")[-1], **save_kwargs)
             return hub.upload_folder(folder, repo_id, private=private, token=token, commit_message=commit_message)
@@ -578,9 +580,12 @@ class PretrainedModel:
         :meth:`~PretrainedModel.from_pretrained` reads (a training run, a foreign checkpoint) is
         converted into a temporary folder first. Returns the commit URL; without the Hub it fails at
         once with a :class:`~elflm.hub.HubError`."""
-        hub.require_hub(f"upload to the Hugging Face Hub repository {repo_id}")
         path = Path(path)
         fmt, resolved = detect_format(path)
+        hub.require_hub(
+            f"upload {path} to the Hugging Face Hub repository {hub.check_repo_id(repo_id)}",
+            f"run `elflm push {path} {repo_id}` again when online",
+        )
         upload = lambda folder: hub.upload_folder(  # noqa: E731
             folder, repo_id, private=private, token=token, commit_message=commit_message
         )

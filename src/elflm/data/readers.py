@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .. import hub
+
 FORMATS = ("auto", "text", "jsonl", "tsv", "parallel", "hf")
 _EXTENSIONS = {
     ".txt": "text",
@@ -69,12 +71,16 @@ def load_hf_dataset(name: str, split: str | None = None):
     if Path(name).is_dir():
         ds = datasets.load_from_disk(name)
     else:
-        ds = datasets.load_dataset(name)
+        why = hub.unavailable()
+        if why is not None and not datasets.config.HF_HUB_OFFLINE:  # datasets would retry the network
+            raise hub.offline_error(f"the dataset {name!r}", why)
+        try:
+            ds = datasets.load_dataset(name)
+        except (OSError, ConnectionError) as e:
+            raise hub.offline_error(f"the dataset {name!r}", why or f"{type(e).__name__}: {e}") from e
     ds = _one_split(ds, name, split, datasets)
     if _looks_like_saved_metadata(ds):
-        from huggingface_hub import snapshot_download
-
-        ds = datasets.load_from_disk(snapshot_download(repo_id=name, repo_type="dataset"))
+        ds = datasets.load_from_disk(str(hub.download(name, repo_type="dataset")))
         ds = _one_split(ds, name, split, datasets)
     return ds
 
