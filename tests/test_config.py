@@ -4,10 +4,13 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import yaml
 
 from elflm.config import (
     MIRRORS,
+    OFFICIAL_DEFAULTS,
     OFFICIAL_KEYS,
+    OFFICIAL_UNUSED,
     SECTIONS,
     Config,
     ConfigError,
@@ -18,8 +21,11 @@ from elflm.config import (
     apply_overrides,
     dump_config,
     from_dict,
+    is_official,
     load_config,
     model_preset,
+    read_sampling_configs,
+    sample_configs,
     to_dict,
     validate,
 )
@@ -137,107 +143,160 @@ def test_official_hyper_parameters(name):
     assert cfg.sample.noise_scale == 2.0 and cfg.sample.p_mean == -1.5  # copies of the objective's
 
 
-# Every field of the official Config class and SamplingConfig: our key or why there is none.
-UNMAPPED = {
-    "attn_dropout": "unused by the official network",
-    "sampling_configs_path": "the sample section",
-    "sampling_configs": "the sample section",
-    "online_eval": "train.preview_every + elflm eval",
-    "eval_ppl_model": "elflm eval --judge",
-    "eval_ppl_batch_size": "elflm eval --batch-size",
-    "eval_ppl_max_length": "fixed 1024",
-    "eval_freq": "train.preview_every",
-    "hf_repo_id": "-",
-    "use_wandb": "train.tensorboard",
-    "wandb_project": "-",
-    "wandb_entity": "-",
-    "wandb_run_name": "-",
-    "wandb_tag": "-",
-    "wandb_resume": "-",
-    "time_schedule (sampling)": "sample.grid",
-}
+# Every field of the official Config class and SamplingConfig, and the Lightning reproduction's extras.
 OFFICIAL_FIELDS = [
-    "data_path",
-    "eval_data_path",
-    "max_length",
-    "max_input_length",
-    "pad_token",
-    "tokenizer_name",
-    "encoder_model_name",
-    "encoder_checkpoint",
-    "latent_mean",
-    "latent_std",
-    "model",
-    "bottleneck_dim",
-    "num_time_tokens",
-    "num_self_cond_cfg_tokens",
-    "num_model_mode_tokens",
-    "attn_dropout",
-    "proj_dropout",
-    "denoiser_p_mean",
-    "denoiser_p_std",
-    "denoiser_noise_scale",
-    "t_eps",
-    "time_schedule",
-    "decoder_prob",
-    "decoder_noise_scale",
-    "decoder_p_mean",
-    "decoder_p_std",
-    "label_drop_prob",
-    "self_cond_prob",
-    "self_cond_cfg_min",
-    "self_cond_cfg_max",
-    "epochs",
-    "warmup_epochs",
-    "warmup_steps",
-    "batch_size",
-    "global_batch_size",
-    "lr",
-    "blr",
-    "min_lr",
-    "lr_schedule",
-    "weight_decay",
-    "optimizer",
-    "adam_b1",
-    "adam_b2",
-    "grad_accum_steps",
-    "ema_decay1",
-    "sampling_configs_path",
-    "sampling_configs",
-    "num_samples",
-    "online_eval",
-    "eval_ppl_model",
-    "eval_ppl_batch_size",
-    "eval_ppl_max_length",
-    "log_freq",
-    "eval_freq",
-    "save_freq",
-    "output_dir",
-    "hf_repo_id",
-    "resume",
-    "use_wandb",
-    "wandb_project",
-    "wandb_entity",
-    "wandb_run_name",
-    "wandb_tag",
-    "wandb_resume",
-    "seed",
-    "num_workers",
-    "sampling_method",
-    "num_sampling_steps",
-    "cfgs",
-    "self_cond_cfg_scales",
-    "sde_gamma",
-]
+    "data_path", "eval_data_path", "max_length", "max_input_length", "pad_token", "tokenizer_name",
+    "encoder_model_name", "encoder_checkpoint", "latent_mean", "latent_std", "model", "bottleneck_dim",
+    "num_time_tokens", "num_self_cond_cfg_tokens", "num_model_mode_tokens", "attn_dropout", "proj_dropout",
+    "denoiser_p_mean", "denoiser_p_std", "denoiser_noise_scale", "t_eps", "time_schedule", "decoder_prob",
+    "decoder_noise_scale", "decoder_p_mean", "decoder_p_std", "label_drop_prob", "self_cond_prob",
+    "self_cond_cfg_min", "self_cond_cfg_max", "epochs", "warmup_epochs", "warmup_steps", "batch_size",
+    "global_batch_size", "lr", "blr", "min_lr", "lr_schedule", "weight_decay", "optimizer", "adam_b1", "adam_b2",
+    "grad_accum_steps", "ema_decay1", "sampling_configs_path", "sampling_configs", "num_samples", "online_eval",
+    "eval_ppl_model", "eval_ppl_batch_size", "eval_ppl_max_length", "log_freq", "eval_freq", "save_freq",
+    "output_dir", "hf_repo_id", "resume", "use_wandb", "wandb_project", "wandb_entity", "wandb_run_name",
+    "wandb_tag", "wandb_resume", "seed", "num_workers", "sampling_method", "num_sampling_steps", "cfgs",
+    "self_cond_cfg_scales", "sde_gamma",
+]  # fmt: skip
+LIGHTNING_FIELDS = [
+    "prefetch_factor", "pin_memory", "persistent_workers", "use_flash", "precision", "compile",
+    "epoch_eval_num_samples", "epoch_eval_num_sampling_steps", "epoch_eval_sde_gamma", "epoch_eval_self_cond_cfg_scale",
+]  # fmt: skip
 
 
-def test_every_official_field_has_a_home():
-    ours = {f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.__dataclass_fields__} | {"model.preset"}
+def test_every_official_field_has_a_home_or_a_reason():
+    ours = {f"{s}.{k}" for s, cls in SECTIONS.items() for k in cls.__dataclass_fields__} | {"model.preset", "sample"}
     for name, target in OFFICIAL_KEYS.items():
         assert target in ours, (name, target)
-    for name in OFFICIAL_FIELDS:
-        same = [f"{s}.{name}" for s in SECTIONS if f"{s}.{name}" in ours]
-        assert name in OFFICIAL_KEYS or same or name in UNMAPPED or name == "model", name
+    for name in OFFICIAL_FIELDS + LIGHTNING_FIELDS:
+        assert (name in OFFICIAL_KEYS) != (name in OFFICIAL_UNUSED), name
+    assert set(OFFICIAL_DEFAULTS) <= set(OFFICIAL_KEYS) | set(OFFICIAL_UNUSED)
+
+
+# The published setups as the authors' flat training YAMLs state them (values: SPEC §5, §6).
+def official_yaml(name: str) -> dict:
+    task, size = {"elf-b-owt": ("owt", "B"), "elf-m-owt": ("owt", "M"), "elf-l-owt": ("owt", "L")}.get(
+        name, (name.split("-", 2)[2], "B")
+    )
+    cond = task != "owt"
+    d = {
+        "data_path": "embedded-language-flows/" + {"owt": "openwebtext-t5", "de-en": "wmt14_de-en_train_t5",
+                                                   "xsum": "xsum_train_t5"}[task],
+        "max_length": {"owt": 1024, "de-en": 128, "xsum": 1088}[task],
+        "encoder_model_name": "t5-small",
+        "encoder_checkpoint": "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl",
+        "latent_mean": 0.0, "latent_std": 0.2, "model": f"ELF-{size}", "bottleneck_dim": 128,
+        "num_time_tokens": 4, "num_self_cond_cfg_tokens": 4, "num_model_mode_tokens": 4,
+        "denoiser_p_mean": -1.5, "denoiser_p_std": 0.8, "denoiser_noise_scale": 2.0, "t_eps": 0.05,
+        "time_schedule": "logit_normal", "decoder_prob": 0.2, "decoder_noise_scale": 1.0 if cond else 5.0,
+        "decoder_p_mean": 0.8, "decoder_p_std": 0.8, "self_cond_prob": 0.5,
+        "epochs": 100 if cond else {"B": 5, "M": 4, "L": 3}[size], "global_batch_size": 512, "blr": 0.001,
+        "weight_decay": 0.0, "optimizer": "muon", "ema_decay1": 0.9999,
+        "sampling_configs_path": f"configs/sampling_configs/{'cond' if cond else 'uncond'}_sampling_configs.yml",
+        "num_samples": {"owt": 1000, "de-en": 5000, "xsum": 100}[task], "log_freq": 100, "save_freq": 10 if cond else 1,
+        "eval_freq": 10 if cond else 1, "output_dir": f"outputs/{name}", "hf_repo_id": None, "resume": None,
+        "use_wandb": True, "wandb_project": "elf", "wandb_entity": None, "wandb_run_name": name, "seed": 42,
+    }  # fmt: skip
+    if cond:
+        d.update(eval_data_path=d["data_path"].replace("train", "validation"), pad_token="eos", label_drop_prob=0.1)
+        d.update(max_input_length={"de-en": 64, "xsum": 1024}[task], warmup_steps=5000)
+    else:
+        d.update(warmup_epochs=0.5, warmup_steps=-1)
+    return d
+
+
+def _entry(method, steps, cfg, w, gamma=None) -> dict:
+    e = {"sampling_method": method, "num_sampling_steps": [steps], "cfgs": [cfg], "self_cond_cfg_scales": [w]}
+    return {**e, **({} if gamma is None else {"sde_gamma": gamma}), "time_schedule": "logit_normal"}
+
+
+SAMPLING_FILES = {
+    "uncond": [_entry("sde", 32, 1, 3, 1.5), _entry("sde", 64, 1, 3, 1.0)],
+    "cond": [_entry("ode", 64, 2, 1)],
+}
+
+
+@pytest.fixture
+def official_tree(tmp_path):
+    """The authors' layout: src/configs/{training_configs,sampling_configs}/."""
+    src = tmp_path / "src" / "configs"
+    (src / "training_configs").mkdir(parents=True)
+    (src / "sampling_configs").mkdir()
+    for kind, entries in SAMPLING_FILES.items():
+        (src / "sampling_configs" / f"{kind}_sampling_configs.yml").write_text(yaml.safe_dump(entries))
+    return src
+
+
+@pytest.mark.parametrize("name", OFFICIAL)
+def test_official_training_yaml_is_accepted_as_it_is(name, official_tree):
+    path = official_tree / "training_configs" / f"train_{name}.yml"
+    path.write_text(yaml.safe_dump(official_yaml(name)))
+    lines = []
+    cfg = load_config(path, log=lines.append)
+    ours = load_config(OWT.with_name(f"{name}.yaml"))
+    assert cfg.model == ours.model and cfg.objective == ours.objective and cfg.encoder == ours.encoder
+    assert cfg.data == ours.data  # the Hub dataset id included
+    for key in ("epochs", "global_batch_size", "blr", "peak_lr", "warmup_steps", "ema_decay", "seed"):
+        assert getattr(cfg.train, key) == getattr(ours.train, key), key
+    if ours.train.warmup_steps is None:  # warm-up in epochs
+        assert cfg.train.warmup_epochs == ours.train.warmup_epochs
+    assert cfg.train.logger == "wandb" and cfg.train.run_name == name and cfg.train.wandb_project == "elf"
+    if name not in ("elf-m-owt", "elf-l-owt"):  # ours samples ELF-M / L with the file's second setting
+        assert cfg.sample == ours.sample
+    text = "\n".join(lines)
+    assert (
+        "model: 'ELF-" in text
+        and "-> model.preset = 'elf-" in text
+        and "denoiser_p_mean: -1.5 -> objective.p_mean" in text
+    )
+    assert "not used: save_freq (epochs; train.save_every counts steps)" in text
+    assert "sampling_configs.yml: -> sample = the first setting" in text
+    if name.endswith("owt"):
+        assert "warmup_steps: -1 -> train.warmup_steps = null" in text and "2 settings listed" in text
+
+
+def test_official_config_details(tmp_path, capsys):
+    d = {**official_yaml("elf-b-owt"), "grad_accum_steps": 4, "global_batch_size": 128, "resume": "outputs/x"}
+    d.update(
+        output_dir="outputs/x", prefetch_factor=4, use_flash=True, precision="bf16-mixed", compile=True, typo_key=1
+    )
+    del d["sampling_configs_path"]
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(d))
+    lines = []
+    cfg = load_config(tmp_path / "t.yml", ["train.max_steps=10"], log=lines.append)
+    assert cfg.train.global_batch_size == 512 and cfg.train.grad_accum_steps == 4  # official: per micro-batch
+    assert (
+        cfg.train.resume == "auto" and cfg.train.precision == "bf16" and cfg.train.compile and cfg.train.max_steps == 10
+    )
+    text = "\n".join(lines)
+    assert "not used: prefetch_factor" in text and "not used: typo_key (not a field of the official config)" in text
+    assert "official defaults for the fields the file omits: " in text and "adam_b2" in text
+    assert cfg.train.adam_b2 == 0.95 and cfg.sample.method == "ode" and cfg.sample.steps == 50  # official defaults
+    d["precision"] = "16-mixed"
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(d))
+    with pytest.raises(ConfigError, match=r"t\.yml: precision='16-mixed': only fp32 and bf16"):
+        load_config(tmp_path / "t.yml")
+    assert not is_official({"model": "elf-b", "train": {}}) and is_official({"model": "ELF-B", "blr": 1e-3})
+
+
+def test_sampling_configs(tmp_path):
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(SAMPLING_FILES["uncond"]))
+    settings = sample_configs(read_sampling_configs(tmp_path / "s.yml"))
+    assert [(s.method, s.steps, s.gamma, s.w) for s in settings] == [("sde", 32, 1.5, 3.0), ("sde", 64, 1.0, 3.0)]
+    grid = sample_configs([{"num_sampling_steps": [8, 16], "cfgs": [1, 2], "self_cond_cfg_scales": [1]}])
+    assert [(s.method, s.steps, s.cfg_scale) for s in grid] == [
+        ("ode", 8, 1.0),
+        ("ode", 8, 2.0),
+        ("ode", 16, 1.0),
+        ("ode", 16, 2.0),
+    ]
+    (tmp_path / "ours.yaml").write_text("sample:\n  method: ode\n  steps: 7\n")
+    assert sample_configs(read_sampling_configs(tmp_path / "ours.yaml"))[0].steps == 7
+    with pytest.raises(ConfigError, match="entry 1: unknown sampling field"):
+        sample_configs([{"sampling_methd": "ode"}])
+    (tmp_path / "bad.yml").write_text("3\n")
+    with pytest.raises(ConfigError, match="bad.yml: expected the authors' sampling-config list"):
+        read_sampling_configs(tmp_path / "bad.yml")
 
 
 def test_presets_have_the_spec_sizes():
@@ -278,7 +337,7 @@ def test_overrides_parse_and_coerce():
             "train.output_dir=123",
             "train.muon_adam_betas=[0.8, 0.99]",
             "train.warmup_epochs=1",
-            'train.tensorboard="false"',
+            "train.logger=tensorboard,wandb",
             "sample.steps='48'",
             "train.resume=none",
         ],
@@ -288,7 +347,7 @@ def test_overrides_parse_and_coerce():
     assert cfg.objective.noise_scale == 3.0 and isinstance(cfg.objective.noise_scale, float)
     assert cfg.sample.noise_scale == 3.0  # follows its home
     assert cfg.train.output_dir == "123" and cfg.train.muon_adam_betas == (0.8, 0.99)
-    assert cfg.train.tensorboard is False and cfg.sample.steps == 48 and cfg.train.resume is None
+    assert cfg.train.logger == "tensorboard,wandb" and cfg.sample.steps == 48 and cfg.train.resume is None
     assert load_config(OWT, ["model=elf-l"]).model.depth == 32
     assert load_config(OWT, ["model.preset=elf-m"]).model.depth == 24
 
@@ -387,8 +446,8 @@ BAD_FILES = [
     ("train:\n  blr: 1e-3\n   epochs: 1\n", ":3:", "malformed YAML: mapping values are not allowed"),
     ("train:\n  blr: 1\n  blr: 2\n", ":3:", "duplicate key 'blr'"),
     ("- a\n- b\n", "", "expected a mapping of sections"),
-    ("denoiser_p_mean: -1.5\n", "", "did you mean 'objective.p_mean'"),
-    ("epochs: 5\n", "", "did you mean 'train.epochs'"),
+    ("train:\n  blr: 1\ndenoiser_p_mean: -1.5\n", "", "did you mean 'objective.p_mean'"),  # ours mixed with official
+    ("data: {}\nepochs: 5\n", "", "did you mean 'train.epochs'"),
     ("train: 5\n", "", "train: expected a mapping"),
     ("model:\n  preset: 3\n", "", "model.preset: expected a preset name"),
     ("model: elf-b\ndata:\n  max_length: 64\nobjective: {}\nmodel_: 1\n", "", "did you mean 'model'"),

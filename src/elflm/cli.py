@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
-from .config import SampleConfig, load_config
+from .config import SampleConfig, load_config, read_sampling_configs, sample_configs, setting_text
 from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
 from .distributed import resolve_device
@@ -99,6 +99,14 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
     """The sampler options (default: the checkpoint's settings); ``lists``: comma-separated
     values, for ``elflm sweep``."""
     g = p.add_argument_group("sampler (default: the checkpoint's settings)")
+    g.add_argument(
+        "--sampling-config",
+        default=None,
+        metavar="YAML",
+        help="the authors' sampling-config YAML (a list of settings) or a YAML with a sample section; "
+        + ("every setting it lists is swept" if lists else "its first setting is used")
+        + (" (instead of the flags below)" if lists else "; the flags below override it"),
+    )
     for name, kind, choices, help_ in SAMPLER_FLAGS:
         low = 1 if kind is int else 0
         if lists and name != "grid":
@@ -116,7 +124,17 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
 
 
 def sampler_config(base: SampleConfig, a) -> SampleConfig:
-    """``base`` with the single-valued sampler options given on the command line."""
+    """``base`` with the ``--sampling-config`` file's first setting and then the single-valued
+    sampler options given on the command line."""
+    if a.sampling_config:
+        settings = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
+        if len(settings) > 1:
+            print(
+                f"{a.sampling_config} lists {len(settings)} settings; using the first ({setting_text(settings[0])}); "
+                "`elflm sweep --sampling-config` runs them all",
+                file=sys.stderr,
+            )
+        base = settings[0]
     over = {name.replace("-", "_"): getattr(a, name.replace("-", "_")) for name, *_ in SAMPLER_FLAGS}
     over = {k: v for k, v in over.items() if v is not None}
     if "grid" in over:
@@ -220,6 +238,12 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--pad-token", choices=["pad", "eos"], default=None, help="padding id (default: pad; eos for conditional data)"
     )
+    p.add_argument(
+        "--eos-token",
+        default=None,
+        metavar="TOKEN",
+        help="the end-of-text token for a tokenizer without EOS, e.g. [SEP] (BERT-like encoders such as MiniLM)",
+    )
     p.add_argument("--shard-rows", type=positive_int, default=None, help="rows per shard (default: 512 MiB of ids)")
     p.add_argument(
         "--workers", type=positive_int, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
@@ -252,6 +276,7 @@ def _run_prepare(a) -> int:
         separator=a.separator,
         packing=a.packing,
         pad_token=a.pad_token,
+        eos_token=a.eos_token,
         shard_rows=a.shard_rows,
         workers=a.workers,
         chunk_size=a.chunk_size,
@@ -266,7 +291,12 @@ def _run_prepare(a) -> int:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="YAML config file, or the name of a bundled one (e.g. elf-b-owt)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config file (ours, or one of the authors' flat train_*.yml, mapped key by key), "
+        "or the name of a bundled one (e.g. elf-b-owt)",
+    )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.depth=6")
     p.add_argument(
         "--resume",
@@ -281,7 +311,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _run_train(a) -> int:
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
-    train(load_config(a.config, overrides), device=a.device, progress=not a.no_progress)
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -491,6 +522,9 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_sweep(a) -> int:
+    given = [f"--{n}" for n, *_ in SAMPLER_FLAGS if getattr(a, n.replace("-", "_")) is not None]
+    if a.sampling_config and given:
+        raise ValueError(f"--sampling-config lists the settings to sweep: drop {', '.join(given)}")
     if bool(a.input) == bool(a.num_samples):
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
     if a.references and not a.input:
@@ -518,7 +552,10 @@ def _run_sweep(a) -> int:
             )
         warn_truncated(encoder, sources, max_in)
     base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
-    configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
+    if a.sampling_config:
+        configs = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
+    else:
+        configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
     judge = evaluate.load_judge(judge_name, device=device) if judge_name else None
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     log(f"sweep: {len(configs)} settings × {len(sources) if sources else a.num_samples} samples -> {out_dir}")
@@ -662,6 +699,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-chars", type=positive_int, default=d.max_chars, help="characters of prompt / template / source"
     )
     p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="waiting requests before 503")
+    add_sampler_args(p)
 
 
 def _run_serve(a) -> int:
@@ -675,6 +713,7 @@ def _run_serve(a) -> int:
         batch_wait_ms=a.batch_wait_ms,
     )
     model, encoder, settings = load_model(a)
+    settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
     app = serve.create_app(model, encoder, settings, limits, precision=a.precision)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return 0

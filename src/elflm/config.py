@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import itertools
 import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -128,12 +129,14 @@ class SampleConfig:
 
 @dataclass
 class DataConfig:
-    """Training / evaluation data. Rows are ``max_length`` tokens; a conditional row is
+    """Training data. Rows are ``max_length`` tokens; a conditional row is
     ``condition[:max_input_length] ++ target`` (SPEC §1), so ``max_input_length`` is None for
-    unconditional data. ``tokenizer`` mirrors the encoder's tokenizer."""
+    unconditional data. ``tokenizer`` mirrors the encoder's tokenizer. ``train_path`` is a prepared
+    folder (``elflm prepare``), or inputs ``elflm prepare`` reads (a Hugging Face dataset folder or
+    Hub id, text / JSONL files), prepared on first use with the encoder's tokenizer into a cache;
+    the ``*_field`` names pick their text / condition / target fields then."""
 
     train_path: str | None = None
-    eval_path: str | None = None
     max_length: int = 1024
     max_input_length: int | None = None
     pad_token: Literal["pad", "eos"] = "pad"
@@ -141,7 +144,6 @@ class DataConfig:
     text_field: str = "text"  # unconditional JSONL / dataset column
     source_field: str = "source"  # conditional: the condition ...
     target_field: str = "target"  # ... and the text to generate
-    num_workers: int = 0
 
     @property
     def conditional(self) -> bool:
@@ -174,7 +176,8 @@ class TrainConfig:
     The learning rate is ``lr``, or ``blr · global_batch_size / 256`` when ``lr`` is None.
     Warm-up is ``warmup_steps`` when set, else ``warmup_epochs``; the run lasts ``max_steps``
     when set, else ``epochs``. Muon's Adam branch uses ``muon_adam_betas``; ``adam_b1``,
-    ``adam_b2`` and ``weight_decay`` belong to ``optimizer: adamw``."""
+    ``adam_b2`` and ``weight_decay`` belong to ``optimizer: adamw``. ``logger`` adds experiment
+    trackers (:mod:`elflm.tracking`) to the console and ``metrics.jsonl``."""
 
     global_batch_size: int = 512
     batch_size: int | None = None  # rows per process per micro-batch; None: from grad_accum_steps
@@ -212,7 +215,11 @@ class TrainConfig:
     keep_last: int = 3  # checkpoints kept; 0: all
     output_dir: str = "outputs/run"
     resume: str | None = None  # a checkpoint folder, or "auto": the latest in output_dir
-    tensorboard: bool = False
+    logger: str | None = None  # trackers besides the console and metrics.jsonl: "tensorboard", "wandb" or both
+    run_name: str | None = None  # the W&B run name (default: the output folder's name)
+    wandb_project: str = "elflm"
+    wandb_entity: str | None = None
+    wandb_tags: str | None = None  # comma-separated
     preview_every: int = 0  # steps between sample previews; 0: none
     preview_samples: int = 4
 
@@ -249,6 +256,8 @@ def model_preset(name: str, **overrides) -> ModelConfig:
         raise ConfigError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}", "model.preset")
     return ModelConfig(**{**PRESETS[key], **overrides})
 
+
+TRACKERS = ("tensorboard", "wandb")  # train.logger: trackers besides the console and metrics.jsonl
 
 # mirror key -> its home; Config copies the home's value when it is not None
 MIRRORS = {
@@ -325,14 +334,129 @@ class Settings:
         return cls(cfg.encoder, cfg.data, cfg.objective, cfg.sample, dict(source or {}))
 
 
-# official (flat) config name -> ours; the README table lists the rest
+# ------------------------------------------------------------------------------ the authors' configs
+# The fields of the authors' flat ``Config`` with their defaults (what a YAML that omits a field
+# gets), and what each becomes here: a dotted key, or None with the reason it is not used.
+OFFICIAL_DEFAULTS = dict(
+    data_path=None,
+    eval_data_path=None,
+    max_length=128,
+    max_input_length=None,
+    pad_token="pad",
+    tokenizer_name=None,
+    encoder_model_name="t5-small",
+    encoder_checkpoint=None,
+    latent_mean=0.0,
+    latent_std=1.0,
+    model="ELF-B",
+    bottleneck_dim=128,
+    num_time_tokens=4,
+    num_self_cond_cfg_tokens=4,
+    num_model_mode_tokens=4,
+    attn_dropout=0.0,
+    proj_dropout=0.0,
+    denoiser_p_mean=0.8,
+    denoiser_p_std=0.8,
+    denoiser_noise_scale=1.0,
+    t_eps=0.05,
+    time_schedule="logit_normal",
+    decoder_prob=0.5,
+    decoder_noise_scale=1.0,
+    decoder_p_mean=0.8,
+    decoder_p_std=0.8,
+    label_drop_prob=0.0,
+    self_cond_prob=0.5,
+    self_cond_cfg_min=0.5,
+    self_cond_cfg_max=5.0,
+    epochs=200,
+    warmup_epochs=None,
+    warmup_steps=5000,
+    batch_size=None,
+    global_batch_size=512,
+    lr=None,
+    blr=5e-5,
+    min_lr=0.0,
+    lr_schedule="constant",
+    weight_decay=0.0,
+    optimizer="muon",
+    adam_b1=0.9,
+    adam_b2=0.95,
+    grad_accum_steps=1,
+    ema_decay1=0.9999,
+    sampling_configs_path=None,
+    sampling_configs=None,
+    num_samples=100,
+    online_eval=True,
+    eval_ppl_model="gpt2-large",
+    eval_ppl_batch_size=64,
+    eval_ppl_max_length=1024,
+    log_freq=100,
+    eval_freq=10,
+    save_freq=100,
+    output_dir="./output_dir",
+    hf_repo_id=None,
+    resume=None,
+    use_wandb=False,
+    wandb_project="ELF",
+    wandb_entity=None,
+    wandb_run_name=None,
+    wandb_tag=None,
+    wandb_resume="allow",
+    seed=0,
+    num_workers=0,
+)
+# The authors' ``SamplingConfig`` defaults (entries of a sampling-config YAML).
+OFFICIAL_SAMPLING_DEFAULTS = dict(
+    sampling_method="ode",
+    num_sampling_steps=[50],
+    cfgs=[1],
+    self_cond_cfg_scales=[1.0],
+    time_schedule="logit_normal",
+    sde_gamma=0.0,
+)
+_SAME = {
+    "data": ["max_length", "max_input_length", "pad_token"],
+    "model": ["bottleneck_dim", "num_time_tokens", "num_self_cond_cfg_tokens"],
+    "objective": [
+        "t_eps",
+        "time_schedule",
+        "decoder_prob",
+        "decoder_noise_scale",
+        "decoder_p_mean",
+        "decoder_p_std",
+        "label_drop_prob",
+        "self_cond_prob",
+        "self_cond_cfg_min",
+        "self_cond_cfg_max",
+    ],
+    "train": [
+        "epochs",
+        "warmup_epochs",
+        "warmup_steps",
+        "global_batch_size",
+        "grad_accum_steps",
+        "lr",
+        "blr",
+        "min_lr",
+        "lr_schedule",
+        "weight_decay",
+        "optimizer",
+        "adam_b1",
+        "adam_b2",
+        "output_dir",
+        "resume",
+        "seed",
+        "wandb_project",
+        "wandb_entity",
+        "compile",
+    ],
+    "sample": ["num_samples"],
+}
+# official field -> our key
 OFFICIAL_KEYS = {
+    **{k: f"{section}.{k}" for section, keys in _SAME.items() for k in keys},
+    "model": "model.preset",
     "data_path": "data.train_path",
-    "eval_data_path": "data.eval_path",
-    "max_length": "data.max_length",
-    "max_input_length": "data.max_input_length",
-    "pad_token": "data.pad_token",
-    "num_workers": "data.num_workers",
     "tokenizer_name": "encoder.tokenizer",
     "encoder_model_name": "encoder.name_or_path",
     "encoder_checkpoint": "encoder.weights",
@@ -345,13 +469,219 @@ OFFICIAL_KEYS = {
     "denoiser_noise_scale": "objective.noise_scale",
     "ema_decay1": "train.ema_decay",
     "log_freq": "train.log_every",
-    "save_freq": "train.save_every",
+    "use_wandb": "train.logger",
+    "wandb_run_name": "train.run_name",
+    "wandb_tag": "train.wandb_tags",
+    "precision": "train.precision",  # the Lightning reproduction's
+    # a sampling-config entry
     "sampling_method": "sample.method",
     "num_sampling_steps": "sample.steps",
     "sde_gamma": "sample.gamma",
     "self_cond_cfg_scales": "sample.w",
     "cfgs": "sample.cfg_scale",
+    "sampling_configs": "sample",
+    "sampling_configs_path": "sample",
 }
+# official field -> why it has no key here (the Lightning reproduction's extra fields included)
+OFFICIAL_UNUSED = {
+    "eval_data_path": "evaluate samples with `elflm eval` / `elflm sweep --references`",
+    "attn_dropout": "the official network never uses it",
+    "batch_size": "set at run time by the official code (global_batch_size / devices); here train.batch_size",
+    "online_eval": "train.preview_every samples during training; Gen PPL with `elflm eval`",
+    "eval_ppl_model": "`elflm eval --judge`",
+    "eval_ppl_batch_size": "`elflm eval --batch-size`",
+    "eval_ppl_max_length": "`elflm eval` scores 1024 tokens",
+    "eval_freq": "epochs; train.preview_every counts steps",
+    "save_freq": "epochs; train.save_every counts steps",
+    "hf_repo_id": "upload with `elflm push`",
+    "wandb_resume": "a resumed run continues the W&B run of its output_dir",
+    "num_workers": "rows are memory-mapped shards; no loader workers",
+    "prefetch_factor": "no loader workers",
+    "pin_memory": "no loader workers",
+    "persistent_workers": "no loader workers",
+    "use_flash": "scaled_dot_product_attention picks flash attention itself",
+    "epoch_eval_num_samples": "train.preview_samples",
+    "epoch_eval_num_sampling_steps": "the sample section",
+    "epoch_eval_sde_gamma": "the sample section",
+    "epoch_eval_self_cond_cfg_scale": "the sample section",
+}
+
+
+def is_official(raw) -> bool:
+    """Whether a YAML mapping is one of the authors' flat configs: no section of ours (``model``
+    aside, a field in both) and at least one other official field."""
+    if not isinstance(raw, dict):
+        return False
+    keys = set(raw) - {"model"}
+    return not keys & set(SECTIONS) and bool(keys & (set(OFFICIAL_DEFAULTS) | set(OFFICIAL_UNUSED)))
+
+
+def _find_beside(name: str, source: Path | None) -> Path | None:
+    """``name`` as given (from the working directory), else relative to the YAML's folder or one
+    of its parents (the official paths are relative to their ``src/``)."""
+    path = Path(name).expanduser()
+    if path.exists() or path.is_absolute() or source is None:
+        return path if path.exists() else None
+    return next((d / name for d in Path(source).resolve().parents if (d / name).exists()), None)
+
+
+def read_sampling_configs(path: str | Path) -> list[dict]:
+    """The entries of the authors' sampling-config YAML (a list of ``SamplingConfig`` fields), or,
+    for one of our YAML files, its ``sample`` section (a mapping) as one entry in our names."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read a sampling config ({e})") from None
+    if isinstance(data, dict):
+        data = data.get("sample", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: 'sample' must be a mapping of sampler settings")
+        return [data]
+    if not isinstance(data, list) or not data or not all(isinstance(e, dict) for e in data):
+        raise ConfigError(
+            f"{path}: expected the authors' sampling-config list (- sampling_method: sde ...) or a 'sample' mapping"
+        )
+    return data
+
+
+def sample_configs(
+    entries: list[dict], base: SampleConfig | None = None, where: str = "sampling config"
+) -> list[SampleConfig]:
+    """Every sampler setting the entries describe, in the official order (per entry: steps × cfg
+    scale × self-conditioning scale), on top of ``base``; an entry in our names (a ``sample``
+    section) is one setting."""
+    base = base or SampleConfig()
+    hints, out = _hints(SampleConfig), []
+    for i, entry in enumerate(entries):
+        here = f"{where} entry {i + 1}"
+        if entry and set(entry) <= set(hints):  # ours
+            given = {k: _coerce(v, hints[k], f"sample.{k}") for k, v in entry.items()}
+            out.append(replace(base, **given))
+            continue
+        unknown = sorted(set(entry) - set(OFFICIAL_SAMPLING_DEFAULTS))
+        if unknown:
+            raise ConfigError(
+                f"{here}: unknown sampling field(s) {unknown}; expected {sorted(OFFICIAL_SAMPLING_DEFAULTS)}"
+            )
+        e = {**OFFICIAL_SAMPLING_DEFAULTS, **entry}
+        lists = {
+            k: e[k] if isinstance(e[k], list) else [e[k]]
+            for k in ("num_sampling_steps", "cfgs", "self_cond_cfg_scales")
+        }
+        for steps, cfg_scale, w in itertools.product(
+            lists["num_sampling_steps"], lists["cfgs"], lists["self_cond_cfg_scales"]
+        ):
+            values = dict(
+                method=e["sampling_method"],
+                steps=steps,
+                grid=e["time_schedule"],
+                gamma=e["sde_gamma"] or 0.0,
+                w=w,
+                cfg_scale=cfg_scale,
+            )
+            given = {k: _coerce(v, hints[k], f"{here}: {k}") for k, v in values.items()}
+            setting = replace(base, **given)
+            if setting not in out:
+                out.append(setting)
+    return out
+
+
+def _official_value(key: str, value, raw: dict, source: Path | None):
+    """An official field's value in our terms (None: leave our default)."""
+    if key == "model":
+        return str(value).lower().replace("_", "-")
+    if key == "warmup_steps":
+        return None if value is None or value < 0 else value
+    if key == "global_batch_size":  # ours counts one optimizer update, the official one micro-batch per step
+        return value * (raw.get("grad_accum_steps") or 1)
+    if key == "use_wandb":
+        return "wandb" if value else None
+    if key == "precision":
+        text = str(value).lower()
+        if text.startswith("bf16"):
+            return "bf16"
+        if text in ("fp32", "32", "32-true"):
+            return "fp32"
+        raise ConfigError(f"precision={value!r}: only fp32 and bf16 (bf16-mixed) are supported here", "train.precision")
+    if key == "resume" and value is not None and str(value) == str(raw.get("output_dir", "")):
+        return "auto"  # the official resume from the run's own folder, if it has a checkpoint
+    if key == "encoder_checkpoint" and value is not None and not str(value).count("/") >= 2:
+        found = _find_beside(str(value), source)  # a local pickle beside the YAML or above it
+        return str(found) if found is not None else value
+    return value
+
+
+def from_official(raw: dict, source: str | Path | None = None) -> tuple[dict, list[str]]:
+    """Our nested YAML dict (``{section: {key: value}}``) of one of the authors' flat training
+    configs (their ``train_*.yml``, a dumped ``config.yml`` or the Lightning reproduction's), with
+    the official defaults for the fields it omits; and the lines that report how each given field
+    maps, which official defaults were applied and which fields are not used (and why). A
+    ``sampling_configs_path`` is read relative to the working directory or the YAML's folders;
+    its first setting becomes the ``sample`` section."""
+    source = Path(source) if source is not None else None
+    known = set(OFFICIAL_DEFAULTS) | set(OFFICIAL_UNUSED) | {"precision", "compile"}
+    report, out = [], {name: {} for name in SECTIONS}
+    values = {**{k: v for k, v in OFFICIAL_DEFAULTS.items() if k in OFFICIAL_KEYS}, **raw}
+    defaults = sorted(
+        k for k in OFFICIAL_DEFAULTS if k not in raw and k in OFFICIAL_KEYS and not k.startswith("sampling")
+    )
+    for key, value in values.items():
+        if key in ("sampling_configs", "sampling_configs_path") or key in OFFICIAL_UNUSED or key not in known:
+            continue
+        target = OFFICIAL_KEYS[key]
+        ours = _official_value(key, value, raw, source)
+        section, name = target.split(".")
+        if ours is not None or name in ("lr", "warmup_steps", "warmup_epochs", "max_input_length", "resume"):
+            if target == "model.preset":
+                out["model"] = {"preset": ours}
+            else:
+                out[section][name] = ours
+        if key in raw:
+            shown = (
+                "null (ours: " + ("epochs" if name == "warmup_steps" else "the default") + ")"
+                if ours is None
+                else repr(ours)
+            )
+            report.append(f"  {key}: {value!r} -> {target} = {shown}")
+    entries, where = raw.get("sampling_configs"), "sampling_configs"
+    if raw.get("sampling_configs_path") and not entries:
+        found = _find_beside(str(raw["sampling_configs_path"]), source)
+        if found is None:
+            report.append(
+                f"  sampling_configs_path: {raw['sampling_configs_path']!r} not found (looked beside {source}); "
+                "the sample section keeps its defaults"
+            )
+        else:
+            entries, where = read_sampling_configs(found), str(found)
+    if not entries and "sampling_configs_path" not in raw:
+        entries, where = [{}], "official default SamplingConfig"
+    if entries:
+        settings = sample_configs(entries, where=where)
+        first = settings[0]
+        out["sample"].update({k: getattr(first, k) for k in ("method", "steps", "grid", "gamma", "w", "cfg_scale")})
+        more = (
+            f"; {len(settings)} settings listed, `elflm sweep --sampling-config` runs them all"
+            if len(settings) > 1
+            else ""
+        )
+        report.append(f"  {where}: -> sample = the first setting ({setting_text(first)}){more}")
+    if defaults:
+        report.append("  official defaults for the fields the file omits: " + ", ".join(defaults))
+    unused = [k for k in raw if k in OFFICIAL_UNUSED]
+    unknown = [k for k in raw if k not in known]
+    for k in unused:
+        report.append(f"  not used: {k} ({OFFICIAL_UNUSED[k]})")
+    for k in unknown:
+        report.append(f"  not used: {k} (not a field of the official config)")
+    out = {k: v for k, v in out.items() if v}
+    return out, report
+
+
+def setting_text(s: SampleConfig) -> str:
+    """A sampler setting in one phrase: method, steps, γ, w, cfg scale, grid."""
+    gamma = f" γ={s.gamma:g}" if s.method == "sde" else ""
+    return f"{s.method} {s.steps} steps{gamma} w={s.w:g} cfg={s.cfg_scale:g} {s.grid}"
 
 
 # ------------------------------------------------------------------------------ types
@@ -569,10 +899,12 @@ def bundled_configs() -> list[str]:
     return sorted(p.stem for p in BUNDLED.glob("*.yaml"))
 
 
-def load_config(path: str | Path, overrides=()) -> Config:
+def load_config(path: str | Path, overrides=(), log=None) -> Config:
     """Read a YAML config (a file, or the name of a bundled one: :func:`config_path`), apply
-    dotted overrides (``["model.depth=24", "train.blr=1e-3"]``) and validate. Errors name the file
-    (and line for malformed YAML) and the key."""
+    dotted overrides (``["model.depth=24", "train.blr=1e-3"]``) and validate. One of the authors'
+    flat training YAMLs is accepted as it is (:func:`from_official`); ``log`` (e.g. ``print``)
+    then receives the lines saying how each official field maps and which are not used. Errors
+    name the file (and line for malformed YAML) and the key."""
     path = config_path(path)
     if not path.is_file():
         raise ConfigError(
@@ -592,6 +924,15 @@ def load_config(path: str | Path, overrides=()) -> Config:
     if not isinstance(raw, (dict, type(None))):
         raise ConfigError(f"{path}: expected a mapping of sections ({', '.join(SECTIONS)}), got {type(raw).__name__}")
     overrides = list(overrides)
+    if is_official(raw):
+        try:
+            raw, report = from_official(raw, path)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}", e.key) from None
+        if log is not None:
+            log(f"{path}: the authors' flat config; how its fields map:")
+            for line in report:
+                log(line)
     try:
         return from_dict(apply_overrides(raw or {}, overrides))
     except ConfigError as e:
@@ -627,7 +968,6 @@ _NON_NEGATIVE = [
     "model.num_self_cond_cfg_tokens",
     "model.num_mode_tokens",
     "objective.self_cond_cfg_min",
-    "data.num_workers",
     "train.min_lr",
     "train.weight_decay",
     "train.epochs",
@@ -732,6 +1072,13 @@ def validate(cfg: Config) -> Config:
         f"a multiple of train.batch_size × train.grad_accum_steps ({per})",
     )
     _need(0 < s.t_final <= 1, "sample.t_final", s.t_final, "a value in (0, 1]")
+    trackers = [] if t.logger is None else [x.strip() for x in t.logger.split(",")]
+    _need(
+        all(x in TRACKERS for x in trackers),
+        "train.logger",
+        t.logger,
+        f"null or a comma-separated list of {', '.join(TRACKERS)}",
+    )
     _need(
         s.cfg_scale == 1 or d.conditional,
         "sample.cfg_scale",
@@ -762,6 +1109,13 @@ __all__ = [
     "PRESETS",
     "MIRRORS",
     "OFFICIAL_KEYS",
+    "OFFICIAL_DEFAULTS",
+    "OFFICIAL_UNUSED",
+    "TRACKERS",
+    "from_official",
+    "is_official",
+    "read_sampling_configs",
+    "sample_configs",
     "model_preset",
     "load_config",
     "dump_config",

@@ -311,7 +311,6 @@ def run_quickstart(
     fixed = [
         f"encoder.name_or_path={enc_dir}",
         f"data.train_path={data['train']}",
-        f"data.eval_path={data['heldout']}",
         f"train.seed={seed}",
         *([f"train.device={device}"] if device else []),
         *overrides,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import math
 import time
 from dataclasses import dataclass, replace
@@ -21,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import distributed, objective
+from . import distributed, objective, tracking
 from .checkpoint import TrainingCheckpoint
 from .config import Config, dump_config
-from .data import PackedDataset, collate, encoder_mask
+from .data import collate, encoder_mask, training_dataset
 from .encoder import build_encoder
 from .flow import seeded
 from .generate import generate
@@ -136,8 +135,8 @@ class Trainer:
         self.cfg = cfg
         self.dist = distributed.setup(device or cfg.train.device)
         dev = self.dist.device
-        self.dataset = PackedDataset(cfg.data.train_path)
         self.encoder = build_encoder(cfg.encoder, device=dev)
+        self.dataset = training_dataset(cfg, self.encoder, progress=self.dist.main)  # checked against cfg
         if cfg.encoder.latent_mean is None or cfg.encoder.latent_std is None:
             mean, std = estimate_latent_stats(self.encoder, self.dataset, dev, seed=cfg.train.seed)
             mean = mean if cfg.encoder.latent_mean is None else cfg.encoder.latent_mean
@@ -171,7 +170,7 @@ class Trainer:
         self.ema = EMA(self.net, decay=cfg.train.ema_decay)
         self.step = 0
         self.out = Path(cfg.train.output_dir)
-        self.writer = None
+        self.tracker = None
 
     # ------------------------------------------------------------------ state
     def save(self) -> Path | None:
@@ -323,8 +322,7 @@ class Trainer:
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.out / "config.yaml")
-            if cfg.train.tensorboard:
-                self.writer = _tensorboard(self.out / "tb")
+            self.tracker = tracking.open_trackers(self.cfg, self.out)
         L = self.dataset.max_length
         tokens_per_step = plan.global_batch * L
         flops = step_flops_per_token(self.model_config, L, cfg.objective.decoder_prob) * tokens_per_step
@@ -335,7 +333,6 @@ class Trainer:
 
             bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         records, window, t0 = [], [], time.perf_counter()
-        metrics_file = self.out / "metrics.jsonl"
         while self.step < plan.total_steps:
             stats = self.train_step()
             window.append(stats)
@@ -358,7 +355,7 @@ class Trainer:
                     rec["max_memory_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
                 records.append(rec)
                 if d.main:
-                    self._log(rec, metrics_file, bar)
+                    self.tracker.log(rec)
                 window, t0 = [], time.perf_counter()
             if cfg.train.preview_every and self.step % cfg.train.preview_every == 0 and d.main:
                 self.preview(bar)
@@ -366,24 +363,9 @@ class Trainer:
                 self.save()
         if bar is not None:
             bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.close()
         return records
-
-    def _log(self, rec: dict, metrics_file: Path, bar) -> None:
-        with open(metrics_file, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-        mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
-        line = (
-            f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
-            f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}"
-        )
-        (bar.write if bar is not None else print)(line)
-        if self.writer is not None:
-            for k, v in rec.items():
-                if k != "step" and v is not None:
-                    self.writer.add_scalar(f"train/{k}", v, rec["step"])
 
     def preview(self, bar=None) -> list[str]:
         """Decode a few samples with the EMA weights and print them."""
@@ -396,18 +378,9 @@ class Trainer:
             ]
         for t in texts:
             (bar.write if bar is not None else print)(f"  [step {self.step}] {t[:200]!r}")
-        if self.writer is not None:
-            self.writer.add_text("preview", "\n\n".join(texts), self.step)
+        if self.tracker is not None:
+            self.tracker.text("preview", "\n\n".join(texts), self.step)
         return texts
-
-
-def _tensorboard(path: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        print("tensorboard is not installed (pip install tensorboard); logging to metrics.jsonl only")
-        return None
-    return SummaryWriter(str(path))
 
 
 def train(cfg: Config, device: str | None = None, progress: bool = True) -> Trainer:

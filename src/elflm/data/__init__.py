@@ -2,8 +2,8 @@
 its memory-mapped reader (:mod:`.dataset`), the input readers (:mod:`.readers`) and
 ``elflm prepare`` (:mod:`.prepare`: tokenise, pack, shard)."""
 
-from .dataset import PackedDataset, read_meta
-from .prepare import prepare
+from .dataset import PackedDataset, check_dataset, read_meta
+from .prepare import prepare, training_dataset
 from .readers import load_hf_dataset
 from .rows import (
     apply_label_drop,
@@ -20,6 +20,7 @@ __all__ = [
     "apply_label_drop",
     "batch_from_rows",
     "build_rows",
+    "check_dataset",
     "collate",
     "encoder_attention_mask",
     "encoder_mask",
@@ -27,4 +28,5 @@ __all__ = [
     "loss_mask",
     "prepare",
     "read_meta",
+    "training_dataset",
 ]

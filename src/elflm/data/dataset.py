@@ -11,6 +11,7 @@ complete and records the tokenizer, lengths, counts, dtype, sources and every op
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -40,6 +41,80 @@ def read_meta(path: str | Path) -> dict:
             f"got {meta.get('format')!r} {meta.get('version')!r}"
         )
     return meta
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """A short hash of a tokenizer's vocabulary (token → id), the same for its slow and fast
+    versions and wherever its files are."""
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
+def _base_class(name: str) -> str:
+    return name.removesuffix("Fast")
+
+
+def check_dataset(dataset: PackedDataset, cfg, encoder) -> None:
+    """Refuse training on ``dataset`` (a :class:`PackedDataset`) with the config ``cfg`` (a
+    :class:`~elflm.config.Config`) and its frozen ``encoder`` when they do not fit: conditional
+    data under an unconditional config or the reverse, another ``max_input_length`` or
+    ``pad_token``, rows longer than ``data.max_length``, ids tokenised with another tokenizer than
+    the encoder's, or another end-of-text id. Each error says how to fix it."""
+    meta, d, where = dataset.meta, cfg.data, dataset.path / META
+    redo = f"prepare the data again (`elflm prepare ... -o {dataset.path}`)"
+    if dataset.conditional and not d.conditional:
+        raise ValueError(
+            f"{where}: conditional data (rows of condition[:{dataset.max_input_length}] ++ target) but an "
+            f"unconditional config: set data.max_input_length={dataset.max_input_length} "
+            f"(and data.pad_token={meta['pad_token']}), or {redo} without --max-input-length"
+        )
+    if d.conditional and not dataset.conditional:
+        raise ValueError(
+            f"{where}: unconditional data but data.max_input_length={d.max_input_length} (a conditional config): "
+            f"set data.max_input_length=null, or {redo} with --max-input-length {d.max_input_length}"
+        )
+    if dataset.max_input_length != d.max_input_length:
+        raise ValueError(
+            f"{where}: the data keeps {dataset.max_input_length} condition tokens but data.max_input_length="
+            f"{d.max_input_length}: set data.max_input_length={dataset.max_input_length}, or {redo} "
+            f"with --max-input-length {d.max_input_length}"
+        )
+    if meta["pad_token"] != d.pad_token:
+        raise ValueError(
+            f"{where}: rows padded with {meta['pad_token']} but data.pad_token={d.pad_token} (the loss mask depends "
+            f"on it): set data.pad_token={meta['pad_token']}, or {redo} with --pad-token {d.pad_token}"
+        )
+    if dataset.max_length > d.max_length:
+        raise ValueError(
+            f"{where}: rows of {dataset.max_length} tokens but data.max_length={d.max_length}: "
+            f"set data.max_length={dataset.max_length}, or {redo} with --max-length {d.max_length}"
+        )
+    info, tok, name = meta["tokenizer"], encoder.tokenizer, cfg.encoder.tokenizer_name
+    made = f"{info['name_or_path']} ({info['class']}, {info['size']} tokens)"
+    fix = f"{redo} with --tokenizer {name}, or set the encoder section to the encoder the data was made for"
+    if tok is not None:
+        ours = f"{name} ({type(tok).__name__}, {len(tok)} tokens)"
+        same = _base_class(info["class"]) == _base_class(type(tok).__name__) and info["size"] == len(tok)
+        if same and "vocab_sha256" in info:
+            same = info["vocab_sha256"] == vocab_fingerprint(tok)
+        if not same:
+            raise ValueError(
+                f"{where}: the data was tokenised with {made} but the encoder's tokenizer is {ours}: {fix}"
+            )
+    if info["size"] > encoder.vocab_size:
+        raise ValueError(
+            f"{where}: the data's tokenizer {made} has more ids than the encoder embeds ({encoder.vocab_size}): {fix}"
+        )
+    if (d.conditional or d.pad_token == "eos") and meta["eos_id"] != encoder.eos_id:
+        raise ValueError(
+            f"{where}: the rows end texts with id {meta['eos_id']} but the encoder's end-of-text id is "
+            f"{encoder.eos_id} (sampling stops there): {redo} with the encoder's EOS token"
+            + (
+                f" (--eos-token {tok.convert_ids_to_tokens(encoder.eos_id)})"
+                if tok is not None and encoder.eos_id is not None
+                else ""
+            )
+        )
 
 
 class PackedDataset(torch.utils.data.Dataset):

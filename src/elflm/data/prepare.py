@@ -24,6 +24,7 @@ by EOS (their ``tokenizer(text)`` default).
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -39,14 +40,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm.auto import tqdm
 
 # the module, not its names: elflm.encoder imports the mask rules from .rows, so while it is first
 # imported this package is loaded before encoder's own names exist
+from .. import hub
 from ..encoder import load_tokenizer
 from ..version import __version__
-from .dataset import FORMAT, FORMAT_VERSION, META, read_meta
-from .readers import chunks, records, resolve_sources, source_fingerprint
+from .dataset import FORMAT, FORMAT_VERSION, META, PackedDataset, check_dataset, read_meta, vocab_fingerprint
+from .readers import chunks, hf_columns, records, resolve_sources, source_fingerprint
 from .rows import rows_from_flat
 
 WORK = ".prepare-work"
@@ -78,6 +81,7 @@ def prepare(
     separator: str = "none",
     packing: str | None = None,
     pad_token: str | None = None,
+    eos_token: str | None = None,
     shard_rows: int | None = None,
     workers: int | None = None,
     chunk_size: int = DEFAULT_CHUNK,
@@ -100,7 +104,10 @@ def prepare(
     ``separator``: ``none`` or ``eos`` between packed documents. ``packing``: ``concat`` (default
     for text) or ``rows`` (one row per document; default for pre-tokenised ids; always for
     conditional data). ``pad_token``: ``pad`` (unconditional default) or ``eos`` (conditional
-    default). Tokenisation runs in ``workers`` processes over chunks of about ``chunk_size``
+    default). ``eos_token`` names the end-of-text token for a tokenizer without EOS (e.g. ``[SEP]``
+    of BERT-like encoders such as MiniLM). Dataset columns that are not read are listed in
+    ``meta["ignored_columns"]``; a ``condition_input_ids`` column without ``max_input_length`` is
+    refused. Tokenisation runs in ``workers`` processes over chunks of about ``chunk_size``
     characters, each saved atomically under ``output/.prepare-work``, so a killed run resumes where
     it stopped; the result does not depend on ``workers``. Empty lines / documents, invalid UTF-8
     (replaced) and truncations are counted in ``meta["counts"]``."""
@@ -118,6 +125,7 @@ def prepare(
         "separator": separator,
         "packing": packing,
         "pad_token": pad_token,
+        "eos_token": eos_token,
         "shard_rows": shard_rows,
         "chunk_size": chunk_size,
     }
@@ -138,6 +146,66 @@ def prepare(
     if progress:
         _print_summary(meta, out, stats, workers)
     return meta
+
+
+# ----------------------------------------------------------------------------- training data
+
+
+def training_dataset(cfg, encoder, progress: bool = True) -> PackedDataset:
+    """The training rows of ``cfg`` (a :class:`~elflm.config.Config`), checked against it and its
+    frozen ``encoder`` (:func:`~elflm.data.dataset.check_dataset`). ``data.train_path`` is a
+    prepared folder, or inputs :func:`prepare` reads (a Hugging Face dataset folder or Hub id,
+    text / JSONL files or folders), prepared on first use with the encoder's tokenizer, the
+    config's lengths, padding and ``data.*_field`` names into ``$ELFLM_CACHE/data/`` (once; by the
+    first process under torchrun, the others wait)."""
+    d = cfg.data
+    if d.train_path is None:
+        raise ValueError("data.train_path is not set: give a prepared folder (elflm prepare) or a dataset to prepare")
+    path = Path(d.train_path).expanduser()
+    half_done = path.is_dir() and ((path / WORK).exists() or any(path.glob("ids-*.bin*")))
+    if not (path / META).is_file() and not half_done and (path.exists() or hub.is_hub_id(d.train_path)):
+        path = _prepare_cached(cfg, encoder, progress)
+    dataset = PackedDataset(path)
+    check_dataset(dataset, cfg, encoder)
+    return dataset
+
+
+def _prepare_cached(cfg, encoder, progress: bool) -> Path:
+    d = cfg.data
+    source = d.train_path if hub.is_hub_id(d.train_path) else str(Path(d.train_path).resolve())
+    tokenizer = encoder.tokenizer
+    if tokenizer is None:
+        raise ValueError(f"data.train_path={d.train_path!r} needs preparing, but the encoder has no tokenizer")
+    key = {
+        "source": source,
+        "vocab": vocab_fingerprint(tokenizer),
+        "max_length": d.max_length,
+        "max_input_length": d.max_input_length,
+        "pad_token": d.pad_token,
+        "fields": [d.text_field, d.source_field, d.target_field],
+    }
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    out = hub.cache_root() / "data" / f"{Path(source).name}-{digest}"
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if not distributed or torch.distributed.get_rank() == 0:
+        if progress:
+            print(f"preparing {d.train_path} with the tokenizer {cfg.encoder.tokenizer_name} into {out}")
+        prepare(
+            d.train_path,
+            out,
+            tokenizer=cfg.encoder.tokenizer_name,
+            max_length=d.max_length,
+            max_input_length=d.max_input_length,
+            format="hf" if hub.is_hub_id(d.train_path) else "auto",
+            text_field=d.text_field,
+            source_field=d.source_field,
+            target_field=d.target_field,
+            pad_token=d.pad_token,
+            progress=progress,
+        )
+    if distributed:
+        torch.distributed.barrier()
+    return out
 
 
 # ----------------------------------------------------------------------------- validate
@@ -187,6 +255,7 @@ class _Plan:
     tokenizer_info: dict  # meta["tokenizer"]
     pad_id: int
     dtype: np.dtype  # of the stored ids
+    ignored_columns: dict  # dataset -> columns not read (meta["ignored_columns"])
 
     @property
     def conditional(self) -> bool:
@@ -214,20 +283,42 @@ class _Plan:
         }
 
 
+def end_of_text_id(tok, name, eos_token: str | None) -> int | None:
+    """The id that ends a text: the token ``eos_token`` (e.g. ``[SEP]``) when given, else the
+    tokenizer's EOS; None when it has none."""
+    if eos_token is None:
+        return tok.eos_token_id
+    vocab = tok.get_vocab()
+    if eos_token not in vocab:
+        special = ", ".join(dict.fromkeys(tok.all_special_tokens)) or "none"
+        raise ValueError(
+            f"--eos-token {eos_token!r} is not a token of the tokenizer {name!r} (its special tokens: {special})"
+        )
+    return vocab[eos_token]
+
+
 def _plan(inputs: list, tokenizer: str, asked: dict) -> _Plan:
-    """Resolve the sources, load the tokenizer and fill in the options left open (padding id,
-    packing, shard size)."""
+    """Resolve the sources, load the tokenizer and fill in the options left open (end-of-text and
+    padding ids, packing, shard size)."""
     conditional = asked["max_input_length"] is not None
     sources = resolve_sources(inputs, asked["format"], conditional, asked["split"])
     tok = load_tokenizer(tokenizer)
     pad_token = asked["pad_token"] or ("eos" if conditional else "pad")
-    eos_id = tok.eos_token_id
+    eos_id = end_of_text_id(tok, tokenizer, asked["eos_token"])
     pad_id = eos_id if pad_token == "eos" else tok.pad_token_id
-    if pad_id is None or (eos_id is None and (conditional or asked["separator"] == "eos")):
-        missing = "pad" if pad_id is None else "EOS"
+    if eos_id is None and (conditional or asked["separator"] == "eos" or pad_token == "eos"):
+        why = "conditional rows end source and target with one" if conditional else "--separator / --pad-token eos"
+        sep = f" (e.g. --eos-token {tok.sep_token})" if getattr(tok, "sep_token", None) else ""
         raise ValueError(
-            f"tokenizer {tokenizer!r} has no {missing} token; choose --pad-token / --separator accordingly"
+            f"tokenizer {tokenizer!r} has no EOS token, and {why}: name the end-of-text token with --eos-token{sep}"
         )
+    if pad_id is None:
+        raise ValueError(f"tokenizer {tokenizer!r} has no pad token: use --pad-token eos")
+    ignored = {}
+    for kind, src in sources:
+        if kind == "hf":
+            used = hf_columns(src, conditional, asked["fields"])
+            ignored[source_fingerprint(kind, src)["dataset"]] = [c for c in src.column_names if c not in used]
     vocab = len(tok)
     dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<i4")
     pretokenised = any(k == "hf" and "input_ids" in src.column_names for k, src in sources)
@@ -242,11 +333,13 @@ def _plan(inputs: list, tokenizer: str, asked: dict) -> _Plan:
             "name_or_path": str(tokenizer),
             "class": type(tok).__name__,
             "size": vocab,
+            "vocab_sha256": vocab_fingerprint(tok),
             "eos_id": eos_id,
             "pad_id": tok.pad_token_id,
         },
         pad_id=pad_id,
         dtype=dtype,
+        ignored_columns={k: v for k, v in ignored.items() if v},
     )
 
 
@@ -593,6 +686,7 @@ def _pack(plan: _Plan, out: Path, work: Path, n_chunks: int, counts: Counter) ->
         "counts": {k: counts[k] for k in sorted(counts)},
         "tokenizer": plan.tokenizer_info,
         "sources": plan.source_info,
+        "ignored_columns": plan.ignored_columns,
         "options": o,
         "elflm_version": __version__,
     }
@@ -609,6 +703,8 @@ def _print_summary(meta: dict, out: Path, stats: _Tokenised, workers: int) -> No
     details = [f"{k.replace('_', ' ')} {v}" for k, v in c.items() if k not in ("rows", "tokens")]
     if details:
         print("  " + ", ".join(details))
+    for name, columns in meta.get("ignored_columns", {}).items():
+        print(f"  columns not used of {name}: {', '.join(columns)}")
     rate = f" ({stats.tokens / stats.seconds:,.0f} tokens/s)" if stats.seconds > 0 and stats.tokens else ""
     print(
         f"  tokenised {stats.tokens} tokens in {stats.seconds:.1f} s{rate} with {workers} worker(s); "

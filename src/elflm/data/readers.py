@@ -285,28 +285,45 @@ def _arrow_lists(column) -> tuple[np.ndarray, np.ndarray]:
     return ids, col.value_lengths().to_numpy(zero_copy_only=False).astype(np.int64)
 
 
-def _hf_records(ds, conditional: bool, fields: dict, limit: float):
-    cols = ds.column_names
-    batches = ds.with_format("arrow").iter(batch_size=_HF_BATCH)
+def hf_columns(ds, conditional: bool, fields: dict) -> list[str]:
+    """The columns of a dataset that prepare reads: ``condition_input_ids`` + ``input_ids``
+    (conditional ids), ``input_ids`` (unconditional ids), else the text fields; a conditional
+    column under unconditional options is refused (it would be dropped)."""
+    cols, name = ds.column_names, source_fingerprint("hf", ds)["dataset"]
+    if not conditional and "condition_input_ids" in cols:
+        raise ValueError(
+            f"dataset {name} has a condition_input_ids column (conditional data): give --max-input-length N "
+            "(condition tokens kept: De-En 64, XSum 1024), or remove the column to keep only the targets"
+        )
     if conditional and "condition_input_ids" in cols and "input_ids" in cols:
+        return ["condition_input_ids", "input_ids"]
+    if not conditional and "input_ids" in cols:
+        return ["input_ids"]
+    names = [fields["source"], fields["target"]] if conditional else [fields["text"]]
+    missing = [n for n in names if n not in cols]
+    if missing:
+        raise ValueError(
+            f"dataset {name} has no column {missing[0]!r} (columns: {cols}); choose it with --text-field / "
+            "--source-field / --target-field (data.text_field / source_field / target_field)"
+        )
+    return names
+
+
+def _hf_records(ds, conditional: bool, fields: dict, limit: float):
+    cols = hf_columns(ds, conditional, fields)
+    batches = ds.with_format("arrow").iter(batch_size=_HF_BATCH)
+    if cols == ["condition_input_ids", "input_ids"]:
         for tbl in batches:
             src, src_lens = _arrow_lists(tbl.column("condition_input_ids"))
             ids, lens = _arrow_lists(tbl.column("input_ids"))
             yield "id_pairs", (src, src_lens, ids, lens), len(src) + len(ids)
-    elif not conditional and "input_ids" in cols:
+    elif cols == ["input_ids"]:
         for tbl in batches:
             ids, lens = _arrow_lists(tbl.column("input_ids"))
             yield "ids", (ids, lens), len(ids)
     else:
-        names = (fields["source"], fields["target"]) if conditional else (fields["text"],)
-        missing = [n for n in names if n not in cols]
-        if missing:
-            raise ValueError(
-                f"dataset has no column {missing[0]!r} (columns: {cols}); choose it with --text-field / "
-                "--source-field / --target-field"
-            )
         for tbl in batches:
-            values = [tbl.column(n).to_pylist() for n in names]
+            values = [tbl.column(n).to_pylist() for n in cols]
             for row in zip(*values):
                 row = tuple("" if v is None else str(v) for v in row)
                 if conditional:

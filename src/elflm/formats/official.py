@@ -9,32 +9,16 @@ from pathlib import Path
 import yaml
 
 from ..checkpoint import CheckpointError
-from ..config import DataConfig, EncoderConfig, ObjectiveConfig, SampleConfig, Settings
-
-# Defaults of the official ``Config`` / ``SamplingConfig`` for fields a dumped config.yml omits.
-DEFAULTS = dict(
-    max_length=128,
-    max_input_length=None,
-    pad_token="pad",
-    encoder_model_name="t5-small",
-    encoder_checkpoint=None,
-    tokenizer_name=None,
-    latent_mean=0.0,
-    latent_std=1.0,
-    denoiser_p_mean=0.8,
-    denoiser_p_std=0.8,
-    denoiser_noise_scale=1.0,
-    t_eps=0.05,
-    time_schedule="logit_normal",
-    decoder_prob=0.5,
-    decoder_noise_scale=1.0,
-    decoder_p_mean=0.8,
-    decoder_p_std=0.8,
-    label_drop_prob=0.0,
-    self_cond_prob=0.5,
-    self_cond_cfg_min=0.5,
-    self_cond_cfg_max=5.0,
+from ..config import (
+    OFFICIAL_DEFAULTS,
+    DataConfig,
+    EncoderConfig,
+    ObjectiveConfig,
+    SampleConfig,
+    Settings,
+    sample_configs,
 )
+
 # First entries of the official uncond / cond sampling config files.
 SAMPLING = {
     "uncond": dict(
@@ -135,7 +119,7 @@ def settings_from_official(cfg: dict, config_file: Path | None = None) -> tuple[
     authors' ``train.py`` or their input YAML; official field names, official defaults). A
     relative ``encoder_checkpoint`` is looked up beside ``config_file`` and in the folder above
     (the official run resolved it against its working folder)."""
-    c = {**DEFAULTS, **cfg}
+    c = {**OFFICIAL_DEFAULTS, **cfg}
     objective = ObjectiveConfig(
         latent_mean=float(c["latent_mean"]),
         latent_std=float(c["latent_std"]),
@@ -155,19 +139,14 @@ def settings_from_official(cfg: dict, config_file: Path | None = None) -> tuple[
         pad_token=c["pad_token"],
     )
     conditional = c["max_input_length"] is not None
-    s = {**SAMPLING["cond" if conditional else "uncond"], **(c.get("sampling_configs") or [{}])[0]}
-    sample = SampleConfig(
-        method=s["sampling_method"],
-        steps=int(s["num_sampling_steps"][0]),
-        grid=s["time_schedule"],
-        gamma=float(s.get("sde_gamma") or 0.0),
-        w=float(s["self_cond_cfg_scales"][0]),
-        cfg_scale=float(s["cfgs"][0]),
-        noise_scale=objective.noise_scale,
-        p_mean=objective.p_mean,
-        p_std=objective.p_std,
-        t_eps=objective.t_eps,
+    entries = c.get("sampling_configs") or [SAMPLING["cond" if conditional else "uncond"]]
+    base = SampleConfig(
+        noise_scale=objective.noise_scale, p_mean=objective.p_mean, p_std=objective.p_std, t_eps=objective.t_eps
     )
+    try:
+        sample = sample_configs(entries[:1], base, where=str(config_file or "the official config"))[0]
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
     tokenizer = c["tokenizer_name"] or c["encoder_model_name"]
     weights = c["encoder_checkpoint"]
     if weights is not None and config_file is not None and not Path(weights).is_absolute():

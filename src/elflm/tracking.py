@@ -1,0 +1,181 @@
+"""Experiment tracking: the records the trainer logs every ``train.log_every`` steps (``step``,
+``loss``, ``l2_loss``, ``ce_loss``, ``grad_norm``, ``lr``, ``tokens_per_s``, ``mfu``,
+``max_memory_gb``) and its sample previews go to every tracker of the run through one small
+interface, :class:`Tracker`:
+
+* :class:`Console` – one line per record (through tqdm, so progress bars stay intact);
+* :class:`JsonLines` – ``<output_dir>/metrics.jsonl``, one JSON object per record;
+* :class:`TensorBoard` – ``<output_dir>/tb`` (``train.logger: tensorboard``; needs ``tensorboard``);
+* :class:`WandB` – a Weights & Biases run (``train.logger: wandb``; needs ``wandb``), in
+  ``<output_dir>/wandb``; a resumed run continues the same W&B run. ``WANDB_MODE=offline`` writes
+  the run to disk for ``wandb sync``.
+
+The console and ``metrics.jsonl`` are always on; ``train.logger`` adds the others
+(``tensorboard,wandb`` for both). :func:`open_trackers` builds them from the config.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .config import Config, to_dict
+
+INSTALL = "pip install 'elflm[track]'"
+
+
+class Tracker(ABC):
+    """Receives the training records (dicts with an int ``step``) and preview texts."""
+
+    @abstractmethod
+    def log(self, record: dict) -> None:
+        """One training record."""
+
+    def text(self, name: str, text: str, step: int) -> None:
+        """A text (e.g. the preview samples) at ``step``; trackers without text views ignore it."""
+        return None
+
+    def close(self) -> None:
+        """Flush and release files or runs (nothing to do by default)."""
+        return None
+
+
+def format_record(rec: dict) -> str:
+    """The console line of a record."""
+    mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
+    mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
+    return (
+        f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
+        f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}"
+    )
+
+
+class Console(Tracker):
+    """One line per record on stdout."""
+
+    def log(self, record: dict) -> None:
+        tqdm.write(format_record(record))
+
+
+class JsonLines(Tracker):
+    """Appends each record to a JSONL file (``metrics.jsonl``)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _scalars(record: dict) -> dict[str, float]:
+    return {f"train/{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+
+
+class TensorBoard(Tracker):
+    """Scalars ``train/<name>`` and texts in a TensorBoard event folder."""
+
+    def __init__(self, folder: str | Path):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as e:
+            raise ImportError(f"train.logger=tensorboard needs the tensorboard package: {INSTALL}") from e
+        self.writer = SummaryWriter(str(folder))
+
+    def log(self, record: dict) -> None:
+        for k, v in _scalars(record).items():
+            self.writer.add_scalar(k, v, record["step"])
+        self.writer.flush()
+
+    def text(self, name: str, text: str, step: int) -> None:
+        self.writer.add_text(name, text, step)
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandB(Tracker):
+    """A Weights & Biases run: ``project``, ``entity``, ``name``, ``tags``, the run's config, files
+    in ``folder/wandb``. The run id is kept in ``folder/wandb-run-id`` so that resuming the
+    training continues the same run."""
+
+    ID_FILE = "wandb-run-id"
+
+    def __init__(
+        self,
+        folder: str | Path,
+        *,
+        project: str,
+        entity: str | None = None,
+        name: str | None = None,
+        tags: list[str] | None = None,
+        config: dict | None = None,
+    ):
+        try:
+            import wandb
+        except ImportError as e:
+            raise ImportError(f"train.logger=wandb needs the wandb package: {INSTALL}") from e
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        id_file = folder / self.ID_FILE
+        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        id_file.write_text(run_id + "\n")
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=project,
+            entity=entity,
+            name=name or folder.absolute().name,
+            tags=tags,
+            config=config,
+            dir=str(folder),
+            id=run_id,
+            resume="allow",
+        )
+
+    def log(self, record: dict) -> None:
+        self.run.log(_scalars(record), step=record["step"])
+
+    def text(self, name: str, text: str, step: int) -> None:
+        self.run.log({name: self.wandb.Html("<pre>" + text.replace("<", "&lt;") + "</pre>")}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class Trackers(Tracker):
+    """Several trackers as one."""
+
+    def __init__(self, trackers: list[Tracker]):
+        self.trackers = trackers
+
+    def log(self, record: dict) -> None:
+        for t in self.trackers:
+            t.log(record)
+
+    def text(self, name: str, text: str, step: int) -> None:
+        for t in self.trackers:
+            t.text(name, text, step)
+
+    def close(self) -> None:
+        for t in self.trackers:
+            t.close()
+
+
+def open_trackers(cfg: Config, output_dir: str | Path) -> Trackers:
+    """The trackers of a run: the console, ``output_dir/metrics.jsonl`` and those
+    ``cfg.train.logger`` names (``tensorboard`` → ``output_dir/tb``, ``wandb``)."""
+    out, t = Path(output_dir), cfg.train
+    names = [] if t.logger is None else [n.strip() for n in t.logger.split(",")]
+    trackers: list[Tracker] = [Console(), JsonLines(out / "metrics.jsonl")]
+    if "tensorboard" in names:
+        trackers.append(TensorBoard(out / "tb"))
+    if "wandb" in names:
+        tags = [x.strip() for x in t.wandb_tags.split(",") if x.strip()] if t.wandb_tags else None
+        trackers.append(
+            WandB(out, project=t.wandb_project, entity=t.wandb_entity, name=t.run_name, tags=tags, config=to_dict(cfg))
+        )
+    return Trackers(trackers)
