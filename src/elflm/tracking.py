@@ -17,6 +17,7 @@ The console and ``metrics.jsonl`` are always on; ``train.logger`` adds the other
 from __future__ import annotations
 
 import json
+import secrets
 from abc import ABC, abstractmethod
 from pathlib import Path
 
@@ -122,7 +123,7 @@ class WandB(Tracker):
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         id_file = folder / self.ID_FILE
-        run_id = id_file.read_text().strip() if id_file.is_file() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         id_file.write_text(run_id + "\n")
         self.wandb = wandb
         self.run = wandb.init(

@@ -73,22 +73,6 @@ def check_dataset(dataset: PackedDataset, cfg, encoder) -> None:
             f"{where}: unconditional data but data.max_input_length={d.max_input_length} (a conditional config): "
             f"set data.max_input_length=null, or {redo} with --max-input-length {d.max_input_length}"
         )
-    if dataset.max_input_length != d.max_input_length:
-        raise ValueError(
-            f"{where}: the data keeps {dataset.max_input_length} condition tokens but data.max_input_length="
-            f"{d.max_input_length}: set data.max_input_length={dataset.max_input_length}, or {redo} "
-            f"with --max-input-length {d.max_input_length}"
-        )
-    if meta["pad_token"] != d.pad_token:
-        raise ValueError(
-            f"{where}: rows padded with {meta['pad_token']} but data.pad_token={d.pad_token} (the loss mask depends "
-            f"on it): set data.pad_token={meta['pad_token']}, or {redo} with --pad-token {d.pad_token}"
-        )
-    if dataset.max_length > d.max_length:
-        raise ValueError(
-            f"{where}: rows of {dataset.max_length} tokens but data.max_length={d.max_length}: "
-            f"set data.max_length={dataset.max_length}, or {redo} with --max-length {d.max_length}"
-        )
     info, tok, name = meta["tokenizer"], encoder.tokenizer, cfg.encoder.tokenizer_name
     made = f"{info['name_or_path']} ({info['class']}, {info['size']} tokens)"
     fix = f"{redo} with --tokenizer {name}, or set the encoder section to the encoder the data was made for"
@@ -104,6 +88,22 @@ def check_dataset(dataset: PackedDataset, cfg, encoder) -> None:
     if info["size"] > encoder.vocab_size:
         raise ValueError(
             f"{where}: the data's tokenizer {made} has more ids than the encoder embeds ({encoder.vocab_size}): {fix}"
+        )
+    if dataset.max_input_length != d.max_input_length:
+        raise ValueError(
+            f"{where}: the data keeps {dataset.max_input_length} condition tokens but data.max_input_length="
+            f"{d.max_input_length}: set data.max_input_length={dataset.max_input_length}, or {redo} "
+            f"with --max-input-length {d.max_input_length}"
+        )
+    if meta["pad_token"] != d.pad_token:
+        raise ValueError(
+            f"{where}: rows padded with {meta['pad_token']} but data.pad_token={d.pad_token} (the loss mask depends "
+            f"on it): set data.pad_token={meta['pad_token']}, or {redo} with --pad-token {d.pad_token}"
+        )
+    if dataset.max_length > d.max_length:
+        raise ValueError(
+            f"{where}: rows of {dataset.max_length} tokens but data.max_length={d.max_length}: "
+            f"set data.max_length={dataset.max_length}, or {redo} with --max-length {d.max_length}"
         )
     if (d.conditional or d.pad_token == "eos") and meta["eos_id"] != encoder.eos_id:
         raise ValueError(
