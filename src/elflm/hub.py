@@ -93,18 +93,20 @@ def _hub_cache(cache_dir) -> str | None:
     return str(cache_dir) if cache_dir else os.environ.get("HF_HUB_CACHE")
 
 
-def offline_error(what: str, why: str, cache_dir=None) -> HubError:
+def offline_error(what: str, why: str, cache_dir=None, repo: str | None = None) -> HubError:
     """The error for ``what`` (a Hub id, ``repo:file`` or a description) that could not be had
-    because of ``why``: names HF_HUB_OFFLINE, the cache and the local alternatives."""
+    because of ``why``: names HF_HUB_OFFLINE, the cache and the local alternatives; ``repo`` (what
+    to download, default ``what``) goes into the ``hf download`` hint."""
     from huggingface_hub import constants
 
     cache = _hub_cache(cache_dir) or constants.HF_HUB_CACHE
+    repo = repo or what
     return HubError(
         f"cannot get {what} from the Hugging Face Hub: {why}, and it is not in the local cache {cache}. "
         "Either connect to the internet and retry; or download it once on a connected machine "
-        f"(`hf download {what.split(':')[0]}`), point HF_HUB_CACHE (or HF_HOME) at that cache and set "
-        "HF_HUB_OFFLINE=1; or pass a local path instead of a Hub id (a folder written by `elflm convert` / "
-        "save_pretrained, an official checkpoint, or a local tokenizer / encoder / judge folder)."
+        f"(`hf download {repo.split(':')[0]}`), point HF_HUB_CACHE (or HF_HOME) at that cache and set "
+        "HF_HUB_OFFLINE=1; or pass a local path instead of a Hub id: a local folder or file (a folder written "
+        "by `elflm convert` / save_pretrained, an official checkpoint, a tokenizer / encoder / judge folder)."
     )
 
 
@@ -176,7 +178,7 @@ def load_hf(load: Callable, name_or_path, what: str):
         return load(str(name_or_path), local_files_only=why is not None)
     except OSError as e:
         why = why or f"the Hub did not provide it ({type(e).__name__}: {e})"
-        raise offline_error(f"the {what} {str(name_or_path)!r}", why) from e
+        raise offline_error(f"the {what} {str(name_or_path)!r}", why, repo=str(name_or_path)) from e
 
 
 def require_hub(what: str, later: str | None = None) -> None:

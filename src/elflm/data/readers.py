@@ -73,11 +73,12 @@ def load_hf_dataset(name: str, split: str | None = None):
     else:
         why = hub.unavailable()
         if why is not None and not datasets.config.HF_HUB_OFFLINE:  # datasets would retry the network
-            raise hub.offline_error(f"the dataset {name!r}", why)
+            raise hub.offline_error(f"the dataset {name!r}", why, repo=f"{name} --repo-type dataset")
         try:
             ds = datasets.load_dataset(name)
         except (OSError, ConnectionError) as e:
-            raise hub.offline_error(f"the dataset {name!r}", why or f"{type(e).__name__}: {e}") from e
+            why = why or f"{type(e).__name__}: {e}"
+            raise hub.offline_error(f"the dataset {name!r}", why, repo=f"{name} --repo-type dataset") from e
     ds = _one_split(ds, name, split, datasets)
     if _looks_like_saved_metadata(ds):
         ds = datasets.load_from_disk(str(hub.download(name, repo_type="dataset")))
