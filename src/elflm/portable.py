@@ -35,8 +35,9 @@ def _inside(path: Path, folder: Path) -> bool:
 
 
 def bundle_encoder(enc: EncoderConfig, folder: str | Path) -> EncoderConfig:
-    """``enc`` with every local path copied into ``folder/encoder`` (once per source: the first
-    folder becomes ``encoder/`` itself, a later one ``encoder/<field>``, a file keeps its name) and
+    """``enc`` with every local path copied into ``folder/encoder`` (once per source: a folder
+    becomes ``encoder/`` itself when that does not exist yet, else ``encoder/<field>``; a file keeps
+    its name) and
     recorded relative to ``folder``; paths already inside ``folder`` become relative. A value that
     is neither an existing path, a Hub id nor ``random`` is refused: the folder would not load
     elsewhere."""
@@ -63,13 +64,12 @@ def bundle_encoder(enc: EncoderConfig, folder: str | Path) -> EncoderConfig:
             continue
         if src not in copied:
             root = folder / ENCODER_DIR
-            if src.is_dir():
-                first = not any(Path(folder, c).resolve().is_dir() for c in copied.values())
-                dest = root if first else root / field
+            if src.is_dir():  # encoder/ itself when free, else encoder/<field> (never mixed into another)
+                dest = root / field if root.exists() else root
                 shutil.copytree(src, dest, dirs_exist_ok=True)
             else:
-                root.mkdir(parents=True, exist_ok=True)
-                dest = root / src.name
+                dest = root / src.name if not (root / src.name).exists() else root / field / src.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(src, dest)
             copied[src] = os.path.relpath(dest, folder)
         out[field] = copied[src]
