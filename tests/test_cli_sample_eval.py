@@ -171,6 +171,28 @@ def test_sampler_options_change_the_samples(models, tmp_path):
         assert name == "default" or ids != runs["default"], f"--{name} had no effect"
 
 
+def test_the_authors_sampling_config_file(models, tmp_path, capsys):
+    """Their sampling-config YAML: sample takes its first setting (flags override it)."""
+    import yaml
+
+    entries = [
+        {"sampling_method": "ode", "num_sampling_steps": [2], "cfgs": [1], "self_cond_cfg_scales": [2]},
+        {"sampling_method": "sde", "num_sampling_steps": [3], "sde_gamma": 1.0, "self_cond_cfg_scales": [3]},
+    ]
+    (tmp_path / "s.yml").write_text(yaml.safe_dump(entries))
+    base = ["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--sampling-config", str(tmp_path / "s.yml")]
+    rows = sample(base, tmp_path / "a.jsonl")
+    assert {(r["method"], r["steps"], r["w"]) for r in rows} == {("ode", 2, 2.0)}
+    assert "lists 2 settings; using the first (ode 2 steps w=2 cfg=1 logit_normal)" in capsys.readouterr().err
+    assert {r["steps"] for r in sample([*base, "--steps", "4"], tmp_path / "b.jsonl")} == {4}
+    sweep = ["sweep", "--checkpoint", str(models["uncond"]), "-o", str(tmp_path / "sw"), "--num-samples", "2"]
+    assert "drop --steps" in fails(capsys, [*sweep, "--sampling-config", str(tmp_path / "s.yml"), "--steps", "2,4"])
+    (tmp_path / "bad.yml").write_text("[1, 2]\n")
+    assert "bad.yml: expected the authors' sampling-config list" in fails(
+        capsys, ["sample", *base[:-1], str(tmp_path / "bad.yml")]
+    )
+
+
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp64", torch.float64)])
 def test_precision_runs_the_model_in_that_dtype(models, tmp_path, precision, dtype):
     rows = sample(
