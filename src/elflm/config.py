@@ -174,7 +174,10 @@ class TrainConfig:
     The learning rate is ``lr``, or ``blr · global_batch_size / 256`` when ``lr`` is None.
     Warm-up is ``warmup_steps`` when set, else ``warmup_epochs``; the run lasts ``max_steps``
     when set, else ``epochs``. Muon's Adam branch uses ``muon_adam_betas``; ``adam_b1``,
-    ``adam_b2`` and ``weight_decay`` belong to ``optimizer: adamw``."""
+    ``adam_b2`` and ``weight_decay`` belong to ``optimizer: adamw``. Every ``eval_every`` steps the
+    EMA weights sample ``eval_samples`` rows with the ``sample`` settings (``eval_steps`` steps):
+    Gen PPL and entropy under ``eval_judge`` (unconditional runs), BLEU and ROUGE on the first rows
+    of ``data.eval_path`` (conditional runs)."""
 
     global_batch_size: int = 512
     batch_size: int | None = None  # rows per process per micro-batch; None: from grad_accum_steps
@@ -215,6 +218,11 @@ class TrainConfig:
     tensorboard: bool = False
     preview_every: int = 0  # steps between sample previews; 0: none
     preview_samples: int = 4
+    eval_every: int = 0  # steps between evaluations on the EMA weights; 0: none
+    eval_samples: int = 64  # unconditional samples, or data.eval_path rows translated
+    eval_steps: int | None = None  # sampler steps of the evaluation; null: sample.steps
+    eval_batch_size: int = 32  # rows per sampler call and per judge batch
+    eval_judge: str = "gpt2-large"  # Gen PPL judge of unconditional runs (elflm eval --judge)
 
     @property
     def peak_lr(self) -> float:
@@ -351,6 +359,8 @@ OFFICIAL_KEYS = {
     "sde_gamma": "sample.gamma",
     "self_cond_cfg_scales": "sample.w",
     "cfgs": "sample.cfg_scale",
+    "eval_freq": "train.eval_every",
+    "eval_ppl_model": "train.eval_judge",
 }
 
 
@@ -619,6 +629,8 @@ _POSITIVE_INT = [
     "train.log_every",
     "train.muon_ns_steps",
     "train.preview_samples",
+    "train.eval_samples",
+    "train.eval_batch_size",
     "sample.steps",
     "sample.num_samples",
 ]
@@ -635,6 +647,7 @@ _NON_NEGATIVE = [
     "train.save_every",
     "train.keep_last",
     "train.preview_every",
+    "train.eval_every",
     "sample.gamma",
     "sample.w",
     "sample.cfg_scale",
@@ -663,6 +676,7 @@ _OPTIONAL_MIN = {
     "train.warmup_steps": 0,
     "train.warmup_epochs": 0,
     "train.max_steps": 1,
+    "train.eval_steps": 1,
 }
 
 
@@ -732,6 +746,7 @@ def validate(cfg: Config) -> Config:
         f"a multiple of train.batch_size × train.grad_accum_steps ({per})",
     )
     _need(0 < s.t_final <= 1, "sample.t_final", s.t_final, "a value in (0, 1]")
+    _need(bool(t.eval_judge.strip()), "train.eval_judge", t.eval_judge, "a judge (Hub id, folder, .gguf) or 'none'")
     _need(
         s.cfg_scale == 1 or d.conditional,
         "sample.cfg_scale",

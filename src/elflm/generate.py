@@ -118,6 +118,25 @@ def truncated_sources(encoder, sources: Sequence[str], max_input_length: int) ->
     return [i for i, ids in enumerate(source_ids(encoder, sources)) if len(ids) > max_input_length]
 
 
+def dataset_rows(dataset, count: int, seed: int, tokenizer) -> tuple[list[Row], list[str]]:
+    """The first ``count`` rows of a prepared conditional dataset (:class:`~elflm.data.PackedDataset`)
+    as rows to sample, with noise streams ``(seed, k)``, and their references. A row keeps the
+    condition ids exactly as training saw them (``ids[:cond_len]``, EOS included; no decode and
+    re-tokenise round trip); its ``source`` and its reference are the condition and target ids
+    decoded by ``tokenizer`` (special tokens skipped)."""
+    if not dataset.conditional:
+        raise ValueError(f"{dataset.path}: expected a conditional dataset (prepared with --max-input-length)")
+    rows, refs = [], []
+    for k in range(min(count, len(dataset))):
+        item = dataset[k]
+        ids = [int(i) for i in item["input_ids"][: item["total_len"]]]
+        cond = ids[: item["cond_len"]]
+        source = tokenizer.decode(cond, skip_special_tokens=True)
+        rows.append(Row(k, seed, source=source, source_ids=cond))
+        refs.append(tokenizer.decode(ids[item["cond_len"] :], skip_special_tokens=True))
+    return rows, refs
+
+
 def layout(encoder, rows: Sequence[Row], length: int | None, max_input_length: int | None, pad: int) -> Layout:
     """Lay ``rows`` out in one (B, L) batch (the rule in the module docstring). Rows must agree on
     having a source. Without sources L is the templates' length (they must all have it) or
@@ -142,7 +161,8 @@ def layout(encoder, rows: Sequence[Row], length: int | None, max_input_length: i
     held, start, size = torch.zeros(B, L, dtype=torch.bool), [], []
     srcs = [[] for _ in rows]
     if conditional:
-        texts = iter(source_ids(encoder, [r.source for r in rows if r.source_ids is None]))
+        need = [r.source for r in rows if r.source_ids is None]
+        texts = iter(source_ids(encoder, need) if need else [])
         srcs = [list(r.source_ids) if r.source_ids is not None else next(texts) for r in rows]
         empty = [r.index for r, src in zip(rows, srcs) if not src]
         if empty:

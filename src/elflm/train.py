@@ -6,6 +6,10 @@ Randomness is counter-based: the draws of micro-batch ``j`` of step ``s`` come f
 seeded with ``(seed, s, j)``, and the data order of an epoch from ``(seed, epoch)``. A step is
 therefore a pure function of the weights, the optimizer state and ``s``, so resuming at ``s``
 continues the same run, and K processes × 1 micro-batch equal 1 process × K micro-batches.
+
+Previews and evaluations (``train.preview_every``, ``train.eval_every``) sample with a copy of the
+network holding the EMA weights, from their own per-row streams, with the global random state
+saved and restored around them: a run trains bit-identically with and without them.
 """
 
 from __future__ import annotations
@@ -22,12 +26,13 @@ import numpy as np
 import torch
 
 from . import distributed, objective
+from . import evaluate as ev
 from .checkpoint import TrainingCheckpoint
-from .config import Config, dump_config
+from .config import Config, ConfigError, dump_config
 from .data import PackedDataset, collate, encoder_mask
 from .encoder import build_encoder
 from .flow import seeded
-from .generate import generate
+from .generate import Row, dataset_rows, generate_rows
 from .model import ELF
 from .optim import EMA, build_optimizer, clip_grad_norm_, lr_at
 
@@ -144,6 +149,7 @@ class Trainer:
             std = std if cfg.encoder.latent_std is None else cfg.encoder.latent_std
             self.encoder.latent_mean, self.encoder.latent_std = mean, std
             cfg = self.cfg = replace(cfg, encoder=replace(cfg.encoder, latent_mean=mean, latent_std=std))
+        self.eval_dataset, self.eval_rows, self.eval_refs, self.judge = self._evaluation_setup()
         torch.manual_seed(cfg.train.seed)
         self.model_config = cfg.resolved_model(self.encoder.dim, self.encoder.vocab_size)
         if self.dataset.max_length > self.model_config.max_length:
@@ -172,6 +178,52 @@ class Trainer:
         self.step = 0
         self.out = Path(cfg.train.output_dir)
         self.writer = None
+        self.ema_net: ELF | None = None  # the EMA weights in a plain copy, for sampling
+
+    def _evaluation_setup(self):
+        """``(eval dataset, eval rows, references, judge)`` of ``train.eval_every``, checked
+        before training starts: a conditional run translates the first ``train.eval_samples`` rows
+        of ``data.eval_path`` (their condition ids as laid out in training), an unconditional run
+        samples that many rows scored by ``train.eval_judge``."""
+        cfg, t = self.cfg, self.cfg.train
+        data = self.dataset
+        used = data.conditional and (t.eval_every or t.preview_every)  # the conditions of evaluations and previews
+        eval_dataset = PackedDataset(cfg.data.eval_path) if cfg.data.eval_path and used else None
+        if eval_dataset is not None and (
+            not eval_dataset.conditional
+            or (eval_dataset.max_length, eval_dataset.max_input_length) != (data.max_length, data.max_input_length)
+        ):
+            raise ValueError(
+                f"data.eval_path {cfg.data.eval_path}: {eval_dataset!r} does not match the training data "
+                f"{data!r} (max_input_length {data.max_input_length}); prepare it with the same --max-length "
+                "and --max-input-length"
+            )
+        if not t.eval_every:
+            return eval_dataset, None, None, None
+        if data.conditional:
+            if eval_dataset is None:
+                raise ConfigError(
+                    f"train.eval_every={t.eval_every} on conditional data needs data.eval_path: a prepared dataset of "
+                    "held-out pairs (elflm prepare ... --max-input-length N -o DIR)",
+                    "data.eval_path",
+                )
+            ev.require_pair_metrics()
+            rows, refs = dataset_rows(eval_dataset, t.eval_samples, t.seed, self.encoder.tokenizer)
+            return eval_dataset, rows, refs, None
+        if t.eval_judge.strip().lower() == "none":
+            raise ConfigError(
+                "train.eval_judge=none: an unconditional run's evaluation is Gen PPL and entropy under a judge LM; "
+                "name one (gpt2-large, a folder, a .gguf file, smollm2) or set train.eval_every=0",
+                "train.eval_judge",
+            )
+        with self._own_randomness():
+            judge = ev.load_judge(t.eval_judge, device=self.dist.device)
+        return None, [Row(k, t.seed) for k in range(t.eval_samples)], None, judge
+
+    def _own_randomness(self):
+        """Save the global random state (CPU and this process's GPU) and restore it afterwards."""
+        dev = self.dist.device
+        return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type="cuda")
 
     # ------------------------------------------------------------------ state
     def save(self) -> Path | None:
@@ -360,8 +412,15 @@ class Trainer:
                 if d.main:
                     self._log(rec, metrics_file, bar)
                 window, t0 = [], time.perf_counter()
-            if cfg.train.preview_every and self.step % cfg.train.preview_every == 0 and d.main:
+            t_sampling = time.perf_counter()
+            if cfg.train.preview_every and self.step % cfg.train.preview_every == 0:
                 self.preview(bar)
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                rec = self.evaluate()
+                records.append(rec)
+                if d.main:
+                    self._log(rec, metrics_file, bar)
+            t0 += time.perf_counter() - t_sampling  # tokens/s counts training time only
             if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
                 self.save()
         if bar is not None:
@@ -371,34 +430,99 @@ class Trainer:
         return records
 
     def _log(self, rec: dict, metrics_file: Path, bar) -> None:
+        """One record (losses, or ``eval/...`` metrics) to ``metrics.jsonl``, the console and
+        TensorBoard (tag ``train/<key>``, or the key itself when it has a section)."""
         with open(metrics_file, "a") as f:
             f.write(json.dumps(rec) + "\n")
-        mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
-        mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
-        line = (
-            f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
-            f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}"
-        )
+        if "loss" in rec:
+            mfu = f" mfu {rec['mfu']:.1%}" if rec["mfu"] is not None else ""
+            mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
+            line = (
+                f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
+                f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}"
+            )
+        else:
+            fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+            line = f"step {rec['step']} " + " ".join(f"{k} {fmt(v)}" for k, v in rec.items() if k != "step")
         (bar.write if bar is not None else print)(line)
         if self.writer is not None:
             for k, v in rec.items():
                 if k != "step" and v is not None:
-                    self.writer.add_scalar(f"train/{k}", v, rec["step"])
+                    self.writer.add_scalar(k if "/" in k else f"train/{k}", v, rec["step"])
+
+    def ema_model(self) -> ELF:
+        """The network with the EMA weights, in eval mode: a plain (unwrapped, unsharded) copy kept
+        for sampling, refreshed from the averages on every call (gathered from the shards under
+        FSDP: collective). The training model is not touched."""
+        state = {k: distributed.full_tensor(v) for k, v in self.ema.state_dict().items()}
+        if self.ema_net is None:
+            with self._own_randomness():
+                self.ema_net = ELF(self.model_config).to(self.dist.device).eval().requires_grad_(False)
+        self.ema_net.load_state_dict(state)
+        return self.ema_net
+
+    def sample_ema(self, rows: list[Row], steps: int, batch_size: int) -> list[dict]:
+        """Records of ``rows`` sampled with the EMA weights and the run's ``sample`` settings
+        (``steps`` steps, ``train.precision``, compiled with ``train.compile``), shared over the
+        ranks (collective); the global random state is left as it was."""
+        cfg, data = self.cfg, self.dataset
+        with self._own_randomness():
+            return generate_rows(
+                self.ema_model(),
+                self.encoder,
+                rows,
+                replace(cfg.sample, steps=steps),
+                batch_size=batch_size,
+                length=data.max_length,
+                max_input_length=data.max_input_length,
+                pad_token=cfg.data.pad_token,
+                precision=cfg.train.precision,
+                compiled=cfg.train.compile,
+                dist=self.dist,
+            )
 
     def preview(self, bar=None) -> list[str]:
-        """Decode a few samples with the EMA weights and print them."""
-        n = self.cfg.train.preview_samples
-        with self.ema.swapped(self.net):
-            self.net.eval()
-            texts = [
-                r["text"]
-                for r in generate(self.net, self.encoder, self.cfg.sample, num_samples=n, batch_size=n, seed=self.step)
-            ]
-        for t in texts:
-            (bar.write if bar is not None else print)(f"  [step {self.step}] {t[:200]!r}")
-        if self.writer is not None:
-            self.writer.add_text("preview", "\n\n".join(texts), self.step)
-        return texts
+        """Decode ``train.preview_samples`` samples with the EMA weights and print them; a
+        conditional run translates the first conditions of ``data.eval_path`` (else of the training
+        data) and prints each after its source. Collective: every rank calls it."""
+        n, seed = self.cfg.train.preview_samples, self.step
+        if self.dataset.conditional:
+            rows, _ = dataset_rows(self.eval_dataset or self.dataset, n, seed, self.encoder.tokenizer)
+        else:
+            rows = [Row(k, seed) for k in range(n)]
+        recs = self.sample_ema(rows, self.cfg.sample.steps, n)
+        lines = [
+            f"  [step {self.step}] " + (f"{r['source'][:100]!r} → " if "source" in r else "") + f"{r['text'][:200]!r}"
+            for r in recs
+        ]
+        if self.dist.main:
+            for line in lines:
+                (bar.write if bar is not None else print)(line)
+            if self.writer is not None:
+                self.writer.add_text("preview", "\n\n".join(lines), self.step)
+        return [r["text"] for r in recs]
+
+    def evaluate(self) -> dict:
+        """Sample the ``train.eval_samples`` evaluation rows with the EMA weights
+        (``train.eval_steps`` sampler steps) and score them: BLEU and ROUGE against the references
+        of ``data.eval_path`` (conditional runs), Gen PPL and entropy under ``train.eval_judge``
+        (unconditional). Collective: the rows and the judge's batches are shared over the ranks.
+        Returns the record to log: ``step`` and ``eval/<metric>``, ``eval/num_samples``,
+        ``eval/seconds``."""
+        t, d = self.cfg.train, self.dist
+        t0 = time.perf_counter()
+        recs = self.sample_ema(self.eval_rows, t.eval_steps or self.cfg.sample.steps, t.eval_batch_size)
+        texts = [r["text"] for r in recs]
+        if self.eval_refs is not None:
+            scores = ev.pair_metrics(texts, self.eval_refs)
+            keys = ("bleu", *ev.ROUGE_KEYS)
+        else:
+            with self._own_randomness():
+                scores = ev.generative_perplexity(texts, *self.judge, batch_size=t.eval_batch_size, dist=d)
+            keys = ("gen_ppl", "entropy", "num_empty")
+        rec = {"step": self.step, **{f"eval/{k}": scores[k] for k in keys}, "eval/num_samples": len(texts)}
+        rec["eval/seconds"] = time.perf_counter() - t0
+        return rec
 
 
 def _tensorboard(path: Path):
