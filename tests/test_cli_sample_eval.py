@@ -152,6 +152,7 @@ def test_same_seed_same_samples_other_seed_other_samples(models, tmp_path, metho
     assert [r["ids"] for r in a] == [r["ids"] for r in b]
     assert all(x["ids"] != y["ids"] for x, y in zip(a, c))
     assert {r["grid"] for r in a} == {grid.replace("-", "_")}
+    assert all(("gamma" in r) == (method == "sde") for r in a)  # ODE records report no churn
 
 
 def test_sampler_options_change_the_samples(models, tmp_path):

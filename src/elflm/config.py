@@ -359,7 +359,8 @@ OFFICIAL_KEYS = {
     "sde_gamma": "sample.gamma",
     "self_cond_cfg_scales": "sample.w",
     "cfgs": "sample.cfg_scale",
-    "eval_freq": "train.eval_every",
+    "online_eval": "train.eval_every",
+    "eval_freq": "train.eval_every",  # official: epochs; ours: steps
     "eval_ppl_model": "train.eval_judge",
 }
 
@@ -431,12 +432,10 @@ def _unknown(key: str, options) -> ConfigError:
     section, _, name = key.rpartition(".")
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     elsewhere = [f"{s}.{name}" for s, cls in SECTIONS.items() if s != section and name in _hints(cls)]
-    guess = (
-        f"{section}.{close[0]}"
-        if close and section
-        else close[0]
-        if close
-        else (OFFICIAL_KEYS.get(name) or (elsewhere[0] if elsewhere else None))
+    guess = (  # an official name maps for sure; a close spelling is a guess
+        OFFICIAL_KEYS.get(name)
+        or (f"{section}.{close[0]}" if close and section else close[0] if close else None)
+        or (elsewhere[0] if elsewhere else None)
     )
     hint = f"; did you mean {guess!r}?" if guess else f"; expected one of {', '.join(options)}"
     return ConfigError(f"unknown key {key!r}{hint}", key)
