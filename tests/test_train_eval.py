@@ -175,9 +175,11 @@ def test_eval_settings_are_checked_before_training(env, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_eval_matches_one_process(env, tmp_path):
-    """torchrun with 2 gloo processes: the evaluation rows and the judge's batches are shared over
-    the ranks; the logged eval records match one process (whose training they equal to ≤ 2e-5)."""
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_two_process_eval_matches_one_process(env, tmp_path, strategy):
+    """torchrun with 2 gloo processes, DDP and FSDP2 (the EMA copy gathered from the shards): the
+    evaluation rows and the judge's batches are shared over the ranks; the logged eval records match
+    one process (whose training they equal to ≤ 2e-5)."""
     over = {
         "train.max_steps": 2,
         "train.batch_size": 4,
@@ -186,10 +188,11 @@ def test_two_process_eval_matches_one_process(env, tmp_path):
         "train.eval_batch_size": 2,
         "train.eval_steps": 2,
         "train.eval_judge": str(env["judge"]),
+        "train.branch": "per_step",  # FSDP ranks run the same passes
     }
     train(tiny_run_config(tmp_path / "one", env["text"], env["enc"], over), progress=False)
     path = write_config(
-        tiny_run_config(tmp_path / "two", env["text"], env["enc"], {**over, "train.distributed": "ddp"}),
+        tiny_run_config(tmp_path / "two", env["text"], env["enc"], {**over, "train.distributed": strategy}),
         tmp_path / "two.yaml",
     )
     args = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "elflm.cli", "train"]
