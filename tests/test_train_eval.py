@@ -94,7 +94,7 @@ def test_unconditional_eval_logs_gen_ppl_and_leaves_training_bit_identical(env, 
     # the logged value is the judge's Gen PPL of the EMA weights' samples of rows (seed, 0..4)
     model = ELF.from_pretrained(tmp_path / "on")  # the last checkpoint's EMA weights
     cfg = replace(trainer.cfg.sample, steps=3)
-    recs = generate_rows(model, model.encoder, trainer.eval_rows, cfg, batch_size=5, length=32)
+    recs = generate_rows(model, model.encoder, trainer.evaluation.rows, cfg, batch_size=5, length=32)
     judge = ev.load_judge(env["judge"], device="cpu")
     want = ev.generative_perplexity([r["text"] for r in recs], *judge)
     assert evals[1]["eval/gen_ppl"] == pytest.approx(want["gen_ppl"], rel=1e-6)
@@ -118,18 +118,20 @@ def test_conditional_eval_translates_eval_path_and_logs_bleu(env, tmp_path, caps
     for k in (0, 23):
         item = data[k]
         c, n = item["cond_len"], item["total_len"]
-        assert list(trainer.eval_rows[k].source_ids) == [int(i) for i in item["input_ids"][:c]]
-        assert trainer.eval_refs[k] == tok.decode(item["input_ids"][c:n], skip_special_tokens=True)
+        assert list(trainer.evaluation.rows[k].source_ids) == [int(i) for i in item["input_ids"][:c]]
+        assert trainer.evaluation.references[k] == tok.decode(item["input_ids"][c:n], skip_special_tokens=True)
     english = read_gzip_text(assets_dir / "text/multi30k/val.en.gz").splitlines()[500:524]
-    assert sum(ref == line for ref, line in zip(trainer.eval_refs, english)) >= 12  # the rest: truncated to fit
-    assert all(line.startswith(ref.split(" ")[0]) for ref, line in zip(trainer.eval_refs, english))
+    assert (
+        sum(ref == line for ref, line in zip(trainer.evaluation.references, english)) >= 12
+    )  # the rest: truncated to fit
+    assert all(line.startswith(ref.split(" ")[0]) for ref, line in zip(trainer.evaluation.references, english))
     # the logged BLEU is that of the EMA weights' translations of those rows
     model = ELF.from_pretrained(tmp_path / "on")
     rows, refs = dataset_rows(data, 30, trainer.cfg.train.seed, tok)
     cfg = replace(trainer.cfg.sample, steps=2)
     recs = generate_rows(model, model.encoder, rows, cfg, length=32, max_input_length=16, pad_token="eos")
     texts = [r["text"] for r in recs]
-    assert refs == trainer.eval_refs and evals[1]["eval/bleu"] == pytest.approx(ev.bleu(texts, refs))
+    assert refs == trainer.evaluation.references and evals[1]["eval/bleu"] == pytest.approx(ev.bleu(texts, refs))
     assert evals[1]["eval/rougeL"] == pytest.approx(ev.rouge(texts, refs)["rougeL"])
     # previews translate real sources
     printed = capsys.readouterr().out

@@ -34,6 +34,7 @@ The protocol follows the authors' official code (``src/utils/metrics_utils.py`` 
   corpus Gen PPL is the one-process value: ``exp(Σ NLL / Σ tokens)``, never a mean of means.
 
 sacreBLEU and rouge-score are imported when used (``pip install 'elflm[eval]'``).
+:class:`TrainingEvaluation` is what a training run samples and scores every ``train.eval_every`` steps.
 """
 
 from __future__ import annotations
@@ -41,16 +42,20 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import math
+import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import Config, ConfigError
+from .data.dataset import PackedDataset
 from .distributed import Dist, gather_objects, resolve_device
 from .files import column, first_field, read_records
+from .generate import Row, dataset_rows, generate_rows
 from .hub import load_hf
 
 DEFAULT_JUDGE = "gpt2-large"
@@ -551,3 +556,116 @@ def format_report(report: dict) -> str:
     lines = ["| data | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(fmt(r.get(k), f) for k, _, f in cols) + " |" for name, r in rows]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- while training
+
+
+def kept_random_state(device: torch.device):
+    """A context that saves the global random state (CPU, and ``device`` when it is a GPU) and
+    restores it on exit: sampling and judging inside it leave a training run's stream as it was."""
+    return torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type="cuda")
+
+
+class TrainingEvaluation:
+    """What a training run (``cfg``, its prepared ``dataset``, frozen ``encoder``, processes
+    ``dist``) samples and scores, checked when the run starts. Evaluation (``train.eval_every``):
+    a conditional run translates the first ``train.eval_samples`` rows of ``data.eval_path`` (their
+    condition ids as the prepared rows hold them, :func:`~elflm.generate.dataset_rows`) and is
+    scored by BLEU / ROUGE against their targets; an unconditional run samples that many rows (noise
+    streams (``train.seed``, k), the same at every evaluation) scored by Gen PPL and entropy under
+    ``train.eval_judge``. Previews (``train.preview_every``) of a conditional run translate the first
+    conditions of ``data.eval_path`` (else of the training data)."""
+
+    def __init__(self, cfg: Config, dataset: PackedDataset, encoder, dist: Dist):
+        self.cfg, self.dataset, self.encoder, self.dist = cfg, dataset, encoder, dist
+        t, data = cfg.train, dataset
+        used = data.conditional and (t.eval_every or t.preview_every)
+        self.eval_dataset = PackedDataset(cfg.data.eval_path) if cfg.data.eval_path and used else None
+        held_out = self.eval_dataset
+        if held_out is not None and (
+            not held_out.conditional
+            or (held_out.max_length, held_out.max_input_length) != (data.max_length, data.max_input_length)
+        ):
+            raise ValueError(
+                f"data.eval_path {cfg.data.eval_path}: {held_out!r} does not match the training data {data!r} "
+                f"(max_input_length {data.max_input_length}); prepare it with the same --max-length and "
+                "--max-input-length"
+            )
+        self.rows: list[Row] = []
+        self.references: list[str] | None = None
+        self.judge = None
+        if not t.eval_every:
+            return
+        if data.conditional:
+            if held_out is None:
+                raise ConfigError(
+                    f"train.eval_every={t.eval_every} on conditional data needs data.eval_path: a prepared dataset of "
+                    "held-out pairs (elflm prepare ... --max-input-length N -o DIR)",
+                    "data.eval_path",
+                )
+            require_pair_metrics()
+            self.rows, self.references = dataset_rows(held_out, t.eval_samples, t.seed, encoder.tokenizer)
+            return
+        if t.eval_judge.strip().lower() == "none":
+            raise ConfigError(
+                "train.eval_judge=none: an unconditional run's evaluation is Gen PPL and entropy under a judge LM; "
+                "name one (gpt2-large, a folder, a .gguf file, smollm2) or set train.eval_every=0",
+                "train.eval_judge",
+            )
+        with kept_random_state(dist.device):
+            self.judge = load_judge(t.eval_judge, device=dist.device)
+        self.rows = [Row(k, t.seed) for k in range(t.eval_samples)]
+
+    def sample(self, model, rows: list[Row], steps: int, batch_size: int) -> list[dict]:
+        """Records of ``rows`` sampled by ``model`` (the EMA weights) with the run's ``sample``
+        settings (``steps`` steps, ``train.precision``, compiled with ``train.compile``), shared
+        over the ranks (collective); the global random state is left as it was."""
+        cfg, data = self.cfg, self.dataset
+        with kept_random_state(self.dist.device):
+            return generate_rows(
+                model,
+                self.encoder,
+                rows,
+                replace(cfg.sample, steps=steps),
+                batch_size=batch_size,
+                length=data.max_length,
+                max_input_length=data.max_input_length,
+                pad_token=cfg.data.pad_token,
+                precision=cfg.train.precision,
+                compiled=cfg.train.compile,
+                dist=self.dist,
+            )
+
+    def evaluate(self, model, step: int) -> dict:
+        """Sample the evaluation rows with ``model`` (``train.eval_steps`` sampler steps) and score
+        them (collective). Returns the record to log: ``step``, ``eval/<metric>`` (``bleu``,
+        ``rouge1/2/L``, or ``gen_ppl``, ``entropy``, ``num_empty``), ``eval/num_samples``,
+        ``eval/seconds``."""
+        t = self.cfg.train
+        t0 = time.perf_counter()
+        texts = [
+            r["text"] for r in self.sample(model, self.rows, t.eval_steps or self.cfg.sample.steps, t.eval_batch_size)
+        ]
+        if self.references is not None:
+            scores, keys = pair_metrics(texts, self.references), ("bleu", *ROUGE_KEYS)
+        else:
+            with kept_random_state(self.dist.device):
+                scores = generative_perplexity(texts, *self.judge, batch_size=t.eval_batch_size, dist=self.dist)
+            keys = ("gen_ppl", "entropy", "num_empty")
+        rec = {"step": step, **{f"eval/{k}": scores[k] for k in keys}, "eval/num_samples": len(texts)}
+        rec["eval/seconds"] = time.perf_counter() - t0
+        return rec
+
+    def preview(self, model, step: int) -> list[str]:
+        """``train.preview_samples`` samples of ``model`` (noise streams (``step``, k)) as lines to
+        print: ``[step N] 'text'``, or ``[step N] 'source' → 'translation'`` (collective)."""
+        n = self.cfg.train.preview_samples
+        if self.dataset.conditional:
+            rows, _ = dataset_rows(self.eval_dataset or self.dataset, n, step, self.encoder.tokenizer)
+        else:
+            rows = [Row(k, step) for k in range(n)]
+        return [
+            f"  [step {step}] " + (f"{r['source'][:100]!r} → " if "source" in r else "") + f"{r['text'][:200]!r}"
+            for r in self.sample(model, rows, self.cfg.sample.steps, n)
+        ]

@@ -28,11 +28,10 @@ import torch
 from . import distributed, objective
 from . import evaluate as ev
 from .checkpoint import TrainingCheckpoint
-from .config import Config, ConfigError, dump_config
+from .config import Config, dump_config
 from .data import PackedDataset, collate, encoder_mask
 from .encoder import build_encoder
 from .flow import seeded
-from .generate import Row, dataset_rows, generate_rows
 from .model import ELF
 from .optim import EMA, build_optimizer, clip_grad_norm_, lr_at
 
@@ -149,7 +148,7 @@ class Trainer:
             std = std if cfg.encoder.latent_std is None else cfg.encoder.latent_std
             self.encoder.latent_mean, self.encoder.latent_std = mean, std
             cfg = self.cfg = replace(cfg, encoder=replace(cfg.encoder, latent_mean=mean, latent_std=std))
-        self.eval_dataset, self.eval_rows, self.eval_refs, self.judge = self._evaluation_setup()
+        self.evaluation = ev.TrainingEvaluation(cfg, self.dataset, self.encoder, self.dist)  # checked up front
         torch.manual_seed(cfg.train.seed)
         self.model_config = cfg.resolved_model(self.encoder.dim, self.encoder.vocab_size)
         if self.dataset.max_length > self.model_config.max_length:
@@ -179,51 +178,6 @@ class Trainer:
         self.out = Path(cfg.train.output_dir)
         self.writer = None
         self.ema_net: ELF | None = None  # the EMA weights in a plain copy, for sampling
-
-    def _evaluation_setup(self):
-        """``(eval dataset, eval rows, references, judge)`` of ``train.eval_every``, checked
-        before training starts: a conditional run translates the first ``train.eval_samples`` rows
-        of ``data.eval_path`` (their condition ids as laid out in training), an unconditional run
-        samples that many rows scored by ``train.eval_judge``."""
-        cfg, t = self.cfg, self.cfg.train
-        data = self.dataset
-        used = data.conditional and (t.eval_every or t.preview_every)  # the conditions of evaluations and previews
-        eval_dataset = PackedDataset(cfg.data.eval_path) if cfg.data.eval_path and used else None
-        if eval_dataset is not None and (
-            not eval_dataset.conditional
-            or (eval_dataset.max_length, eval_dataset.max_input_length) != (data.max_length, data.max_input_length)
-        ):
-            raise ValueError(
-                f"data.eval_path {cfg.data.eval_path}: {eval_dataset!r} does not match the training data "
-                f"{data!r} (max_input_length {data.max_input_length}); prepare it with the same --max-length "
-                "and --max-input-length"
-            )
-        if not t.eval_every:
-            return eval_dataset, None, None, None
-        if data.conditional:
-            if eval_dataset is None:
-                raise ConfigError(
-                    f"train.eval_every={t.eval_every} on conditional data needs data.eval_path: a prepared dataset of "
-                    "held-out pairs (elflm prepare ... --max-input-length N -o DIR)",
-                    "data.eval_path",
-                )
-            ev.require_pair_metrics()
-            rows, refs = dataset_rows(eval_dataset, t.eval_samples, t.seed, self.encoder.tokenizer)
-            return eval_dataset, rows, refs, None
-        if t.eval_judge.strip().lower() == "none":
-            raise ConfigError(
-                "train.eval_judge=none: an unconditional run's evaluation is Gen PPL and entropy under a judge LM; "
-                "name one (gpt2-large, a folder, a .gguf file, smollm2) or set train.eval_every=0",
-                "train.eval_judge",
-            )
-        with self._own_randomness():
-            judge = ev.load_judge(t.eval_judge, device=self.dist.device)
-        return None, [Row(k, t.seed) for k in range(t.eval_samples)], None, judge
-
-    def _own_randomness(self):
-        """Save the global random state (CPU and this process's GPU) and restore it afterwards."""
-        dev = self.dist.device
-        return torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else [], device_type="cuda")
 
     # ------------------------------------------------------------------ state
     def save(self) -> Path | None:
@@ -416,7 +370,7 @@ class Trainer:
             if cfg.train.preview_every and self.step % cfg.train.preview_every == 0:
                 self.preview(bar)
             if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                rec = self.evaluate()
+                rec = self.evaluation.evaluate(self.ema_model(), self.step)
                 records.append(rec)
                 if d.main:
                     self._log(rec, metrics_file, bar)
@@ -456,73 +410,20 @@ class Trainer:
         FSDP: collective). The training model is not touched."""
         state = {k: distributed.full_tensor(v) for k, v in self.ema.state_dict().items()}
         if self.ema_net is None:
-            with self._own_randomness():
+            with ev.kept_random_state(self.dist.device):
                 self.ema_net = ELF(self.model_config).to(self.dist.device).eval().requires_grad_(False)
         self.ema_net.load_state_dict(state)
         return self.ema_net
 
-    def sample_ema(self, rows: list[Row], steps: int, batch_size: int) -> list[dict]:
-        """Records of ``rows`` sampled with the EMA weights and the run's ``sample`` settings
-        (``steps`` steps, ``train.precision``, compiled with ``train.compile``), shared over the
-        ranks (collective); the global random state is left as it was."""
-        cfg, data = self.cfg, self.dataset
-        with self._own_randomness():
-            return generate_rows(
-                self.ema_model(),
-                self.encoder,
-                rows,
-                replace(cfg.sample, steps=steps),
-                batch_size=batch_size,
-                length=data.max_length,
-                max_input_length=data.max_input_length,
-                pad_token=cfg.data.pad_token,
-                precision=cfg.train.precision,
-                compiled=cfg.train.compile,
-                dist=self.dist,
-            )
-
     def preview(self, bar=None) -> list[str]:
-        """Decode ``train.preview_samples`` samples with the EMA weights and print them; a
-        conditional run translates the first conditions of ``data.eval_path`` (else of the training
-        data) and prints each after its source. Collective: every rank calls it."""
-        n, seed = self.cfg.train.preview_samples, self.step
-        if self.dataset.conditional:
-            rows, _ = dataset_rows(self.eval_dataset or self.dataset, n, seed, self.encoder.tokenizer)
-        else:
-            rows = [Row(k, seed) for k in range(n)]
-        recs = self.sample_ema(rows, self.cfg.sample.steps, n)
-        lines = [
-            f"  [step {self.step}] " + (f"{r['source'][:100]!r} → " if "source" in r else "") + f"{r['text'][:200]!r}"
-            for r in recs
-        ]
+        """Print a few samples of the EMA weights (:meth:`TrainingEvaluation.preview`; collective)."""
+        lines = self.evaluation.preview(self.ema_model(), self.step)
         if self.dist.main:
             for line in lines:
                 (bar.write if bar is not None else print)(line)
             if self.writer is not None:
                 self.writer.add_text("preview", "\n\n".join(lines), self.step)
-        return [r["text"] for r in recs]
-
-    def evaluate(self) -> dict:
-        """Sample the ``train.eval_samples`` evaluation rows with the EMA weights
-        (``train.eval_steps`` sampler steps) and score them: BLEU and ROUGE against the references
-        of ``data.eval_path`` (conditional runs), Gen PPL and entropy under ``train.eval_judge``
-        (unconditional). Collective: the rows and the judge's batches are shared over the ranks.
-        Returns the record to log: ``step`` and ``eval/<metric>``, ``eval/num_samples``,
-        ``eval/seconds``."""
-        t, d = self.cfg.train, self.dist
-        t0 = time.perf_counter()
-        recs = self.sample_ema(self.eval_rows, t.eval_steps or self.cfg.sample.steps, t.eval_batch_size)
-        texts = [r["text"] for r in recs]
-        if self.eval_refs is not None:
-            scores = ev.pair_metrics(texts, self.eval_refs)
-            keys = ("bleu", *ev.ROUGE_KEYS)
-        else:
-            with self._own_randomness():
-                scores = ev.generative_perplexity(texts, *self.judge, batch_size=t.eval_batch_size, dist=d)
-            keys = ("gen_ppl", "entropy", "num_empty")
-        rec = {"step": self.step, **{f"eval/{k}": scores[k] for k in keys}, "eval/num_samples": len(texts)}
-        rec["eval/seconds"] = time.perf_counter() - t0
-        return rec
+        return lines
 
 
 def _tensorboard(path: Path):
