@@ -475,6 +475,16 @@ def test_stdin_input_and_samples(models, tmp_path, capsys, monkeypatch):
     assert report["samples"]["path"] == "-" and report["samples"]["count"] == 2 and "bleu" in report
 
 
+def test_stdin_is_refused_under_torchrun():
+    from elflm.cli import one_process_stdin
+    from elflm.distributed import Dist
+
+    one_process_stdin(Dist(0, 1), "-", None)  # one process reads stdin
+    one_process_stdin(Dist(1, 2), "in.txt", None)
+    with pytest.raises(ValueError, match="stdin .* reaches one process only: give a file when running 2 processes"):
+        one_process_stdin(Dist(1, 2), "in.txt", "-")
+
+
 @pytest.mark.slow
 def test_compiled_sampling_matches_eager(models, tmp_path):
     """--compile runs every step and the decode pass through torch.compile: the same samples."""

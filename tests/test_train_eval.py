@@ -151,7 +151,7 @@ def test_eval_settings_are_checked_before_training(env, tmp_path):
     assert e.value.key == "train.eval_judge"
     with pytest.raises(ValueError, match="does not match the training data"):
         Trainer(conditional(env, tmp_path / "c", {"train.eval_every": 5, "data.eval_path": str(env["text"])}))
-    with pytest.raises(FileNotFoundError, match="prepared dataset not found"):
+    with pytest.raises(FileNotFoundError, match="data.eval_path .*: prepared dataset not found"):
         Trainer(conditional(env, tmp_path / "d", {"train.eval_every": 5, "data.eval_path": str(tmp_path / "none")}))
     with pytest.raises(OSError, match="not found"):
         Trainer(

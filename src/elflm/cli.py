@@ -182,6 +182,12 @@ def processes(device: str):
         distributed.teardown()
 
 
+def one_process_stdin(d: distributed.Dist, *paths: str | None) -> None:
+    """Refuse stdin (``-``) under ``torchrun``: only one process would read it."""
+    if d.world > 1 and "-" in paths:
+        raise ValueError(f"stdin ('-') reaches one process only: give a file when running {d.world} processes")
+
+
 def note(d: distributed.Dist, message: str) -> None:
     """``message`` on stderr, from rank 0 only."""
     if d.main:
@@ -481,6 +487,7 @@ def _run_sample(a) -> int:
     if a.reference_field and not a.input:
         raise ValueError("--reference-field names a field of --input FILE")
     with processes(a.device) as d:
+        one_process_stdin(d, a.input)
         if recorder_paths and d.world > 1:
             raise ValueError("--trajectory / --trajectory-png record one process's first batch: run without torchrun")
         model, encoder, settings = load_model(a, d.device)
@@ -568,6 +575,7 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _run_eval(a) -> int:
     judge = None if str(a.judge).lower() == "none" else a.judge
     with processes(a.device) as d:
+        one_process_stdin(d, a.samples, a.references)
         report = evaluate.evaluate_file(
             a.samples,
             a.references,
@@ -624,6 +632,17 @@ def _run_sweep(a) -> int:
         raise ValueError("--input and --references cannot both be read from stdin ('-')")
     if a.cfg_scale and set(a.cfg_scale) != {1.0} and not a.input:
         raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
+    out_dir = Path(a.output_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
+    if not a.no_plots:
+        trajectory.require_matplotlib(sweep.PLOTS_EXTRA + " (or pass --no-plots)")
+    with processes(a.device) as d:
+        one_process_stdin(d, a.input, a.references)
+        return _sweep_on(a, d, out_dir)
+
+
+def _sweep_on(a, d: distributed.Dist, out_dir: Path) -> int:
     judge_name = None if str(a.judge).lower() == "none" else a.judge
     sources, references = read_conditions(a.input, a.source_field, a.reference_field) if a.input else (None, None)
     if a.references:
@@ -633,16 +652,6 @@ def _run_sweep(a) -> int:
             "nothing to measure: give --judge (Gen PPL, entropy) or references (BLEU, ROUGE: --references FILE, "
             "or a reference field in the --input JSONL)"
         )
-    out_dir = Path(a.output_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
-    if not a.no_plots:
-        trajectory.require_matplotlib(sweep.PLOTS_EXTRA + " (or pass --no-plots)")
-    with processes(a.device) as d:
-        return _sweep_on(a, d, sources, references, judge_name, out_dir)
-
-
-def _sweep_on(a, d: distributed.Dist, sources, references, judge_name, out_dir: Path) -> int:
     model, encoder, settings = load_model(a, d.device)
     max_in = a.max_input_length or settings.data.max_input_length
     if sources is not None:

@@ -581,7 +581,12 @@ class TrainingEvaluation:
         self.cfg, self.dataset, self.encoder, self.dist = cfg, dataset, encoder, dist
         t, data = cfg.train, dataset
         used = data.conditional and (t.eval_every or t.preview_every)
-        self.eval_dataset = PackedDataset(cfg.data.eval_path) if cfg.data.eval_path and used else None
+        self.eval_dataset = None
+        if cfg.data.eval_path and used:
+            try:
+                self.eval_dataset = PackedDataset(cfg.data.eval_path)
+            except FileNotFoundError as e:
+                raise FileNotFoundError(f"data.eval_path (evaluation and preview conditions): {e}") from None
         held_out = self.eval_dataset
         if held_out is not None and (
             not held_out.conditional
