@@ -436,7 +436,7 @@ def test_several_seeds_are_scored_one_by_one_with_mean_and_std(tiny_judge, tmp_p
     assert [g["seed"] for g in two["per_seed"]] == [2, 3]
     assert [g["bleu"] for g in two["per_seed"]] == [out["per_seed"][2]["bleu"], out["per_seed"][0]["bleu"]]
     single = ev.evaluate_file(path, judge=None, seeds=[1])
-    assert single["seeds"] == [1] and "per_seed" not in single
+    assert single["seeds"] == [1] and "per_seed" not in single and single["samples"]["count"] == 3
     assert single["bleu"] == out["per_seed"][1]["bleu"] and single["rouge1_sem"] == out["per_seed"][1]["rouge1_sem"]
     assert single["summary"]["bleu"] == {"mean": single["bleu"], "std": 0.0, "n": 1, "values": [single["bleu"]]}
     with pytest.raises(ValueError, match="no samples of seed 7 .*holds seeds 3, 1, 2"):

@@ -477,7 +477,8 @@ def evaluate_file(
         paired = conditional or with_ref > 0
     elif paired and refs is None:
         raise ValueError("paired=True needs references: a references file or a 'reference' field in every sample")
-    result: dict = {"samples": {"path": str(samples_path), "count": len(texts)}, "notes": []}
+    scored = sum(len(idx) for _, idx in groups)
+    result: dict = {"samples": {"path": str(samples_path), "count": scored}, "notes": []}
     if refs is not None:
         result["references"] = {"path": ref_path, "count": len(refs)}
     elif conditional:
@@ -549,7 +550,7 @@ def format_report(report: dict) -> str:
     if "per_seed" in report:
         mean = {k: f"{v['mean']:.2f} ± {v['std']:.2f}" for k, v in summary.items()}
         rows.append((f"mean ± std ({len(report['per_seed'])} seeds)", {"count": report["samples"]["count"], **mean}))
-    if "references" in report:
+    if "gen_ppl" in report.get("references", {}):  # reference data scored by the judge
         rows.append((f"references ({report['references']['path']})", report["references"]))
     cols = [c for c in _COLUMNS if any(r.get(c[0]) is not None for _, r in rows)]
     fmt = lambda v, f: "–" if v is None else v if isinstance(v, str) else f.format(v)
