@@ -4,6 +4,7 @@ and ``elflm sweep`` (grid, CSV / Markdown tables, PNG plots, resuming). The mode
 ELFs over a tiny random T5 encoder with the real T5 tokenizer, saved as elflm folders."""
 
 import csv
+import io
 import json
 import os
 import subprocess
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from elflm import evaluate
 from elflm.cli import main
 from elflm.config import DataConfig, EncoderConfig, ModelConfig, SampleConfig, Settings
 from elflm.encoder import build_encoder
@@ -150,6 +152,7 @@ def test_same_seed_same_samples_other_seed_other_samples(models, tmp_path, metho
     assert [r["ids"] for r in a] == [r["ids"] for r in b]
     assert all(x["ids"] != y["ids"] for x, y in zip(a, c))
     assert {r["grid"] for r in a} == {grid.replace("-", "_")}
+    assert all(("gamma" in r) == (method == "sde") for r in a)  # ODE records report no churn
 
 
 def test_sampler_options_change_the_samples(models, tmp_path):
@@ -407,6 +410,120 @@ def test_eval_unknown_judge(tmp_path, capsys, judge_arg, message):
     assert err.startswith("elflm eval: error:") and message in err
 
 
+# ----------------------------------------------------------------------------- seeds, references, stdin
+
+
+def stdin(monkeypatch, text: str) -> None:
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+
+
+def test_sample_and_eval_several_seeds(models, judge, tmp_path, capsys):
+    base = ["--checkpoint", str(models["uncond"]), "--num-samples", "3", *OPTS]
+    rows = sample([*base, "--seeds", "4,2"], tmp_path / "s.jsonl")
+    assert [(r["seed"], r["index"]) for r in rows] == [(4, 0), (4, 1), (4, 2), (2, 0), (2, 1), (2, 2)]
+    for seed in (4, 2):  # each seed's samples are those of --seed
+        alone = sample([*base, "--seed", str(seed)], tmp_path / f"{seed}.jsonl")
+        assert [r["ids"] for r in rows if r["seed"] == seed] == [r["ids"] for r in alone]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "s.jsonl"), "--judge", str(judge), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["seeds"] == [4, 2] and [g["count"] for g in report["per_seed"]] == [3, 3]
+    ppl = [g["gen_ppl"] for g in report["per_seed"]]
+    assert report["summary"]["gen_ppl"]["mean"] == pytest.approx(sum(ppl) / 2)
+    assert report["summary"]["gen_ppl"]["std"] == pytest.approx(abs(ppl[0] - ppl[1]) / 2)
+    assert all(len(g["per_sample_ppl"]) == 3 for g in report["per_seed"])
+    assert main(["eval", str(tmp_path / "s.jsonl"), "--judge", str(judge), "--seeds", "2"]) == 0
+    table = capsys.readouterr().out
+    assert f"{ppl[1]:.2f}" in table and "seed 2" in table and "mean ±" not in table
+    assert main(["eval", str(tmp_path / "s.jsonl"), "--judge", str(judge)]) == 0
+    assert "| mean ± std (2 seeds) |" in capsys.readouterr().out
+    err = fails(capsys, ["eval", str(tmp_path / "s.jsonl"), "--judge", "none", "--seeds", "7"])
+    assert "no samples of seed 7 (the file holds seeds 4, 2)" in err
+    assert "expected comma-separated distinct integers" in fails(capsys, ["sample", *base, "--seeds", "1,1"])
+    assert "not allowed with argument" in fails(capsys, ["sample", *base, "--seed", "1", "--seeds", "1,2"])
+
+
+def test_references_travel_with_the_samples(models, tmp_path, capsys):
+    pairs = [{"input": "Hello world", "output": "Hallo Welt"}, {"input": "Good morning", "output": "Guten Morgen"}]
+    official = tmp_path / "pairs.jsonl"
+    official.write_text("".join(json.dumps(x) + "\n" for x in pairs), encoding="utf-8")
+    base = ["--checkpoint", str(models["cond"]), *OPTS]
+    rows = sample([*base, "--input", str(official)], tmp_path / "c.jsonl")
+    assert [(r["source"], r["reference"]) for r in rows] == [(x["input"], x["output"]) for x in pairs]
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "c.jsonl"), "--judge", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    texts = [r["text"] for r in rows]
+    assert report["bleu"] == pytest.approx(evaluate.bleu(texts, ["Hallo Welt", "Guten Morgen"]))
+    assert {"rouge1_std", "rouge1_sem", "rougeL_sem"} <= set(report)
+    # the official file as references of samples that carry none
+    plain = tmp_path / "plain.jsonl"
+    plain.write_text("".join(json.dumps({"text": t, "source": "x"}) + "\n" for t in texts), encoding="utf-8")
+    assert main(["eval", str(plain), "--judge", "none", "--json", "--references", str(official)]) == 0
+    assert json.loads(capsys.readouterr().out)["bleu"] == report["bleu"]
+    assert main(["eval", str(plain), "--judge", "none"]) == 0
+    assert "note: conditional samples without references" in capsys.readouterr().err
+    # other field names
+    custom = tmp_path / "custom.jsonl"
+    custom.write_text(
+        "".join(json.dumps({"de": x["input"], "en": x["output"]}) + "\n" for x in pairs), encoding="utf-8"
+    )
+    args = [*base, "--input", str(custom), "--source-field", "de", "--reference-field", "en"]
+    same = sample(args, tmp_path / "d.jsonl")
+    assert [(r["ids"], r["reference"]) for r in same] == [(r["ids"], r["reference"]) for r in rows]
+    assert main(["eval", str(custom), "--judge", "none", "--reference-field", "en"]) == 2  # no "text" field
+    assert "string field 'text'" in capsys.readouterr().err
+    (tmp_path / "in.txt").write_text("Hello world\n", encoding="utf-8")
+    err = fails(capsys, ["sample", *base, "--input", str(tmp_path / "in.txt"), "--reference-field", "en"])
+    assert "is a text file; references need JSONL" in err
+    official.write_text(json.dumps(pairs[0]) + "\n" + json.dumps({"input": "x"}) + "\n", encoding="utf-8")
+    err = fails(capsys, ["sample", *base, "--input", str(official), "-o", str(tmp_path / "x.jsonl")])
+    assert "pairs.jsonl:2: expected a JSON object with a string field 'output' (see --reference-field)" in err
+
+
+def test_stdin_input_and_samples(models, tmp_path, capsys, monkeypatch):
+    base = ["--checkpoint", str(models["cond"]), *OPTS, "--seed", "2"]
+    (tmp_path / "in.txt").write_text("Hello world\nAnother one\n", encoding="utf-8")
+    want = sample([*base, "--input", str(tmp_path / "in.txt")], tmp_path / "f.jsonl")
+    stdin(monkeypatch, "Hello world\nAnother one\n")
+    assert [r["ids"] for r in sample([*base, "--input", "-"], tmp_path / "t.jsonl")] == [r["ids"] for r in want]
+    stdin(monkeypatch, '{"source": "Hello world", "reference": "a"}\n{"source": "Another one", "reference": "b"}\n')
+    got = sample([*base, "--input", "-"], tmp_path / "j.jsonl")
+    assert [(r["ids"], r["reference"]) for r in got] == [(r["ids"], x) for r, x in zip(want, "ab")]
+    stdin(monkeypatch, (tmp_path / "j.jsonl").read_text(encoding="utf-8"))
+    capsys.readouterr()
+    assert main(["eval", "-", "--judge", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["samples"]["path"] == "-" and report["samples"]["count"] == 2 and "bleu" in report
+
+
+def test_stdin_is_refused_under_torchrun():
+    from elflm.cli import one_process_stdin
+    from elflm.distributed import Dist
+
+    one_process_stdin(Dist(0, 1), "-", None)  # one process reads stdin
+    one_process_stdin(Dist(1, 2), "in.txt", None)
+    with pytest.raises(ValueError, match="stdin .* reaches one process only: give a file when running 2 processes"):
+        one_process_stdin(Dist(1, 2), "in.txt", "-")
+
+
+@pytest.mark.slow
+def test_compiled_sampling_matches_eager(models, tmp_path):
+    """--compile runs every step and the decode pass through torch.compile: the same samples."""
+    from torch._dynamo.utils import counters
+
+    base = ["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--steps", "2", "--length", "8"]
+    eager = sample(base, tmp_path / "e.jsonl")
+    graphs = counters["stats"]["unique_graphs"]
+    compiled = sample([*base, "--compile"], tmp_path / "c.jsonl")
+    assert [r["ids"] for r in compiled] == [r["ids"] for r in eager]
+    assert counters["stats"]["unique_graphs"] - graphs >= 2  # the step forward and the decode forward
+    model = ELF.from_pretrained(models["uncond"])
+    sampler = Sampler(model, replace(model.pretrained.sample, steps=2), compiled=True)
+    z = torch.randn(2, 8, 32)
+    torch.testing.assert_close(sampler.decode(z), Sampler(model, sampler.cfg).decode(z), rtol=1e-5, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- elflm sweep
 
 
@@ -559,6 +676,20 @@ def test_sweep_conditional_with_references(models, tmp_path, capsys):
     assert "| cfg_scale |" in (out / "sweep.md").read_text()
 
 
+def test_sweep_takes_references_from_the_input_jsonl(models, tmp_path, capsys):
+    pairs = [{"input": "Hello world", "output": "Hello there"}, {"input": "Another one", "output": "Another day"}]
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in pairs), encoding="utf-8")
+    (tmp_path / "in.txt").write_text("Hello world\nAnother one\n", encoding="utf-8")
+    (tmp_path / "refs.txt").write_text("Hello there\nAnother day\n", encoding="utf-8")
+    common = ["sweep", "--checkpoint", str(models["cond"]), "--steps", "2", "--method", "ode", "--judge", "none"]
+    common += ["--no-plots"]
+    assert main([*common, "-o", str(tmp_path / "a"), "--input", str(tmp_path / "pairs.jsonl")]) == 0
+    ref = ["--references", str(tmp_path / "refs.txt")]
+    assert main([*common, "-o", str(tmp_path / "b"), "--input", str(tmp_path / "in.txt"), *ref]) == 0
+    a, b = read_csv(tmp_path / "a" / "sweep.csv"), read_csv(tmp_path / "b" / "sweep.csv")
+    assert [(r["bleu"], r["rouge1"]) for r in a] == [(r["bleu"], r["rouge1"]) for r in b] and a[0]["bleu"] != ""
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
@@ -568,6 +699,7 @@ def test_sweep_conditional_with_references(models, tmp_path, capsys):
         (["--judge", "none"], "nothing to measure"),
         (["--cfg-scale", "2"], "applies to conditional sampling"),
         (["--references", "r.txt"], "--references (BLEU / ROUGE) need --input"),
+        (["--reference-field", "en"], "--references (BLEU / ROUGE) need --input"),
     ],
 )
 def test_sweep_bad_arguments(models, tmp_path, capsys, extra, message):

@@ -407,6 +407,10 @@ BAD_OVERRIDES = [
     (["train.ema_decay1=0.9"], "train.ema_decay1", "did you mean 'train.ema_decay'"),
     (["train.pad_token=eos"], "train.pad_token", "did you mean 'data.pad_token'"),
     (["trian.blr=1"], "trian", "did you mean 'train'"),
+    (["train.eval_freq=5"], "train.eval_freq", "did you mean 'train.eval_every'"),  # not eval_steps
+    (["train.eval_ppl_model=gpt2"], "train.eval_ppl_model", "did you mean 'train.eval_judge'"),
+    (["train.eval_every=-1"], "train.eval_every", ">= 0"),
+    (["train.eval_steps=0"], "train.eval_steps", ">= 1"),
     (["train.blr=abc"], "train.blr", "expected a number"),
     (["train.compile=maybe"], "train.compile", "expected true or false"),
     (["model.depth=2.5"], "model.depth", "expected an integer"),

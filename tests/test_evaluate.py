@@ -2,11 +2,14 @@
 against a direct per-sample computation, file handling, judge loading, and the SmolLM2 GGUF judge."""
 
 import importlib.util
+import io
 import json
 import math
 import random
+import statistics
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -142,6 +145,35 @@ def test_gen_ppl_matches_direct_computation(tiny_judge):
     assert (got["num_samples"], got["num_empty"], got["num_truncated"], got["max_length"]) == (5, 0, 0, 64)
 
 
+@torch.no_grad()
+def direct_per_sample_ppl(texts, model, tok, max_length):
+    """exp of each sample's own summed NLL over its own scored tokens (the EOS rule as above)."""
+    ids = [tok(t, add_special_tokens=False).input_ids[:max_length] for t in texts]
+    longest = max(len(r) for r in ids if r)
+    out = []
+    for row in ids:
+        targets = row[1:] + ([tok.eos_token_id] if len(row) < longest else [])
+        if not row or not targets:
+            out.append(None)
+            continue
+        logp = torch.log_softmax(model(torch.tensor([row])).logits[0].double(), -1)
+        out.append(math.exp(-sum(logp[i, t].item() for i, t in enumerate(targets)) / len(targets)))
+    return out
+
+
+def test_per_sample_perplexity(tiny_judge):
+    _, model, tok = tiny_judge
+    texts = [SENTENCES[0], "", *SENTENCES[1:], "Hi"]
+    got = ev.generative_perplexity(texts, model, tok, batch_size=2)["per_sample_ppl"]
+    want = direct_per_sample_ppl(texts, model, tok, 64)
+    assert len(got) == len(texts) and got[1] is None and want[1] is None
+    assert got == [None if w is None else pytest.approx(w, rel=1e-5) for w in want]
+    assert len({round(g, 6) for g in got if g is not None}) == len(texts) - 1  # one value per sample
+    # the corpus value is not the mean of the per-sample values
+    corpus = ev.generative_perplexity(texts, model, tok)["gen_ppl"]
+    assert corpus != pytest.approx(sum(g for g in got if g) / (len(texts) - 1), rel=1e-3)
+
+
 def test_gen_ppl_is_independent_of_batch_size(tiny_judge):
     _, model, tok = tiny_judge
     results = [ev.generative_perplexity(SENTENCES, model, tok, batch_size=b) for b in (1, 2, 5, 16)]
@@ -217,6 +249,24 @@ def test_unknown_judge_errors(monkeypatch, tmp_path):
     with pytest.raises(OSError, match="HF_HUB_OFFLINE") as e:
         ev.load_judge("elflm-test/no-such-judge")
     assert "cache" in str(e.value) and "local folder" in str(e.value)
+
+
+def test_pair_metrics_give_rouge_spread_over_pairs():
+    need_module("rouge_score.rouge_scorer", "pip install 'elflm[eval]'")
+    hyps, refs = [h for h, _ in PAIRS], [r for _, r in PAIRS]
+    got = ev.pair_metrics(hyps, refs)
+    per_pair = ev.rouge_scores(hyps, refs)
+    assert got["bleu"] == ev.bleu(hyps, refs)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        values = per_pair[key]
+        assert got[key] == pytest.approx(ev.rouge(hyps, refs)[key], abs=1e-9)
+        assert got[f"{key}_std"] == pytest.approx(statistics.pstdev(values), rel=1e-12)  # the official pstdev
+        assert got[f"{key}_sem"] == pytest.approx(statistics.pstdev(values) / math.sqrt(len(PAIRS)), rel=1e-12)
+        assert got[f"{key}_std"] > 0
+    one = ev.pair_metrics(["a b"], ["a b"])
+    assert one["rouge1"] == pytest.approx(100.0) and one["rouge1_std"] == 0.0 and one["rouge1_sem"] == 0.0
+    with pytest.raises(ValueError, match="no values"):
+        ev.spread([])
 
 
 # ----------------------------------------------------------------------------- files
@@ -335,3 +385,100 @@ def test_encoder_only_judge_is_refused(assets_dir, tmp_path):
         ValueError, match=r"not a complete causal language model: \d+ weights are missing .*cls\.predictions"
     ):
         load_judge(tmp_path, device="cpu")
+
+
+# ----------------------------------------------------------------------------- seeds, references, stdin
+
+
+def seeded_rows(hyps_by_seed: dict, refs: list[str]) -> list[dict]:
+    return [
+        {"index": k, "seed": s, "text": h, "source": f"src {k}", "reference": refs[k]}
+        for s, hyps in hyps_by_seed.items()
+        for k, h in enumerate(hyps)
+    ]
+
+
+HYPS = {
+    3: ["the cat sat", "a dog ran fast", "nothing"],
+    1: ["the cat sat on the mat", "a dog", "nothing here at all"],
+    2: ["cat", "dog ran", "here"],
+}
+REFS = ["the cat sat on the mat", "a dog ran", "nothing here"]
+
+
+def test_several_seeds_are_scored_one_by_one_with_mean_and_std(tiny_judge, tmp_path):
+    folder, model, tok = tiny_judge
+    path = write_jsonl(tmp_path / "s.jsonl", seeded_rows(HYPS, REFS))
+    out = ev.evaluate_file(path, judge=folder, device="cpu", batch_size=2)
+    assert out["seeds"] == [3, 1, 2] and [g["seed"] for g in out["per_seed"]] == [3, 1, 2]
+    for g, hyps in zip(out["per_seed"], HYPS.values()):
+        assert g["count"] == 3 and g["bleu"] == pytest.approx(ev.bleu(hyps, REFS))
+        assert g["rouge1"] == pytest.approx(ev.rouge(hyps, REFS)["rouge1"])
+        assert g["gen_ppl"] == pytest.approx(ev.generative_perplexity(hyps, model, tok)["gen_ppl"], rel=1e-6)
+        assert len(g["per_sample_ppl"]) == 3
+    for key in ("gen_ppl", "entropy", "bleu", "rouge1", "rouge2", "rougeL"):
+        values = [g[key] for g in out["per_seed"]]
+        assert out["summary"][key] == {
+            "mean": pytest.approx(float(np.mean(values))),
+            "std": pytest.approx(float(np.std(values))),
+            "n": 3,
+            "values": values,
+        }
+    assert "bleu" not in out and out["samples"]["count"] == 9
+    table = ev.format_report(out)
+    b = out["summary"]["bleu"]
+    assert "| samples seed 1 |" in table and "| mean ± std (3 seeds) |" in table
+    assert f"{b['mean']:.2f} ± {b['std']:.2f}" in table
+    # some seeds, in the order asked; references from a file, one per sample of each seed
+    refs_file = tmp_path / "refs.txt"
+    refs_file.write_text("\n".join(REFS) + "\n", encoding="utf-8")
+    two = ev.evaluate_file(path, refs_file, judge=None, seeds=[2, 3])
+    assert [g["seed"] for g in two["per_seed"]] == [2, 3]
+    assert [g["bleu"] for g in two["per_seed"]] == [out["per_seed"][2]["bleu"], out["per_seed"][0]["bleu"]]
+    single = ev.evaluate_file(path, judge=None, seeds=[1])
+    assert single["seeds"] == [1] and "per_seed" not in single and single["samples"]["count"] == 3
+    assert single["bleu"] == out["per_seed"][1]["bleu"] and single["rouge1_sem"] == out["per_seed"][1]["rouge1_sem"]
+    assert single["summary"]["bleu"] == {"mean": single["bleu"], "std": 0.0, "n": 1, "values": [single["bleu"]]}
+    with pytest.raises(ValueError, match="no samples of seed 7 .*holds seeds 3, 1, 2"):
+        ev.evaluate_file(path, judge=None, seeds=[7])
+    plain = write_jsonl(tmp_path / "plain.jsonl", [{"text": "a"}])
+    with pytest.raises(ValueError, match="sample 1 has no 'seed' field"):
+        ev.evaluate_file(plain, judge=None, seeds=[0])
+    with pytest.raises(ValueError, match="9 samples .* but 2 references.*or 3 per seed"):
+        refs_file.write_text("a\nb\n", encoding="utf-8")
+        ev.evaluate_file(path, refs_file, judge=None)
+
+
+def test_official_jsonl_and_target_fields_serve_as_references(tmp_path):
+    hyps = ["the cat sat", "a dog"]
+    samples = write_jsonl(tmp_path / "s.jsonl", [{"text": h, "source": "x"} for h in hyps])
+    official = write_jsonl(tmp_path / "o.jsonl", [{"input": "x", "output": r} for r in REFS[:2]])
+    prepared = write_jsonl(tmp_path / "t.jsonl", [{"source": "x", "target": r} for r in REFS[:2]])
+    assert ev.read_references(official) == ev.read_references(prepared) == REFS[:2]
+    a = ev.evaluate_file(samples, official, judge=None)
+    assert a["bleu"] == pytest.approx(ev.bleu(hyps, REFS[:2])) and a["notes"] == []
+    custom = write_jsonl(tmp_path / "c.jsonl", [{"text": h, "gold": r} for h, r in zip(hyps, REFS)])
+    b = ev.evaluate_file(custom, judge=None, reference_field="gold")
+    assert b["bleu"] == a["bleu"] and b["references"]["path"].endswith("(field 'gold')")
+    without = ev.evaluate_file(samples, judge=None)
+    assert "bleu" not in without and "--references" in without["notes"][0]
+
+
+def test_samples_and_references_from_stdin(tmp_path, monkeypatch):
+    def stdin(text: str):
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode("utf-8"))))
+
+    stdin('{"text": "the cat sat", "reference": "the cat sat"}\n\n{"text": "a dog", "reference": "a cat"}\n')
+    assert [r["text"] for r in ev.read_rows("-")] == ["the cat sat", "a dog"]
+    stdin("one sample\n{not json\n")  # a text file: its first line is not a JSON object
+    assert [r["text"] for r in ev.read_rows("-")] == ["one sample", "{not json"]
+    stdin('{"output": "the cat sat"}\n{"output": "a dog"}\n')
+    samples = write_jsonl(
+        tmp_path / "s.jsonl", [{"text": "the cat sat", "source": "x"}, {"text": "a dog", "source": "y"}]
+    )
+    assert ev.evaluate_file(samples, "-", judge=None)["bleu"] == pytest.approx(100.0)
+    with pytest.raises(ValueError, match="cannot both be read from stdin"):
+        ev.evaluate_file("-", "-", judge=None)
+    stdin('{"text": "a"}\n{"text": 5}\n')
+    with pytest.raises(ValueError, match="-:2: expected a JSON object with a string field 'text'"):
+        ev.read_rows("-")

@@ -148,6 +148,16 @@ def test_serve_cli_defaults_to_loopback(capsys):
     assert "max_samples (9) must not exceed max_batch (4)" in capsys.readouterr().err
 
 
+def test_compile_reaches_the_sampler(server):
+    """``--compile``: the server's samplers run the steps and the decode pass through torch.compile."""
+    assert build_parser().parse_args(["serve", "--checkpoint", "x", "--compile"]).compile
+    b0 = server[1].state.batcher
+    for compiled in (False, True):
+        app = create_app(b0.model, b0.encoder, b0.settings, LIMITS, compiled=compiled)
+        sampler = app.state.batcher.sampler(b0.settings.sample)
+        assert sampler.compiled is compiled and (sampler.forward is not b0.model) is compiled
+
+
 def test_full_queue_is_refused(server):
     from elflm.serve import Batcher, QueueFull, request_models
 

@@ -1,5 +1,6 @@
 """Small real components for training tests: a tiny random T5 encoder folder (32 wide, the
-real T5 vocabulary and tokenizer) and a prepared Gutenberg slice."""
+real T5 vocabulary and tokenizer), a prepared Gutenberg slice, prepared Multi30k pairs and a tiny
+random GPT-2 judge."""
 
 import shutil
 from pathlib import Path
@@ -81,3 +82,39 @@ def tiny_run_config(out: Path, data: Path, encoder: Path, overrides: dict | None
 def write_config(cfg, path: Path) -> Path:
     dump_config(cfg, path)
     return path
+
+
+def make_pairs(folder: Path, assets_dir: Path, tokenizer_dir: Path, start: int, count: int) -> Path:
+    """German→English Multi30k validation pairs ``start … start + count − 1`` prepared as
+    conditional rows of 32 tokens (16 condition tokens, EOS padding)."""
+    from elflm.data import prepare
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for lang in ("de", "en"):
+        lines = read_gzip_text(assets_dir / f"text/multi30k/val.{lang}.gz").splitlines()[start : start + count]
+        (folder / f"pairs.{lang}").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    prepare(
+        [folder / "pairs.de", folder / "pairs.en"],
+        folder / "data",
+        tokenizer=str(tokenizer_dir),
+        max_length=32,
+        max_input_length=16,
+        format="parallel",
+        workers=1,
+        progress=False,
+    )
+    return folder / "data"
+
+
+def make_tiny_judge(folder: Path, assets_dir: Path) -> Path:
+    """A random 2-layer GPT-2 (64 positions) with the real GPT-2 tokenizer, saved as a folder."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    tok = AutoTokenizer.from_pretrained(assets_dir / "tokenizers" / "gpt2")
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=len(tok), initializer_range=0.3)
+    )
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder

@@ -2,12 +2,14 @@
 printing errors. Every command here is a thin layer over functions of the package (the same ones
 the Python API documents); errors raised where a bad value enters are printed as one line.
 
-Commands: prepare, train, sample, eval, sweep, convert, push, serve, quickstart.
+Commands: prepare, train, sample, eval, sweep, convert, push, serve, quickstart. ``sample``, ``eval``
+and ``sweep`` also run under ``torchrun`` (the work shared over the processes, rank 0 writing).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -17,12 +19,12 @@ from pathlib import Path
 
 import torch
 
-from . import evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
+from . import distributed, evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
 from .config import SampleConfig, load_config, read_sampling_configs, sample_configs, setting_text
 from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
 from .distributed import resolve_device
-from .files import read_texts, write_jsonl
+from .files import column, first_field, read_records, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
 from .model import ELF
 from .sampling import PRECISIONS
@@ -62,6 +64,17 @@ def seed_value(text: str) -> int:
     if not 0 <= value < 2**63:
         raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
     return value
+
+
+def seed_list(text: str) -> list[int]:
+    """argparse type: comma-separated seeds (each in [0, 2**63)), no repeats."""
+    try:
+        seeds = [seed_value(v.strip()) for v in text.split(",") if v.strip()]
+    except argparse.ArgumentTypeError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {text!r}")
+    return seeds
 
 
 def listing(kind, low=None, choices=None):
@@ -142,8 +155,8 @@ def sampler_config(base: SampleConfig, a) -> SampleConfig:
     return replace(base, **over)
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
-    """Which model to load and where to run it."""
+def add_model_args(p: argparse.ArgumentParser, compile_help: str | None = None) -> None:
+    """Which model to load, where and how to run it; ``compile_help``: offer ``--compile``."""
     p.add_argument(
         "--checkpoint",
         required=True,
@@ -158,13 +171,45 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
         "fp64 (model and sampler state in float64)",
     )
     p.add_argument("--raw", action="store_true", help="use the raw weights instead of the EMA weights")
+    if compile_help:
+        p.add_argument("--compile", action="store_true", help=compile_help)
 
 
-def load_model(a):
-    """``(model, encoder, settings)`` for ``--checkpoint`` on ``--device`` (float64 for fp64)."""
+def load_model(a, device: torch.device | None = None):
+    """``(model, encoder, settings)`` for ``--checkpoint`` on ``device`` (default ``--device``;
+    float64 for fp64)."""
     dtype = torch.float64 if a.precision == "fp64" else None
-    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=resolve_device(a.device), dtype=dtype)
+    model = ELF.from_pretrained(a.checkpoint, raw=a.raw, device=device or resolve_device(a.device), dtype=dtype)
     return model, model.encoder, model.pretrained
+
+
+COMPILE_HELP = (
+    "run every sampler step and the decode pass through torch.compile (static shapes; CUDA graphs on "
+    "GPU): the first call of each batch shape compiles"
+)
+
+
+@contextlib.contextmanager
+def processes(device: str):
+    """This process's place in a ``torchrun`` job (one process otherwise) on ``device``; the
+    process group is closed on the way out."""
+    d = distributed.setup(device)
+    try:
+        yield d
+    finally:
+        distributed.teardown()
+
+
+def one_process_stdin(d: distributed.Dist, *paths: str | None) -> None:
+    """Refuse stdin (``-``) under ``torchrun``: only one process would read it."""
+    if d.world > 1 and "-" in paths:
+        raise ValueError(f"stdin ('-') reaches one process only: give a file when running {d.world} processes")
+
+
+def note(d: distributed.Dist, message: str) -> None:
+    """``message`` on stderr, from rank 0 only."""
+    if d.main:
+        print(message, file=sys.stderr, flush=True)
 
 
 def check_output(path: str) -> None:
@@ -178,9 +223,27 @@ def check_output(path: str) -> None:
         raise ValueError(f"--output {path}: the folder {p.parent} does not exist")
 
 
-def read_sources(path: str, field: str) -> list[str]:
-    """Conditions: text lines, or the string ``field`` of each JSONL object; none may be empty."""
-    return read_texts(path, field, what="condition", allow_empty=False, option="--source-field")
+SOURCE_FIELDS = ("source", "input")  # ours, the official eval JSONL ({"input", "output"})
+
+
+def read_conditions(
+    path: str, source_field: str | None = None, reference_field: str | None = None
+) -> tuple[list[str], list[str] | None]:
+    """Conditions and their references, if the file has them: text lines (no references), or per
+    JSONL object (``-``: stdin) the string ``source_field`` (default: the first of
+    :data:`SOURCE_FIELDS` the first object has) and ``reference_field`` (default: the first of
+    :data:`elflm.evaluate.REFERENCE_FIELDS` it has, else none). No condition may be empty."""
+    records, jsonl = read_records(path)
+    if not jsonl:
+        if reference_field:
+            raise ValueError(f"--reference-field {reference_field}: {path} is a text file; references need JSONL")
+        return column(records, False, path, "text", what="condition", allow_empty=False), None
+    field = source_field or first_field(records, SOURCE_FIELDS) or SOURCE_FIELDS[0]
+    sources = column(records, True, path, field, what="condition", allow_empty=False, option="--source-field")
+    ref_field = reference_field or first_field(records, evaluate.REFERENCE_FIELDS)
+    if ref_field is None:
+        return sources, None
+    return sources, column(records, True, path, ref_field, what="reference", option="--reference-field")
 
 
 def warn_truncated(encoder, sources: list[str], max_input_length: int) -> None:
@@ -319,8 +382,21 @@ def _run_train(a) -> int:
 # ----------------------------------------------------------------------------- sample
 
 
+def add_field_args(p: argparse.ArgumentParser) -> None:
+    """The JSONL fields of ``--input``."""
+    p.add_argument(
+        "--source-field", default=None, help="JSONL field of the condition (default: 'source', else 'input')"
+    )
+    p.add_argument(
+        "--reference-field",
+        default=None,
+        help="JSONL field of the reference, copied into the samples (default: 'reference', 'output' or 'target', "
+        "the first the file has)",
+    )
+
+
 def _sample_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, COMPILE_HELP)
     p.add_argument("--output", "-o", default="-", help="JSONL output file (default: stdout)")
     what = p.add_argument_group("what to sample (one of)")
     what.add_argument(
@@ -330,7 +406,10 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
         help="unconditional samples; with --prompt / --infill: samples per template (default 1)",
     )
     what.add_argument(
-        "--input", default=None, help="conditions, one sample each: text lines, or JSONL with --source-field"
+        "--input",
+        default=None,
+        help='conditions, one sample each: text lines, or JSONL (also the official {"input", "output"} '
+        "files) with --source-field / --reference-field; - reads stdin",
     )
     kinds = what.add_mutually_exclusive_group()
     kinds.add_argument("--prompt", default=None, help="known prefix; the rest of the row (--length) is generated")
@@ -347,7 +426,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
         help='one template per line: a string, a segment list [{"text": ...}, {"gap": n}], '
         'or {"template": ..., "source": ...}',
     )
-    p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
+    add_field_args(p)
     p.add_argument(
         "--batch-size", type=positive_int, default=32, help="rows per sampler call (does not change the samples)"
     )
@@ -355,7 +434,11 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--max-input-length", type=positive_int, default=None, help="condition tokens kept (conditional models)"
     )
-    p.add_argument("--seed", type=seed_value, default=0, help="sample k uses the noise stream (seed, k)")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument("--seed", type=seed_value, default=0, help="sample k uses the noise stream (seed, k)")
+    seeds.add_argument(
+        "--seeds", type=seed_list, default=None, metavar="LIST", help="every sample once per seed, e.g. 0,1,2"
+    )
     add_sampler_args(p)
     p.add_argument(
         "--trajectory", default=None, metavar="HTML", help="write a page showing x̂ decoded at every step (first batch)"
@@ -377,9 +460,10 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
                     f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
                     "or pass --max-input-length N to hold the inputs fixed as conditions"
                 )
-            sources = read_sources(a.input, a.source_field)
+            sources, refs = read_conditions(a.input, a.source_field, a.reference_field)
             warn_truncated(encoder, sources, max_in)
-            return [Row(k, a.seed, s) for k, s in enumerate(sources)], [{} for _ in sources]
+            extras = [{} for _ in sources] if refs is None else [{"reference": r} for r in refs]
+            return [Row(k, a.seed, s) for k, s in enumerate(sources)], extras
         return [Row(k, a.seed) for k in range(a.num_samples)], [{} for _ in range(a.num_samples)]
     n = a.num_samples or 1
     if a.infill_file:
@@ -431,33 +515,50 @@ def _run_sample(a) -> int:
             raise ValueError(f"{path}: the folder {Path(path).parent} does not exist")
     if a.trajectory_png:
         trajectory.require_matplotlib()
-    model, encoder, settings = load_model(a)
-    cfg = sampler_config(settings.sample, a)
-    max_in = a.max_input_length or settings.data.max_input_length
-    rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
-    recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
-    t0 = time.perf_counter()
-    records = generate_rows(
-        model,
-        encoder,
-        rows,
-        cfg,
-        batch_size=a.batch_size,
-        length=a.length,
-        max_input_length=max_in,
-        pad_token=settings.data.pad_token,
-        precision=a.precision,
-        progress=True,
-        callback=recorder,
-    )
-    seconds = time.perf_counter() - t0
-    write_jsonl(
-        a.output,
-        [{**r, **x, "precision": a.precision, "checkpoint": str(a.checkpoint)} for r, x in zip(records, extras)],
-    )
-    print(
-        f"{len(records)} samples in {seconds:.1f}s ({len(records) / max(seconds, 1e-9):.2f} samples/s)", file=sys.stderr
-    )
+    if a.reference_field and not a.input:
+        raise ValueError("--reference-field names a field of --input FILE")
+    with processes(a.device) as d:
+        one_process_stdin(d, a.input)
+        if recorder_paths and d.world > 1:
+            raise ValueError("--trajectory / --trajectory-png record one process's first batch: run without torchrun")
+        model, encoder, settings = load_model(a, d.device)
+        cfg = sampler_config(settings.sample, a)
+        max_in = a.max_input_length or settings.data.max_input_length
+        rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
+        seeds = a.seeds or [a.seed]
+        rows = [replace(r, seed=s) for s in seeds for r in rows]
+        extras = [x for _ in seeds for x in extras]
+        recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
+        t0 = time.perf_counter()
+        records = generate_rows(
+            model,
+            encoder,
+            rows,
+            cfg,
+            batch_size=a.batch_size,
+            length=a.length,
+            max_input_length=max_in,
+            pad_token=settings.data.pad_token,
+            precision=a.precision,
+            compiled=a.compile,
+            progress=True,
+            callback=recorder,
+            dist=d,
+        )
+        seconds = time.perf_counter() - t0
+        if d.main:
+            write_jsonl(
+                a.output,
+                [
+                    {**r, **x, "precision": a.precision, "checkpoint": str(a.checkpoint)}
+                    for r, x in zip(records, extras)
+                ],
+            )
+        rate = f"{len(records) / max(seconds, 1e-9):.2f} samples/s"
+        note(
+            d,
+            f"{len(records)} samples in {seconds:.1f}s ({rate})" + (f" on {d.world} processes" if d.world > 1 else ""),
+        )
     if recorder is not None:
         for path, write in ((a.trajectory, trajectory.write_html), (a.trajectory_png, trajectory.write_png)):
             if path:
@@ -473,8 +574,25 @@ def _run_sample(a) -> int:
 
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("samples", help="samples JSONL (field 'text') or a text file")
-    p.add_argument("--references", default=None, help="reference texts (lines or JSONL)")
+    p.add_argument("samples", help="samples JSONL (field 'text') or a text file; - reads stdin")
+    p.add_argument(
+        "--references",
+        default=None,
+        help='reference texts: lines, or JSONL (also the official {"input", "output"} files); - reads stdin',
+    )
+    p.add_argument(
+        "--reference-field",
+        default=None,
+        help="JSONL field of the references (default: 'reference', 'output', 'target', else 'text'); "
+        "also the samples' field when --references is not given (default 'reference')",
+    )
+    p.add_argument(
+        "--seeds",
+        type=seed_list,
+        default=None,
+        metavar="LIST",
+        help="score these seeds of the samples one by one and report mean ± std (default: every seed in the file)",
+    )
     p.add_argument(
         "--judge",
         default="gpt2-large",
@@ -486,12 +604,24 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_eval(a) -> int:
-    device = resolve_device(a.device)
     judge = None if str(a.judge).lower() == "none" else a.judge
-    report = evaluate.evaluate_file(
-        a.samples, a.references, judge, batch_size=a.batch_size, device=device, progress=not a.json
-    )
-    print(json.dumps(report, indent=1) if a.json else evaluate.format_report(report))
+    with processes(a.device) as d:
+        one_process_stdin(d, a.samples, a.references)
+        report = evaluate.evaluate_file(
+            a.samples,
+            a.references,
+            judge,
+            reference_field=a.reference_field,
+            seeds=a.seeds,
+            batch_size=a.batch_size,
+            device=d.device,
+            progress=not a.json,
+            dist=d,
+        )
+    if d.main:
+        for line in report["notes"]:
+            print(f"note: {line}", file=sys.stderr)
+        print(json.dumps(report, indent=1) if a.json else evaluate.format_report(report))
     return 0
 
 
@@ -499,13 +629,16 @@ def _run_eval(a) -> int:
 
 
 def _sweep_args(p: argparse.ArgumentParser) -> None:
-    add_model_args(p)
+    add_model_args(p, COMPILE_HELP)
     p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
     p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
     p.add_argument(
-        "--input", default=None, help="conditions (text lines or JSONL): one sample per condition and setting"
+        "--input",
+        default=None,
+        help="conditions (text lines or JSONL; - reads stdin): one sample per condition and setting; "
+        "references in the JSONL are used for BLEU / ROUGE",
     )
-    p.add_argument("--source-field", default="source", help="JSONL field holding the condition")
+    add_field_args(p)
     p.add_argument("--references", default=None, help="references for BLEU / ROUGE, one per condition (lines or JSONL)")
     add_sampler_args(p, lists=True)
     p.add_argument("--judge", default="gpt2-large", help="causal LM for Gen PPL (as in `elflm eval`), or 'none'")
@@ -527,22 +660,33 @@ def _run_sweep(a) -> int:
         raise ValueError(f"--sampling-config lists the settings to sweep: drop {', '.join(given)}")
     if bool(a.input) == bool(a.num_samples):
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
-    if a.references and not a.input:
+    if (a.references or a.reference_field) and not a.input:
         raise ValueError("--references (BLEU / ROUGE) need --input: one reference per condition")
+    if a.references == "-" and a.input == "-":
+        raise ValueError("--input and --references cannot both be read from stdin ('-')")
     if a.cfg_scale and set(a.cfg_scale) != {1.0} and not a.input:
         raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
-    judge_name = None if str(a.judge).lower() == "none" else a.judge
-    if judge_name is None and not a.references:
-        raise ValueError("nothing to measure: give --judge (Gen PPL, entropy) or --references (BLEU, ROUGE)")
     out_dir = Path(a.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
     if not a.no_plots:
         trajectory.require_matplotlib(sweep.PLOTS_EXTRA + " (or pass --no-plots)")
-    device = resolve_device(a.device)
-    sources = read_sources(a.input, a.source_field) if a.input else None
-    references = evaluate.read_references(a.references) if a.references else None
-    model, encoder, settings = load_model(a)
+    with processes(a.device) as d:
+        one_process_stdin(d, a.input, a.references)
+        return _sweep_on(a, d, out_dir)
+
+
+def _sweep_on(a, d: distributed.Dist, out_dir: Path) -> int:
+    judge_name = None if str(a.judge).lower() == "none" else a.judge
+    sources, references = read_conditions(a.input, a.source_field, a.reference_field) if a.input else (None, None)
+    if a.references:
+        references = evaluate.read_references(a.references)
+    if judge_name is None and references is None:
+        raise ValueError(
+            "nothing to measure: give --judge (Gen PPL, entropy) or references (BLEU, ROUGE: --references FILE, "
+            "or a reference field in the --input JSONL)"
+        )
+    model, encoder, settings = load_model(a, d.device)
     max_in = a.max_input_length or settings.data.max_input_length
     if sources is not None:
         if max_in is None:
@@ -550,14 +694,15 @@ def _run_sweep(a) -> int:
                 f"{a.checkpoint} is an unconditional model (no data.max_input_length): drop --input, "
                 "or pass --max-input-length N to hold the inputs fixed as conditions"
             )
-        warn_truncated(encoder, sources, max_in)
+        if d.main:
+            warn_truncated(encoder, sources, max_in)
     base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
     if a.sampling_config:
         configs = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
     else:
         configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
-    judge = evaluate.load_judge(judge_name, device=device) if judge_name else None
-    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    judge = evaluate.load_judge(judge_name, device=d.device) if judge_name else None
+    log = lambda msg: note(d, msg)
     log(f"sweep: {len(configs)} settings × {len(sources) if sources else a.num_samples} samples -> {out_dir}")
     rows = sweep.run_sweep(
         model,
@@ -575,12 +720,16 @@ def _run_sweep(a) -> int:
         pad_token=settings.data.pad_token,
         judge_batch_size=a.judge_batch_size,
         precision=a.precision,
+        compiled=a.compile,
         extra={"precision": a.precision, "checkpoint": str(a.checkpoint)},
         log=log,
+        dist=d,
     )
-    files = [out_dir / "sweep.csv", out_dir / "sweep.md"] + ([] if a.no_plots else sweep.plot_sweep(rows, out_dir))
-    print(sweep.format_markdown(rows))
-    log("wrote " + ", ".join(map(str, files)))
+    if d.main:
+        files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
+        files += [] if a.no_plots else sweep.plot_sweep(rows, out_dir)
+        print(sweep.format_markdown(rows))
+        log("wrote " + ", ".join(map(str, files)))
     return 0
 
 
@@ -686,7 +835,7 @@ def _run_push(a) -> int:
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
     d = serve.Limits()
-    add_model_args(p)
+    add_model_args(p, COMPILE_HELP + " (each batch size and row length once)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="rows per sampler call")
@@ -714,7 +863,7 @@ def _run_serve(a) -> int:
     )
     model, encoder, settings = load_model(a)
     settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
-    app = serve.create_app(model, encoder, settings, limits, precision=a.precision)
+    app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
     uvicorn.run(app, host=a.host, port=a.port, log_level="info")
     return 0
 

@@ -137,6 +137,7 @@ class DataConfig:
     the ``*_field`` names pick their text / condition / target fields then."""
 
     train_path: str | None = None
+    eval_path: str | None = None  # held-out prepared data: conditions of evaluations and previews
     max_length: int = 1024
     max_input_length: int | None = None
     pad_token: Literal["pad", "eos"] = "pad"
@@ -177,7 +178,10 @@ class TrainConfig:
     Warm-up is ``warmup_steps`` when set, else ``warmup_epochs``; the run lasts ``max_steps``
     when set, else ``epochs``. Muon's Adam branch uses ``muon_adam_betas``; ``adam_b1``,
     ``adam_b2`` and ``weight_decay`` belong to ``optimizer: adamw``. ``logger`` adds experiment
-    trackers (:mod:`elflm.tracking`) to the console and ``metrics.jsonl``."""
+    trackers (:mod:`elflm.tracking`) to the console and ``metrics.jsonl``. Every ``eval_every`` steps
+    the EMA weights sample ``eval_samples`` rows with the ``sample`` settings (``eval_steps`` steps):
+    Gen PPL and entropy under ``eval_judge`` (unconditional runs), BLEU and ROUGE on the first rows
+    of ``data.eval_path`` (conditional runs)."""
 
     global_batch_size: int = 512
     batch_size: int | None = None  # rows per process per micro-batch; None: from grad_accum_steps
@@ -222,6 +226,11 @@ class TrainConfig:
     wandb_tags: str | None = None  # comma-separated
     preview_every: int = 0  # steps between sample previews; 0: none
     preview_samples: int = 4
+    eval_every: int = 0  # steps between evaluations on the EMA weights; 0: none
+    eval_samples: int = 64  # unconditional samples, or data.eval_path rows translated
+    eval_steps: int | None = None  # sampler steps of the evaluation; null: sample.steps
+    eval_batch_size: int = 32  # rows per sampler call and per judge batch
+    eval_judge: str = "gpt2-large"  # Gen PPL judge of unconditional runs (elflm eval --judge)
 
     @property
     def peak_lr(self) -> float:
@@ -481,17 +490,18 @@ OFFICIAL_KEYS = {
     "cfgs": "sample.cfg_scale",
     "sampling_configs": "sample",
     "sampling_configs_path": "sample",
+    # evaluation while training
+    "eval_data_path": "data.eval_path",
+    "online_eval": "train.eval_every",
+    "eval_freq": "train.eval_every",  # official: epochs; ours: steps
+    "eval_ppl_model": "train.eval_judge",
+    "eval_ppl_batch_size": "train.eval_batch_size",
 }
 # official field -> why it has no key here (the Lightning reproduction's extra fields included)
 OFFICIAL_UNUSED = {
-    "eval_data_path": "evaluate samples with `elflm eval` / `elflm sweep --references`",
     "attn_dropout": "the official network never uses it",
     "batch_size": "set at run time by the official code (global_batch_size / devices); here train.batch_size",
-    "online_eval": "train.preview_every samples during training; Gen PPL with `elflm eval`",
-    "eval_ppl_model": "`elflm eval --judge`",
-    "eval_ppl_batch_size": "`elflm eval --batch-size`",
     "eval_ppl_max_length": "`elflm eval` scores 1024 tokens",
-    "eval_freq": "epochs; train.preview_every counts steps",
     "save_freq": "epochs; train.save_every counts steps",
     "hf_repo_id": "upload with `elflm push`",
     "wandb_resume": "a resumed run continues the W&B run of its output_dir",
@@ -751,12 +761,10 @@ def _unknown(key: str, options) -> ConfigError:
     section, _, name = key.rpartition(".")
     close = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
     elsewhere = [f"{s}.{name}" for s, cls in SECTIONS.items() if s != section and name in _hints(cls)]
-    guess = (
-        f"{section}.{close[0]}"
-        if close and section
-        else close[0]
-        if close
-        else (OFFICIAL_KEYS.get(name) or (elsewhere[0] if elsewhere else None))
+    guess = (  # an official name maps for sure; a close spelling is a guess
+        OFFICIAL_KEYS.get(name)
+        or (f"{section}.{close[0]}" if close and section else close[0] if close else None)
+        or (elsewhere[0] if elsewhere else None)
     )
     hint = f"; did you mean {guess!r}?" if guess else f"; expected one of {', '.join(options)}"
     return ConfigError(f"unknown key {key!r}{hint}", key)
@@ -960,6 +968,8 @@ _POSITIVE_INT = [
     "train.log_every",
     "train.muon_ns_steps",
     "train.preview_samples",
+    "train.eval_samples",
+    "train.eval_batch_size",
     "sample.steps",
     "sample.num_samples",
 ]
@@ -975,6 +985,7 @@ _NON_NEGATIVE = [
     "train.save_every",
     "train.keep_last",
     "train.preview_every",
+    "train.eval_every",
     "sample.gamma",
     "sample.w",
     "sample.cfg_scale",
@@ -1003,6 +1014,7 @@ _OPTIONAL_MIN = {
     "train.warmup_steps": 0,
     "train.warmup_epochs": 0,
     "train.max_steps": 1,
+    "train.eval_steps": 1,
 }
 
 
@@ -1079,6 +1091,7 @@ def validate(cfg: Config) -> Config:
         t.logger,
         f"null or a comma-separated list of {', '.join(TRACKERS)}",
     )
+    _need(bool(t.eval_judge.strip()), "train.eval_judge", t.eval_judge, "a judge (Hub id, folder, .gguf) or 'none'")
     _need(
         s.cfg_scale == 1 or d.conditional,
         "sample.cfg_scale",

@@ -1,4 +1,4 @@
-"""torchrun process groups, DDP / FSDP2 wrapping and full (gathered) state dicts."""
+"""torchrun process groups, DDP / FSDP2 wrapping, full (gathered) state dicts and gathered objects."""
 
 from __future__ import annotations
 
@@ -118,3 +118,13 @@ def all_reduce_mean(value: torch.Tensor, d: Dist) -> torch.Tensor:
         dist.all_reduce(value)
         value /= d.world
     return value
+
+
+def gather_objects(obj, d: Dist) -> list:
+    """``obj`` of every rank, in rank order, on every rank (a collective: all ranks call it;
+    picklable objects); ``[obj]`` on one process."""
+    if d.world == 1:
+        return [obj]
+    out = [None] * d.world
+    dist.all_gather_object(out, obj)
+    return out

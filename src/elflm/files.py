@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 
@@ -41,10 +41,10 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(str(path).removesuffix(".gz")).suffix == ".jsonl"
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
-    """``(line number, value)`` of each non-blank line of a JSON-lines file."""
+def parse_jsonl(lines: list[str], path: str | Path) -> list[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line of JSON ``lines`` read from ``path``."""
     rows = []
-    for n, line in enumerate(read_lines(path), 1):
+    for n, line in enumerate(lines, 1):
         if line.strip():
             try:
                 rows.append((n, json.loads(line)))
@@ -53,15 +53,51 @@ def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
     return rows
 
 
-def read_texts(
-    path: str | Path, field: str, *, what: str = "text", allow_empty: bool = True, option: str = ""
+def read_jsonl(path: str | Path) -> list[tuple[int, object]]:
+    """``(line number, value)`` of each non-blank line of a JSON-lines file."""
+    return parse_jsonl(read_lines(path), path)
+
+
+def _starts_with_object(lines: list[str]) -> bool:
+    first = next((line for line in lines if line.strip()), "")
+    try:
+        return isinstance(json.loads(first), dict)
+    except json.JSONDecodeError:
+        return False
+
+
+def read_records(path: str | Path) -> tuple[list[tuple[int, object]], bool]:
+    """The records of a text or JSON-lines file and whether it is JSON lines: ``(line number,
+    object)`` of each non-blank line of a ``.jsonl[.gz]`` file, else ``(line number, line)`` of
+    every line. Stdin (``-``) is JSON lines when its first non-blank line is a JSON object."""
+    lines = read_lines(path)
+    if is_jsonl(path) or (str(path) == "-" and _starts_with_object(lines)):
+        return parse_jsonl(lines, path), True
+    return list(enumerate(lines, 1)), False
+
+
+def first_field(records: list[tuple[int, object]], candidates: Sequence[str]) -> str | None:
+    """The first of ``candidates`` that the first JSON object of ``records`` has, else None."""
+    first = records[0][1] if records else None
+    return next((f for f in candidates if isinstance(first, dict) and f in first), None)
+
+
+def column(
+    records: list[tuple[int, object]],
+    jsonl: bool,
+    path: str | Path,
+    field: str,
+    *,
+    what: str = "text",
+    allow_empty: bool = True,
+    option: str = "",
 ) -> list[str]:
-    """Texts from a file: its lines, or for a JSONL file the string ``field`` of each object
-    (blank lines skipped). ``allow_empty=False`` makes an empty text an error; an empty file is
-    always one. ``option`` names the command-line option that chooses ``field``."""
-    if is_jsonl(path):
+    """Texts of :func:`read_records`' output: the lines, or for JSON lines the string ``field``
+    of each object. ``allow_empty=False`` makes an empty text an error; no texts at all is always
+    one. ``option`` names the command-line option that chooses ``field``."""
+    if jsonl:
         texts = []
-        for n, obj in read_jsonl(path):
+        for n, obj in records:
             if not isinstance(obj, dict) or field not in obj:
                 hint = f" (see {option})" if option else ""
                 raise ValueError(f"{path}:{n}: expected a JSON object with a string field {field!r}{hint}")
@@ -69,7 +105,7 @@ def read_texts(
                 raise ValueError(f"{path}:{n}: field {field!r} must be a string, got {type(obj[field]).__name__}")
             texts.append((n, obj[field]))
     else:
-        texts = list(enumerate(read_lines(path), 1))
+        texts = records
     if not allow_empty:
         for n, text in texts:
             if not text.strip():
@@ -77,6 +113,15 @@ def read_texts(
     if not texts:
         raise ValueError(f"{path}: no {what}s found (the file is empty)")
     return [t for _, t in texts]
+
+
+def read_texts(
+    path: str | Path, field: str, *, what: str = "text", allow_empty: bool = True, option: str = ""
+) -> list[str]:
+    """Texts from a file (``-``: stdin): its lines, or for JSON lines the string ``field`` of each
+    object (blank lines skipped); see :func:`column`."""
+    records, jsonl = read_records(path)
+    return column(records, jsonl, path, field, what=what, allow_empty=allow_empty, option=option)
 
 
 def write_atomic(path: str | Path, write) -> Path:

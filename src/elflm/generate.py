@@ -1,7 +1,8 @@
 """Text in, text out: every kind of generation as rows for the sampling engine.
 
 A :class:`Row` is one sample to draw: its noise stream ``(seed, index)``, an optional condition
-``source`` (conditional checkpoints) and an optional :class:`Template` of known target tokens
+(``source`` text, or ``source_ids`` as a prepared dataset holds them; conditional checkpoints) and
+an optional :class:`Template` of known target tokens
 (prompts and infilling; :mod:`elflm.infill` turns text into templates). Unconditional, conditional,
 prompted and infilled rows are one mechanism: the row is laid out as a training row, the known
 positions (the source and its EOS, the template's known tokens and the closing EOS) are encoded
@@ -15,6 +16,11 @@ the template (known ids, the pad id at the gaps), the closing EOS and the pad id
 padding is in training), or, without a template, every position generated. Known target tokens see
 the source and the other known tokens, never the gaps (so the gap content cannot shape them).
 Without a source the row is the template (L = its length), or L free positions.
+
+Sharding: :func:`generate_rows` splits the rows into sampler calls of ``batch_size`` rows; with
+a :class:`~elflm.distributed.Dist` of several processes (``torchrun``) rank r runs calls r, r + world,
+… and every rank gets all records back in row order. A call holds the same rows however many
+processes run, so the samples are those of one process, bit for bit.
 
 Decoding: argmax of the decode head; the known ids are written back; an EOS after the last known
 token ends the text (everything after it becomes the pad id), as the official decoding cuts at
@@ -31,6 +37,7 @@ import torch
 
 from .config import SampleConfig
 from .data.rows import encoder_attention_mask
+from .distributed import Dist, gather_objects
 from .model import model_config
 from .sampling import Known, Sampler, mask_after_eos, used_settings
 
@@ -62,12 +69,20 @@ class Template:
 @dataclass
 class Row:
     """One sample to draw: the noise stream ``(seed, index)``, an optional condition ``source``
-    and an optional ``template`` of known target tokens (None: every target position sampled)."""
+    and an optional ``template`` of known target tokens (None: every target position sampled).
+    ``source_ids``: the condition as token ids, EOS included (e.g. a prepared dataset's
+    ``ids[:cond_len]``), laid out as given instead of tokenising ``source``, which then only
+    names the condition in the record (None: the ids decoded)."""
 
     index: int
     seed: int = 0
     source: str | None = None
     template: Template | None = None
+    source_ids: Sequence[int] | None = None
+
+    @property
+    def conditional(self) -> bool:
+        return self.source is not None or self.source_ids is not None
 
 
 @dataclass
@@ -103,14 +118,33 @@ def truncated_sources(encoder, sources: Sequence[str], max_input_length: int) ->
     return [i for i, ids in enumerate(source_ids(encoder, sources)) if len(ids) > max_input_length]
 
 
+def dataset_rows(dataset, count: int, seed: int, tokenizer) -> tuple[list[Row], list[str]]:
+    """The first ``count`` rows of a prepared conditional dataset (:class:`~elflm.data.PackedDataset`)
+    as rows to sample, with noise streams ``(seed, k)``, and their references. A row keeps the
+    condition ids exactly as training saw them (``ids[:cond_len]``, EOS included; no decode and
+    re-tokenise round trip); its ``source`` and its reference are the condition and target ids
+    decoded by ``tokenizer`` (special tokens skipped)."""
+    if not dataset.conditional:
+        raise ValueError(f"{dataset.path}: expected a conditional dataset (prepared with --max-input-length)")
+    rows, refs = [], []
+    for k in range(min(count, len(dataset))):
+        item = dataset[k]
+        ids = [int(i) for i in item["input_ids"][: item["total_len"]]]
+        cond = ids[: item["cond_len"]]
+        source = tokenizer.decode(cond, skip_special_tokens=True)
+        rows.append(Row(k, seed, source=source, source_ids=cond))
+        refs.append(tokenizer.decode(ids[item["cond_len"] :], skip_special_tokens=True))
+    return rows, refs
+
+
 def layout(encoder, rows: Sequence[Row], length: int | None, max_input_length: int | None, pad: int) -> Layout:
     """Lay ``rows`` out in one (B, L) batch (the rule in the module docstring). Rows must agree on
     having a source. Without sources L is the templates' length (they must all have it) or
     ``length``; with sources L = ``length``."""
     if not rows:
         raise ValueError("nothing to sample: no rows")
-    conditional = rows[0].source is not None
-    if any((r.source is not None) != conditional for r in rows):
+    conditional = rows[0].conditional
+    if any(r.conditional != conditional for r in rows):
         raise ValueError("rows with and without a source cannot share a sampler call")
     sizes = {r.template.length if r.template is not None else length for r in rows}
     if conditional:
@@ -125,7 +159,14 @@ def layout(encoder, rows: Sequence[Row], length: int | None, max_input_length: i
     ids = torch.full((B, L), pad, dtype=torch.long)
     cond, target = torch.zeros(B, L, dtype=torch.bool), torch.zeros(B, L, dtype=torch.bool)
     held, start, size = torch.zeros(B, L, dtype=torch.bool), [], []
-    srcs = source_ids(encoder, [r.source for r in rows]) if conditional else [[] for _ in rows]
+    srcs = [[] for _ in rows]
+    if conditional:
+        need = [r.source for r in rows if r.source_ids is None]
+        texts = iter(source_ids(encoder, need) if need else [])
+        srcs = [list(r.source_ids) if r.source_ids is not None else next(texts) for r in rows]
+        empty = [r.index for r, src in zip(rows, srcs) if not src]
+        if empty:
+            raise ValueError(f"row {empty[0]}: source_ids is empty; a condition needs at least one token")
     for b, (r, src) in enumerate(zip(rows, srcs)):
         n = min(len(src), max_input_length or 0)
         ids[b, :n], cond[b, :n] = torch.tensor(src[:n], dtype=torch.long), True
@@ -187,8 +228,8 @@ def finish(row: Row, ids: torch.Tensor, encoder, pad: int) -> dict:
     ids_list = out.tolist()
     decode = lambda x: encoder.tokenizer.decode(x, skip_special_tokens=True)
     rec = {"index": row.index, "seed": row.seed, "text": decode(ids_list), "ids": ids_list}
-    if row.source is not None:
-        rec["source"] = row.source
+    if row.conditional:
+        rec["source"] = row.source if row.source is not None else decode(list(row.source_ids))
     if t is not None:
         rec["generated"] = (~t.known).nonzero().flatten().tolist()
         rec["gaps"] = [{"start": a, "end": b, "text": decode(ids_list[a:b])} for a, b in t.gaps()]
@@ -222,6 +263,16 @@ def sample_rows(
     ]
 
 
+def sampler_calls(rows: Sequence[Row], length: int, batch_size: int) -> list[list[int]]:
+    """The positions in ``rows`` of each sampler call: rows that can share a call (same length,
+    all with or all without a condition) in order, ``batch_size`` per call."""
+    groups: dict[tuple, list[int]] = {}
+    for k, r in enumerate(rows):
+        size = r.template.length if r.template is not None and not r.conditional else length
+        groups.setdefault((r.conditional, size), []).append(k)
+    return [idx[i : i + batch_size] for idx in groups.values() for i in range(0, len(idx), batch_size)]
+
+
 def generate_rows(
     model,
     encoder,
@@ -236,35 +287,35 @@ def generate_rows(
     compiled: bool = False,
     progress: bool = False,
     callback: Callable | None = None,
+    dist: Dist | None = None,
 ) -> list[dict]:
-    """Sample any ``rows`` with ``model`` and its frozen ``encoder``, ``batch_size`` rows per
-    sampler call (rows that can share a call: same length, all with or all without a source); one
-    record per row, in the order of ``rows``. ``length`` is the row length of conditional and
-    template-free rows (default the model's ``max_length``); ``max_input_length`` the condition
-    budget of a conditional checkpoint. ``precision``/``compiled``: :class:`~elflm.sampling.Sampler`.
-    ``callback(i, t, t_next, z, x̂)`` sees every step of every call."""
+    """Sample any ``rows`` with ``model`` and its frozen ``encoder`` in the sampler calls of
+    :func:`sampler_calls` (``batch_size`` rows each); one record per row, in the order of ``rows``.
+    ``length`` is the row length of conditional and template-free rows (default the model's
+    ``max_length``); ``max_input_length`` the condition budget of a conditional checkpoint.
+    ``precision``/``compiled``: :class:`~elflm.sampling.Sampler`. ``callback(i, t, t_next, z, x̂)``
+    sees every step of this process's calls. ``dist``: under ``torchrun`` every rank calls this
+    with the same rows, runs its share of the calls (the module docstring) and returns all records."""
     mcfg = model_config(model)
     length = length or mcfg.max_length
     if not 0 < length <= mcfg.max_length:
         raise ValueError(f"length must be in [1, {mcfg.max_length}] (the model's max_length), got {length}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if any(r.source is not None for r in rows) and (max_input_length is None or not 0 < max_input_length < length):
+    if any(r.conditional for r in rows) and (max_input_length is None or not 0 < max_input_length < length):
         raise ValueError(
             f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}"
         )
     sampler = Sampler(model, cfg or SampleConfig(), precision=precision, compiled=compiled)
-    groups: dict[tuple, list[int]] = {}
-    for k, r in enumerate(rows):
-        size = r.template.length if r.template is not None and r.source is None else length
-        groups.setdefault((r.source is not None, size), []).append(k)
-    calls = [idx[i : i + batch_size] for idx in groups.values() for i in range(0, len(idx), batch_size)]
+    calls = sampler_calls(rows, length, batch_size)
+    if dist is not None:
+        calls = calls[dist.rank :: dist.world]
     bar = None
-    if progress:
+    if progress and (dist is None or dist.main):
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(rows), desc="sampling", unit="sample")
-    out: list[dict | None] = [None] * len(rows)
+        bar = tqdm(total=sum(map(len, calls)), desc="sampling", unit="sample")
+    done: list[tuple[int, dict]] = []
     for call in calls:
         recs = sample_rows(
             sampler,
@@ -275,12 +326,15 @@ def generate_rows(
             pad_token=pad_token,
             callback=callback,
         )
-        for k, rec in zip(call, recs):
-            out[k] = rec
+        done += zip(call, recs)
         if bar is not None:
             bar.update(len(call))
     if bar is not None:
         bar.close()
+    out: list[dict | None] = [None] * len(rows)
+    for part in gather_objects(done, dist) if dist is not None else [done]:
+        for k, rec in part:
+            out[k] = rec
     return out
 
 
@@ -291,7 +345,7 @@ def generate(
     num_samples: int | None = None,
     sources: Sequence[str] | None = None,
     *,
-    seed: int = 0,
+    seed: int | Sequence[int] = 0,
     batch_size: int = 32,
     length: int | None = None,
     max_input_length: int | None = None,
@@ -300,19 +354,22 @@ def generate(
     compiled: bool = False,
     progress: bool = False,
     callback: Callable | None = None,
+    dist: Dist | None = None,
 ) -> list[dict]:
     """Sample texts: ``num_samples`` unconditional rows of ``length`` tokens (default the model's
     ``max_length``), or one conditional sample per entry of ``sources`` (each condition truncated
     to ``max_input_length`` tokens; ``length − max_input_length`` tokens generated). Row k uses the
-    noise stream ``(seed, k)``, so a sample does not depend on ``batch_size``. Returns one record
-    per sample: ``index``, ``seed``, ``text``, ``ids``, ``source`` (conditional), the sampler
-    settings used and ``length`` (see :func:`generate_rows` for the other arguments)."""
+    noise stream ``(seed, k)``, so a sample does not depend on ``batch_size``; a list of seeds
+    repeats the rows for each seed (records seed by seed). Returns one record per sample:
+    ``index``, ``seed``, ``text``, ``ids``, ``source`` (conditional), the sampler settings used and
+    ``length`` (see :func:`generate_rows` for the other arguments)."""
+    seeds = [seed] if isinstance(seed, int) else list(seed)
     if sources is not None:
-        rows = [Row(k, seed, source=s) for k, s in enumerate(sources)]
+        rows = [Row(k, s, source=src) for s in seeds for k, src in enumerate(sources)]
     else:
-        rows = [Row(k, seed) for k in range(num_samples or 0)]
+        rows = [Row(k, s) for s in seeds for k in range(num_samples or 0)]
     if not rows:
-        raise ValueError("nothing to generate: give num_samples >= 1 or a non-empty list of sources")
+        raise ValueError("nothing to generate: give num_samples >= 1, a non-empty list of sources and of seeds")
     return generate_rows(
         model,
         encoder,
@@ -326,4 +383,5 @@ def generate(
         compiled=compiled,
         progress=progress,
         callback=callback,
+        dist=dist,
     )

@@ -187,6 +187,7 @@ def plot_losses(metrics_jsonl: Path, png: Path) -> Path:
     from matplotlib.figure import Figure
 
     recs = [json.loads(line) for line in metrics_jsonl.read_text().splitlines() if line.strip()]
+    recs = [r for r in recs if "loss" in r]  # not the eval/... records
     steps = [r["step"] for r in recs]
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()

@@ -168,8 +168,8 @@ class Sampler:
 
     ``precision``: ``fp32``; ``bf16`` (autocast of the transformer blocks, as in training: norms,
     input projections, control tokens and heads stay float32); ``fp64`` (a model cast to float64,
-    state in float64). ``compiled``: the forward runs through ``torch.compile`` with static shapes
-    (on CUDA ``mode="reduce-overhead"``: CUDA graphs)."""
+    state in float64). ``compiled``: the forward of every step and of the decode pass runs through
+    ``torch.compile`` with static shapes (on CUDA ``mode="reduce-overhead"``: CUDA graphs)."""
 
     def __init__(self, model, cfg: SampleConfig, *, precision: str = "fp32", compiled: bool = False):
         if precision not in PRECISIONS:
@@ -299,14 +299,19 @@ class Sampler:
 
     @torch.no_grad()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decode-mode logits (B, L, V) of latents ``z`` (B, L, C) (:func:`decode_logits`)."""
+        """Decode-mode logits (B, L, V) float32 of latents ``z`` (B, L, C) (:func:`decode_logits`),
+        through the compiled forward when ``compiled``."""
+        if self.compiled:
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.autocast(z.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16"):
-            return decode_logits(self.model, z, self.cfg).float()
+            logits = decode_logits(self.forward, z, self.cfg)
+        return logits.to(torch.float32, copy=self.compiled)  # out of the CUDA graph's buffers
 
 
 @torch.no_grad()
 def decode_logits(model, z: torch.Tensor, cfg: SampleConfig) -> torch.Tensor:
-    """Decode-mode logits (B, L, V) at ``t = cfg.t_final`` with zero self-conditioning input."""
+    """Decode-mode logits (B, L, V) at ``t = cfg.t_final`` with zero self-conditioning input;
+    ``model`` is an :class:`~elflm.model.ELF` or its ``torch.compile`` wrapper."""
     mcfg = model_config(model)
     B = z.shape[0]
     z = z.to(next(model.parameters()).dtype)

@@ -169,13 +169,13 @@ class QueueFull(RuntimeError):
 class Batcher:
     """Holds the model; turns requests into :class:`Job` s and serves them in batched sampler calls."""
 
-    def __init__(self, model, encoder, settings, limits: Limits, precision: str = "fp32"):
+    def __init__(self, model, encoder, settings, limits: Limits, precision: str = "fp32", compiled: bool = False):
         self.model, self.encoder, self.settings, self.limits = model, encoder, settings, limits
         self.defaults = settings.sample
         self.max_length = model_config(model).max_length
         self.max_in = settings.data.max_input_length
         self.pad_token = settings.data.pad_token
-        self.precision = precision
+        self.precision, self.compiled = precision, compiled
         self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
         self.arrived: asyncio.Event | None = None
@@ -274,7 +274,7 @@ class Batcher:
     def sampler(self, cfg: SampleConfig) -> Sampler:
         key = tuple(sorted(asdict(cfg).items()))
         if key not in self.samplers:
-            self.samplers[key] = Sampler(self.model, cfg, precision=self.precision)
+            self.samplers[key] = Sampler(self.model, cfg, precision=self.precision, compiled=self.compiled)
         return self.samplers[key]
 
     def _sample(self, call: list[Job]) -> list[dict]:
@@ -350,8 +350,9 @@ def _sample(record: dict) -> dict:
     return {"text": record["text"], "ids": record["ids"], **{k: record.get(k, v) for k, v in whole.items()}}
 
 
-def create_app(model, encoder, settings, limits: Limits | None = None, precision: str = "fp32"):
-    """The FastAPI app serving ``model`` / ``encoder`` with the checkpoint ``settings``."""
+def create_app(model, encoder, settings, limits: Limits | None = None, precision: str = "fp32", compiled: bool = False):
+    """The FastAPI app serving ``model`` / ``encoder`` with the checkpoint ``settings``;
+    ``precision`` / ``compiled``: the :class:`~elflm.sampling.Sampler`'s."""
     require_serve()
     from contextlib import asynccontextmanager
 
@@ -361,7 +362,7 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
     limits = limits or Limits()
     if encoder is None or encoder.tokenizer is None:
         raise ValueError("the server needs the checkpoint's encoder and tokenizer")
-    batcher = Batcher(model, encoder, settings, limits, precision)
+    batcher = Batcher(model, encoder, settings, limits, precision, compiled)
     GenerateRequest, GenerateResponse, TextSegment = request_models(limits, batcher.max_length)
 
     @asynccontextmanager

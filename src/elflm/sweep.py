@@ -7,7 +7,9 @@ the same settings, seed and count is reused, so an interrupted sweep resumes whe
 Metrics per setting: Gen PPL and entropy under a judge LM (:mod:`elflm.evaluate`), and BLEU /
 ROUGE against references for conditional sweeps. Results: ``sweep.csv``, ``sweep.md`` and PNG
 plots (Gen PPL vs entropy, Gen PPL vs steps, BLEU vs steps) drawn with matplotlib
-(``pip install 'elflm[plots]'``).
+(``pip install 'elflm[plots]'``). Under ``torchrun`` every rank runs the sweep: sampling and the
+judge are shared over the ranks (:mod:`elflm.generate`, :mod:`elflm.evaluate`) and rank 0 writes
+the files, the same as one process writes.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 from . import evaluate as ev
 from .config import SampleConfig
+from .distributed import Dist, gather_objects
 from .files import write_jsonl, write_text
 from .generate import generate
 from .model import model_config
@@ -110,17 +113,21 @@ def run_sweep(
     pad_token: str = "pad",
     judge_batch_size: int = 8,
     precision: str = "fp32",
+    compiled: bool = False,
     extra: dict | None = None,
     log=None,
+    dist: Dist | None = None,
 ) -> list[dict]:
     """Sample every setting of ``configs`` (unconditional ``num_samples``, or one per entry of
     ``sources``) with :func:`elflm.generate.generate`, store the samples under
     ``output_dir/samples/`` and measure them: ``judge`` = ``(model, tokenizer)`` of a causal LM
     gives ``gen_ppl``, ``entropy``, ``num_empty``; ``references`` (one per source) give ``bleu``,
     ``rouge1/2/L``. ``extra`` is added to every sample record (e.g. precision, checkpoint).
-    ``log(message)`` gets one line per setting. Returns one row per setting: its settings,
-    ``seconds`` and ``samples_per_s`` of sampling (None when reused), the metrics and ``samples``
-    (the file); ``sweep.csv`` and ``sweep.md`` are rewritten after each setting."""
+    ``log(message)`` gets one line per setting. ``precision``/``compiled``: the
+    :class:`~elflm.sampling.Sampler`'s. ``dist``: under ``torchrun`` every rank calls this with the
+    same arguments; rank 0 writes and logs. Returns one row per setting: its settings, ``seconds``
+    and ``samples_per_s`` of sampling (None when reused), the metrics and ``samples`` (the file);
+    ``sweep.csv`` and ``sweep.md`` are rewritten after each setting."""
     if judge is None and references is None:
         raise ValueError("nothing to measure: give a judge LM (Gen PPL, entropy) or references (BLEU, ROUGE)")
     if references is not None and (sources is None or len(references) != len(sources)):
@@ -128,8 +135,10 @@ def run_sweep(
             f"references need one entry per condition: {len(references)} references, "
             f"{0 if sources is None else len(sources)} conditions"
         )
+    main = dist is None or dist.main
     out_dir = Path(output_dir)
-    (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+    if main:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
     count = len(sources) if sources is not None else num_samples
     length = length or model_config(model).max_length
     fixed = {**(extra or {}), "seed": seed, "length": length}
@@ -139,7 +148,9 @@ def run_sweep(
     for k, cfg in enumerate(configs, 1):
         name = setting_name(cfg)
         path = out_dir / "samples" / f"{name}.jsonl"
-        records = _cached(path, {**used_settings(cfg, sources is not None), **fixed}, count, sources)
+        records = _cached(path, {**used_settings(cfg, sources is not None), **fixed}, count, sources) if main else None
+        if dist is not None:  # rank 0's decision
+            records = gather_objects(records, dist)[0]
         seconds = None
         if records is None:
             t0 = time.perf_counter()
@@ -155,10 +166,13 @@ def run_sweep(
                 max_input_length=max_input_length,
                 pad_token=pad_token,
                 precision=precision,
+                compiled=compiled,
+                dist=dist,
             )
             seconds = time.perf_counter() - t0
             records = [{**r, **fixed} for r in records]
-            write_jsonl(path, records)
+            if main:
+                write_jsonl(path, records)
         texts = [r["text"] for r in records]
         used = used_settings(cfg, sources is not None)
         row = {
@@ -170,13 +184,15 @@ def run_sweep(
             "samples_per_s": None if not seconds else len(texts) / seconds,
         }
         if judge is not None:
-            lm = ev.generative_perplexity(texts, *judge, batch_size=judge_batch_size)
+            lm = ev.generative_perplexity(texts, *judge, batch_size=judge_batch_size, dist=dist)
             row.update(gen_ppl=lm["gen_ppl"], entropy=lm["entropy"], num_empty=lm["num_empty"])
         if references is not None:
             row["bleu"] = ev.bleu(texts, references)
             row.update(ev.rouge(texts, references))
         row["samples"] = str(path.relative_to(out_dir))
         rows.append(row)
+        if not main:
+            continue
         write_table(rows, out_dir)
         if log is not None:
             done = "reused" if seconds is None else f"{seconds:.1f} s"

@@ -45,7 +45,10 @@ class Tracker(ABC):
 
 
 def format_record(rec: dict) -> str:
-    """The console line of a record."""
+    """The console line of a record: the losses of a training window, or ``eval/...`` metrics."""
+    if "loss" not in rec:
+        fmt = lambda v: "–" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+        return f"step {rec['step']} " + " ".join(f"{k} {fmt(v)}" for k, v in rec.items() if k != "step")
     mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
     mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
     return (
@@ -74,7 +77,13 @@ class JsonLines(Tracker):
 
 
 def _scalars(record: dict) -> dict[str, float]:
-    return {f"train/{k}": float(v) for k, v in record.items() if k != "step" and isinstance(v, (int, float))}
+    """The numbers of a record by tag: ``train/<key>``, or the key itself when it names its section
+    (``eval/gen_ppl``)."""
+    return {
+        k if "/" in k else f"train/{k}": float(v)
+        for k, v in record.items()
+        if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)
+    }
 
 
 class TensorBoard(Tracker):

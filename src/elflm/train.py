@@ -6,6 +6,10 @@ Randomness is counter-based: the draws of micro-batch ``j`` of step ``s`` come f
 seeded with ``(seed, s, j)``, and the data order of an epoch from ``(seed, epoch)``. A step is
 therefore a pure function of the weights, the optimizer state and ``s``, so resuming at ``s``
 continues the same run, and K processes × 1 micro-batch equal 1 process × K micro-batches.
+
+Previews and evaluations (``train.preview_every``, ``train.eval_every``) sample with a copy of the
+network holding the EMA weights, from their own per-row streams, with the global random state
+saved and restored around them: a run trains bit-identically with and without them.
 """
 
 from __future__ import annotations
@@ -21,12 +25,12 @@ import numpy as np
 import torch
 
 from . import distributed, objective, tracking
+from . import evaluate as ev
 from .checkpoint import TrainingCheckpoint
 from .config import Config, dump_config
 from .data import collate, encoder_mask, training_dataset
 from .encoder import build_encoder
 from .flow import seeded
-from .generate import generate
 from .model import ELF
 from .optim import EMA, build_optimizer, clip_grad_norm_, lr_at
 
@@ -143,6 +147,7 @@ class Trainer:
             std = std if cfg.encoder.latent_std is None else cfg.encoder.latent_std
             self.encoder.latent_mean, self.encoder.latent_std = mean, std
             cfg = self.cfg = replace(cfg, encoder=replace(cfg.encoder, latent_mean=mean, latent_std=std))
+        self.evaluation = ev.TrainingEvaluation(cfg, self.dataset, self.encoder, self.dist)  # checked up front
         torch.manual_seed(cfg.train.seed)
         self.model_config = cfg.resolved_model(self.encoder.dim, self.encoder.vocab_size)
         if self.dataset.max_length > self.model_config.max_length:
@@ -171,6 +176,7 @@ class Trainer:
         self.step = 0
         self.out = Path(cfg.train.output_dir)
         self.tracker = None
+        self.ema_net: ELF | None = None  # the EMA weights in a plain copy, for sampling
 
     # ------------------------------------------------------------------ state
     def save(self) -> Path | None:
@@ -357,8 +363,15 @@ class Trainer:
                 if d.main:
                     self.tracker.log(rec)
                 window, t0 = [], time.perf_counter()
-            if cfg.train.preview_every and self.step % cfg.train.preview_every == 0 and d.main:
+            t_sampling = time.perf_counter()
+            if cfg.train.preview_every and self.step % cfg.train.preview_every == 0:
                 self.preview(bar)
+            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                rec = self.evaluation.evaluate(self.ema_model(), self.step)
+                records.append(rec)
+                if d.main:
+                    self.tracker.log(rec)
+            t0 += time.perf_counter() - t_sampling  # tokens/s counts training time only
             if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
                 self.save()
         if bar is not None:
@@ -367,20 +380,26 @@ class Trainer:
             self.tracker.close()
         return records
 
+    def ema_model(self) -> ELF:
+        """The network with the EMA weights, in eval mode: a plain (unwrapped, unsharded) copy kept
+        for sampling, refreshed from the averages on every call (gathered from the shards under
+        FSDP: collective). The training model is not touched."""
+        state = {k: distributed.full_tensor(v) for k, v in self.ema.state_dict().items()}
+        if self.ema_net is None:
+            with ev.kept_random_state(self.dist.device):
+                self.ema_net = ELF(self.model_config).to(self.dist.device).eval().requires_grad_(False)
+        self.ema_net.load_state_dict(state)
+        return self.ema_net
+
     def preview(self, bar=None) -> list[str]:
-        """Decode a few samples with the EMA weights and print them."""
-        n = self.cfg.train.preview_samples
-        with self.ema.swapped(self.net):
-            self.net.eval()
-            texts = [
-                r["text"]
-                for r in generate(self.net, self.encoder, self.cfg.sample, num_samples=n, batch_size=n, seed=self.step)
-            ]
-        for t in texts:
-            (bar.write if bar is not None else print)(f"  [step {self.step}] {t[:200]!r}")
-        if self.tracker is not None:
-            self.tracker.text("preview", "\n\n".join(texts), self.step)
-        return texts
+        """Print a few samples of the EMA weights (:meth:`TrainingEvaluation.preview`; collective)."""
+        lines = self.evaluation.preview(self.ema_model(), self.step)
+        if self.dist.main:
+            for line in lines:
+                (bar.write if bar is not None else print)(line)
+            if self.tracker is not None:
+                self.tracker.text("preview", "\n\n".join(lines), self.step)
+        return lines
 
 
 def train(cfg: Config, device: str | None = None, progress: bool = True) -> Trainer:

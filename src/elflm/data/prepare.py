@@ -151,31 +151,35 @@ def prepare(
 # ----------------------------------------------------------------------------- training data
 
 
-def training_dataset(cfg, encoder, progress: bool = True) -> PackedDataset:
-    """The training rows of ``cfg`` (a :class:`~elflm.config.Config`), checked against it and its
-    frozen ``encoder`` (:func:`~elflm.data.dataset.check_dataset`). ``data.train_path`` is a
-    prepared folder, or inputs :func:`prepare` reads (a Hugging Face dataset folder or Hub id,
-    text / JSONL files or folders), prepared on first use with the encoder's tokenizer, the
-    config's lengths, padding and ``data.*_field`` names into ``$ELFLM_CACHE/data/`` (once; by the
-    first process under torchrun, the others wait)."""
-    d = cfg.data
-    if d.train_path is None:
-        raise ValueError("data.train_path is not set: give a prepared folder (elflm prepare) or a dataset to prepare")
-    path = Path(d.train_path).expanduser()
+def training_dataset(cfg, encoder, progress: bool = True, key: str = "data.train_path") -> PackedDataset:
+    """The rows ``cfg.data.train_path`` names (``key="data.eval_path"``: the held-out rows), checked
+    against ``cfg`` (a :class:`~elflm.config.Config`) and its frozen ``encoder``
+    (:func:`~elflm.data.dataset.check_dataset`). The path is a prepared folder, or inputs
+    :func:`prepare` reads (a Hugging Face dataset folder or Hub id, text / JSONL files or folders),
+    prepared on first use with the encoder's tokenizer, the config's lengths, padding and
+    ``data.*_field`` names into ``$ELFLM_CACHE/data/`` (once; by the first process under torchrun,
+    the others wait)."""
+    given = getattr(cfg.data, key.split(".")[1])
+    if given is None:
+        raise ValueError(f"{key} is not set: give a prepared folder (elflm prepare) or a dataset to prepare")
+    path = Path(given).expanduser()
     half_done = path.is_dir() and ((path / WORK).exists() or any(path.glob("ids-*.bin*")))
-    if not (path / META).is_file() and not half_done and (path.exists() or hub.is_hub_id(d.train_path)):
-        path = _prepare_cached(cfg, encoder, progress)
+    if not (path / META).is_file() and not half_done and (path.exists() or hub.is_hub_id(given)):
+        path = _prepare_cached(cfg, encoder, given, progress)
     dataset = PackedDataset(path)
-    check_dataset(dataset, cfg, encoder)
+    try:
+        check_dataset(dataset, cfg, encoder)
+    except ValueError as e:
+        raise ValueError(f"{key}={given}: {e}") from None
     return dataset
 
 
-def _prepare_cached(cfg, encoder, progress: bool) -> Path:
+def _prepare_cached(cfg, encoder, given: str, progress: bool) -> Path:
     d = cfg.data
-    source = d.train_path if hub.is_hub_id(d.train_path) else str(Path(d.train_path).resolve())
+    source = given if hub.is_hub_id(given) else str(Path(given).resolve())
     tokenizer = encoder.tokenizer
     if tokenizer is None:
-        raise ValueError(f"data.train_path={d.train_path!r} needs preparing, but the encoder has no tokenizer")
+        raise ValueError(f"{given!r} needs preparing, but the encoder has no tokenizer")
     key = {
         "source": source,
         "vocab": vocab_fingerprint(tokenizer),
@@ -189,14 +193,14 @@ def _prepare_cached(cfg, encoder, progress: bool) -> Path:
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
         if progress:
-            print(f"preparing {d.train_path} with the tokenizer {cfg.encoder.tokenizer_name} into {out}")
+            print(f"preparing {given} with the tokenizer {cfg.encoder.tokenizer_name} into {out}")
         prepare(
-            d.train_path,
+            given,
             out,
             tokenizer=cfg.encoder.tokenizer_name,
             max_length=d.max_length,
             max_input_length=d.max_input_length,
-            format="hf" if hub.is_hub_id(d.train_path) else "auto",
+            format="hf" if hub.is_hub_id(given) else "auto",
             text_field=d.text_field,
             source_field=d.source_field,
             target_field=d.target_field,
