@@ -202,7 +202,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     # branch draw: per_device (official: each micro-batch draws its own), per_step (one for all);
     # auto = per_device, but per_step under FSDP, whose collectives need the same passes on every rank

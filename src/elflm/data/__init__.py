@@ -10,9 +10,12 @@ from .rows import (
     batch_from_rows,
     build_rows,
     collate,
+    collate_rows,
+    device_batch,
     encoder_attention_mask,
     encoder_mask,
     loss_mask,
+    row_masks,
 )
 
 __all__ = [
@@ -21,10 +24,13 @@ __all__ = [
     "batch_from_rows",
     "build_rows",
     "collate",
+    "collate_rows",
+    "device_batch",
     "encoder_attention_mask",
     "encoder_mask",
     "load_hf_dataset",
     "loss_mask",
     "prepare",
     "read_meta",
+    "row_masks",
 ]
