@@ -2,7 +2,6 @@
 loss curve and clear errors. Real tokenizer, real prepared data, real torch.distributed (gloo)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

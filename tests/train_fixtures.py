@@ -79,7 +79,7 @@ def tiny_run_config(out: Path, data: Path, encoder: Path, overrides: dict | None
     }
     for key, value in (overrides or {}).items():
         section, name = key.split(".")
-        d[section][name] = value
+        d.setdefault(section, {})[name] = value
     return from_dict(d)
 
 
