@@ -143,17 +143,19 @@ def collate(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     return batch_from_rows(rows["input_ids"], rows["lengths"])
 
 
-def device_batch(rows: dict[str, torch.Tensor], device, non_blocking: bool = False) -> dict[str, torch.Tensor]:
+def device_batch(
+    rows: dict[str, torch.Tensor], device, non_blocking: bool = False, conditional: bool | None = None
+) -> dict[str, torch.Tensor]:
     """The model batch of :func:`collate_rows` output, on ``device``: the ids and lengths are copied
     (``non_blocking`` from pinned memory) and the masks built there: ``attention_mask``,
-    ``cond_seq_mask`` (B, L) and, only when some row has a condition (read from the host
-    ``lengths``, no device sync), ``encoder_attention_mask`` (B, L, L). Without it the rows are
-    encoded with the (B, L) ``attention_mask``, which their (B, L, L) mask would equal."""
+    ``cond_seq_mask`` (B, L) and, only when some row has a condition (``conditional``; None: read
+    from the host ``lengths``, no device sync), ``encoder_attention_mask`` (B, L, L). Without it the
+    rows are encoded with the (B, L) ``attention_mask``, which their (B, L, L) mask would equal."""
     ids = rows["input_ids"].to(device, non_blocking=non_blocking)
     lengths = rows["lengths"].to(device, non_blocking=non_blocking)
     attention_mask, cond_seq_mask = row_masks(lengths, ids.shape[1])
     batch = {"input_ids": ids, "attention_mask": attention_mask, "cond_seq_mask": cond_seq_mask}
-    if bool(rows["lengths"][:, 0].any()):
+    if bool(rows["lengths"][:, 0].any()) if conditional is None else conditional:
         batch["encoder_attention_mask"] = encoder_attention_mask(attention_mask, cond_seq_mask)
     return batch
 
