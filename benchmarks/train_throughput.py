@@ -12,7 +12,7 @@ added for the full step.
     python benchmarks/train_throughput.py --device cuda --model elf-b --length 1024 --batch 64
     python benchmarks/train_throughput.py --paths reference,fast --json out.json
 
-MFU uses ``elflm.train.step_flops_per_token`` (denoise: 4 forward-equivalents, decode: 3) and
+MFU uses ``elflm.plan.step_flops_per_token`` (denoise: 4 forward-equivalents, decode: 3) and
 ``peak_flops`` (known GPUs only; bf16 or TF32 peak). Peak memory: CUDA ``max_memory_allocated``,
 on CPU the process's peak RSS (``resource.getrusage``, includes the Python/torch baseline).
 """
@@ -176,7 +176,7 @@ def time_encoder(a, device) -> dict:
 
 def run_path(a, name: str) -> dict:
     """One path, in this process."""
-    from elflm.train import peak_flops, step_flops_per_token
+    from elflm.plan import peak_flops, step_flops_per_token
 
     device = torch.device(a.device)
     if name == "encoder":

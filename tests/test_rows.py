@@ -98,7 +98,7 @@ def test_encoder_mask_of_a_batch(g):
     assert encoder_mask(uncond) is uncond["attention_mask"]  # no condition: the (B, L) padding mask
     assert encoder_mask(uncond, torch.ones(3, dtype=torch.bool)) is uncond["attention_mask"]
     assert encoder_mask(cond) is cond["encoder_attention_mask"]
-    assert encoder_mask(cond, torch.zeros(3, dtype=torch.bool)) is cond["encoder_attention_mask"]
+    assert torch.equal(encoder_mask(cond, torch.zeros(3, dtype=torch.bool)), cond["encoder_attention_mask"])
     drop = T(g, "cond/label_drop_rows").bool()
     assert torch.equal(encoder_mask(cond, drop), T(g, "cond/encoder_attention_mask_labeldrop"))
 

@@ -2,7 +2,6 @@
 loss curve and clear errors. Real tokenizer, real prepared data, real torch.distributed (gloo)."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,11 +18,17 @@ from elflm.data import collate
 from elflm.flow import seeded
 from elflm.train import Trainer, make_plan, train
 
-from train_fixtures import make_corpus, make_tiny_t5, tiny_run_config, write_config
-
-ROOT = Path(__file__).resolve().parents[1]
-# subprocesses use this process's thread count, so that kernels reduce in the same order (bit-exact)
-SAME_THREADS = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+from train_fixtures import (
+    ROOT,
+    SAME_THREADS,
+    cli,
+    final_weights,
+    make_corpus,
+    make_tiny_t5,
+    max_diff,
+    tiny_run_config,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -36,21 +41,6 @@ def env(tmp_path_factory, assets_dir, t5_tokenizer_dir):
 
 def run(cfg, progress=False) -> Trainer:
     return train(cfg, progress=progress)
-
-
-def cli(*args, timeout=300, env_extra=None):
-    e = {**SAME_THREADS, **(env_extra or {})}
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
-
-
-def final_weights(out: Path) -> dict:
-    last = TrainingCheckpoint.latest(out)
-    return {**{f"raw/{k}": v for k, v in last.raw().items()}, **{f"ema/{k}": v for k, v in last.ema().items()}}
-
-
-def max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 def test_pinned_loss_curve(env, tmp_path):

@@ -1,12 +1,17 @@
 """Small real components for training tests: a tiny random T5 encoder folder (32 wide, the
-real T5 vocabulary and tokenizer), a prepared Gutenberg slice, prepared Multi30k pairs and a tiny
-random GPT-2 judge."""
+real T5 vocabulary and tokenizer), a prepared Gutenberg slice, prepared Multi30k pairs, a tiny
+random GPT-2 judge, and helpers to run the CLI (also under torchrun) and compare the final weights
+of runs."""
 
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
 
+from elflm.checkpoint import TrainingCheckpoint
 from elflm.config import dump_config, from_dict
 
 from conftest import read_gzip_text
@@ -75,7 +80,7 @@ def tiny_run_config(out: Path, data: Path, encoder: Path, overrides: dict | None
     }
     for key, value in (overrides or {}).items():
         section, name = key.split(".")
-        d[section][name] = value
+        d.setdefault(section, {})[name] = value
     return from_dict(d)
 
 
@@ -118,3 +123,23 @@ def make_tiny_judge(folder: Path, assets_dir: Path) -> Path:
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
     return folder
+
+
+ROOT = Path(__file__).resolve().parents[1]
+# subprocesses use this process's thread count, so that kernels reduce in the same order (bit-exact)
+SAME_THREADS = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+
+
+def cli(*args, timeout=300, env_extra=None):
+    e = {**SAME_THREADS, **(env_extra or {})}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=e, capture_output=True, text=True, timeout=timeout)
+
+
+def final_weights(out: Path) -> dict:
+    last = TrainingCheckpoint.latest(out)
+    return {**{f"raw/{k}": v for k, v in last.raw().items()}, **{f"ema/{k}": v for k, v in last.ema().items()}}
+
+
+def max_diff(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -2,8 +2,8 @@
 printing errors. Every command here is a thin layer over functions of the package (the same ones
 the Python API documents); errors raised where a bad value enters are printed as one line.
 
-Commands: prepare, train, sample, eval, sweep, convert, push, serve, quickstart. ``sample``, ``eval``
-and ``sweep`` also run under ``torchrun`` (the work shared over the processes, rank 0 writing).
+Commands: prepare, train, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
+``eval`` and ``sweep`` also run under ``torchrun`` (the work shared over the processes, rank 0 writing).
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ from .config import SampleConfig, load_config, read_sampling_configs, sample_con
 from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
 from .distributed import resolve_device
+from .encoder import build_encoder
 from .files import column, first_field, read_records, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
 from .model import ELF
+from .plan import format_plan, parse_memory, plan
 from .sampling import PRECISIONS
 from .train import train
 
@@ -376,6 +378,62 @@ def _run_train(a) -> int:
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- plan
+
+
+def gpu_memory(text: str) -> int:
+    try:
+        return parse_memory(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def fraction(text: str) -> float:
+    value = non_negative(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+    return value
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config file, or the name of a bundled one (e.g. elf-b-owt)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.precision=bf16 data.max_length=1024")
+    p.add_argument("--gpus", type=positive_int, default=1, help="GPUs (processes) of the run (default 1)")
+    p.add_argument("--gpu", default="H100", help="GPU model for the peak FLOP/s: H100, H200 or A100 (default H100)")
+    p.add_argument("--gpu-memory", type=gpu_memory, default=80 * 2**30, help="memory per GPU, e.g. 80GB, 141GB")
+    p.add_argument(
+        "--micro-batch", type=positive_int, default=None, help="rows per GPU per micro-batch (default: the config's)"
+    )
+    p.add_argument(
+        "--headroom", type=fraction, default=0.1, help="fraction of GPU memory kept free for what is not tensors"
+    )
+    p.add_argument("--no-suggest", action="store_true", help="skip the search for the largest micro-batch")
+    p.add_argument("--json", default=None, help="also write the report as JSON to this file ('-': stdout only)")
+
+
+def _run_plan(a) -> int:
+    if a.json not in (None, "-") and (Path(a.json).is_dir() or not Path(a.json).parent.is_dir()):
+        raise ValueError(f"--json {a.json}: expected a file name in an existing folder")
+    cfg = load_config(a.config, a.overrides)
+    report = plan(
+        cfg,
+        build_encoder(cfg.encoder),
+        gpus=a.gpus,
+        gpu=a.gpu,
+        gpu_memory=a.gpu_memory,
+        micro_batch=a.micro_batch,
+        headroom=a.headroom,
+        suggest=not a.no_suggest,
+    )
+    if a.json == "-":
+        print(json.dumps(report.to_dict(), indent=1))
+        return 0
+    print(format_plan(report))
+    if a.json:
+        Path(a.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
     return 0
 
 
@@ -917,6 +975,11 @@ def _run_quickstart(a) -> int:
 COMMANDS = {
     "prepare": (_prepare_args, _run_prepare, "tokenise and pack a corpus into training shards"),
     "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
+    "plan": (
+        _plan_args,
+        _run_plan,
+        "memory per GPU, FLOPs per token, throughput per MFU and the largest micro-batch of a training config",
+    ),
     "sample": (
         _sample_args,
         _run_sample,

@@ -145,6 +145,7 @@ class DataConfig:
     text_field: str = "text"  # unconditional JSONL / dataset column
     source_field: str = "source"  # conditional: the condition ...
     target_field: str = "target"  # ... and the text to generate
+    num_workers: int = 0  # DataLoader worker processes (the order is the plan's whatever the number)
 
     @property
     def conditional(self) -> bool:
@@ -209,7 +210,8 @@ class TrainConfig:
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["fp32", "bf16"] = "fp32"
-    compile: bool = False
+    compile: bool = False  # torch.compile each transformer block
+    activation_checkpointing: bool = False  # recompute each block in backward instead of keeping its activations
     distributed: Literal["auto", "none", "ddp", "fsdp"] = "auto"
     # branch draw: per_device (official: each micro-batch draws its own), per_step (one for all);
     # auto = per_device, but per_step under FSDP, whose collectives need the same passes on every rank
@@ -424,7 +426,7 @@ OFFICIAL_SAMPLING_DEFAULTS = dict(
     sde_gamma=0.0,
 )
 _SAME = {
-    "data": ["max_length", "max_input_length", "pad_token"],
+    "data": ["max_length", "max_input_length", "pad_token", "num_workers"],
     "model": ["bottleneck_dim", "num_time_tokens", "num_self_cond_cfg_tokens"],
     "objective": [
         "t_eps",
@@ -505,10 +507,9 @@ OFFICIAL_UNUSED = {
     "save_freq": "epochs; train.save_every counts steps",
     "hf_repo_id": "upload with `elflm push`",
     "wandb_resume": "a resumed run continues the W&B run of its output_dir",
-    "num_workers": "rows are memory-mapped shards; no loader workers",
-    "prefetch_factor": "no loader workers",
-    "pin_memory": "no loader workers",
-    "persistent_workers": "no loader workers",
+    "prefetch_factor": "the loader keeps its default prefetch (data.num_workers sets the workers)",
+    "pin_memory": "memory is pinned whenever the device is CUDA",
+    "persistent_workers": "the loader's workers live for the whole run",
     "use_flash": "scaled_dot_product_attention picks flash attention itself",
     "epoch_eval_num_samples": "train.preview_samples",
     "epoch_eval_num_sampling_steps": "the sample section",
@@ -974,6 +975,7 @@ _POSITIVE_INT = [
     "sample.num_samples",
 ]
 _NON_NEGATIVE = [
+    "data.num_workers",
     "model.num_time_tokens",
     "model.num_self_cond_cfg_tokens",
     "model.num_mode_tokens",

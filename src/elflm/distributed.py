@@ -1,4 +1,5 @@
-"""torchrun process groups, DDP / FSDP2 wrapping, full (gathered) state dicts and gathered objects."""
+"""torchrun process groups, DDP / FSDP2 wrapping (FSDP2 with a bf16 mixed-precision policy), full
+(gathered) state dicts and gathered objects."""
 
 from __future__ import annotations
 
@@ -40,18 +41,20 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
     return device
 
 
-def setup(device: str = "auto") -> Dist:
-    """Initialise the process group when launched by ``torchrun`` (``WORLD_SIZE`` > 1): NCCL on
-    CUDA, gloo on CPU. ``device`` is ``auto``, ``cpu`` or ``cuda`` (each process takes
+def setup(device: str = "auto", group: bool = False) -> Dist:
+    """Initialise the process group when launched by ``torchrun`` with ``WORLD_SIZE`` > 1, or with
+    ``group`` (FSDP needs one, also for one process) whenever ``torchrun`` launched this process:
+    NCCL on CUDA, gloo on CPU. ``device`` is ``auto``, ``cpu`` or ``cuda`` (each process takes
     ``cuda:LOCAL_RANK``)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ
     dev = resolve_device(device)
     if dev.type == "cuda":
         dev = torch.device("cuda", local if world > 1 or dev.index is None else dev.index)
         torch.cuda.set_device(dev)
-    if world > 1 and not dist.is_initialized():
+    if (world > 1 or group and launched) and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local, dev)
 
@@ -61,10 +64,17 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
-    """Wrap for data parallelism: ``ddp``, ``fsdp`` (FSDP2 ``fully_shard`` per block and at the
-    root; float32 parameters, bf16 comes from autocast as with DDP, so the heads stay float32) or
-    ``none``; ``auto`` is DDP when there are several processes."""
+def wrap(model: nn.Module, d: Dist, strategy: str, precision: str = "fp32") -> nn.Module:
+    """Wrap for data parallelism: ``ddp``, ``fsdp`` or ``none``; ``auto`` is DDP when there are
+    several processes.
+
+    * DDP: gradients are views into the all-reduce buckets (no second copy of the gradients);
+      unused parameters allowed (each step takes one branch, so the other head gets no gradient).
+    * FSDP2: ``fully_shard`` per block, then at the root. With ``precision="bf16"`` the blocks'
+      parameters are all-gathered in bf16 and their gradients reduce-scattered in float32 into the
+      float32 shards (master weights); the root (input projections, control tokens, heads) stays
+      float32, and block inputs are not cast, so the residual stream stays float32 under autocast
+      as with DDP. Compile blocks (:meth:`~elflm.model.ELF.compile_blocks`) before wrapping."""
     if strategy == "auto":
         strategy = "ddp" if d.world > 1 else "none"
     if strategy == "none" or d.world == 1 and strategy == "ddp":
@@ -73,16 +83,27 @@ def wrap(model: nn.Module, d: Dist, strategy: str) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
         ids = [d.device.index] if d.device.type == "cuda" else None
-        # each step takes one branch, so the other head gets no gradient
-        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True, gradient_as_bucket_view=True)
     if strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if not dist.is_initialized():
+            raise ValueError(
+                "train.distributed=fsdp needs a process group: launch with torchrun (also for one process: "
+                "torchrun --nproc_per_node=1 -m elflm.cli train ...), or set train.distributed=none"
+            )
+        low = torch.bfloat16 if precision == "bf16" else None
+        blocks = MixedPrecisionPolicy(param_dtype=low, reduce_dtype=torch.float32, cast_forward_inputs=False)
         for block in model.blocks:
-            fully_shard(block)
-        fully_shard(model)
+            fully_shard(block, mp_policy=blocks)
+        fully_shard(model, mp_policy=MixedPrecisionPolicy(reduce_dtype=torch.float32, cast_forward_inputs=False))
         return model
     raise ValueError(f"unknown distributed strategy {strategy!r}; expected auto, none, ddp or fsdp")
+
+
+def sharded(model: nn.Module) -> bool:
+    """Whether ``model`` holds FSDP2-sharded (DTensor) parameters."""
+    return any(hasattr(p, "device_mesh") for p in unwrap(model).parameters())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

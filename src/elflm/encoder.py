@@ -85,7 +85,9 @@ class TextEncoder(nn.Module):
         super().__init__()
         if not latent_std > 0:
             raise ValueError(f"latent_std must be > 0, got {latent_std}")
-        self.model = model.float().eval().requires_grad_(False)
+        if any(t.is_floating_point() and t.dtype != torch.float32 for t in [*model.parameters(), *model.buffers()]):
+            model = model.float()  # (a float32 model is kept as it is: also one on fake tensors)
+        self.model = model.eval().requires_grad_(False)
         self.tokenizer = tokenizer
         self.latent_mean, self.latent_std = float(latent_mean), float(latent_std)
         config = model.config

@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from . import kernels
 from .config import ModelConfig
@@ -238,6 +239,7 @@ class ELF(nn.Module, PretrainedModel):
         self.final_layer = FinalLayer(H, C)
         self.decoder = DecodeHead(H, C, c.vocab_size)
         self._rope_cache: dict = {}
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -258,6 +260,23 @@ class ELF(nn.Module, PretrainedModel):
         """Use PyTorch SDPA kernels (True) or the explicit float32 reference attention (False)."""
         for block in self.blocks:
             block.attn.fast = fast
+        return self
+
+    def set_activation_checkpointing(self, on: bool) -> ELF:
+        """Keep only each block's input for backward and recompute the block there (non-reentrant
+        ``torch.utils.checkpoint``, RNG state preserved: dropout redraws the same masks), under grad
+        mode only: block activations shrink to one (B, P + L, H) tensor per block for about one more
+        forward of the blocks. Same losses and gradients (tested bit for bit on CPU)."""
+        self.activation_checkpointing = bool(on)
+        return self
+
+    def compile_blocks(self, **options) -> ELF:
+        """Compile each block's ``forward`` in place with ``torch.compile(**options)`` (parameter names
+        unchanged). Module hooks stay outside the compiled code, so wrappers applied afterwards (FSDP2's
+        per-block all-gathers, :meth:`set_activation_checkpointing`) work as without compile: compile
+        blocks first, then shard (as torchtitan does)."""
+        for block in self.blocks:
+            block.forward = torch.compile(block.forward, **options)
         return self
 
     def num_params(self) -> int:
@@ -337,8 +356,9 @@ class ELF(nn.Module, PretrainedModel):
         if attention_mask is not None:
             ones = attention_mask.new_ones(attention_mask.shape[0], P)
             mask = torch.cat([ones, attention_mask], dim=1).bool()
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            h = block(h, rope, mask)
+            h = checkpoint(block, h, rope, mask, use_reentrant=False) if recompute else block(h, rope, mask)
         with torch.autocast(device.type, enabled=False):
             h = h[:, P:].to(dtype)
             x_hat = self.final_layer(h)

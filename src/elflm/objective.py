@@ -156,9 +156,11 @@ def training_loss(
     return loss_from_latents(model, x0, batch, cfg, d, reuse_prediction, fused_ce)
 
 
-def logged_losses(out: LossOutput, cfg: ObjectiveConfig) -> dict[str, float]:
-    """The official logged parts: the branch loss divided by its probability, the other 0."""
-    value = float(out.loss.detach())
+def logged_losses(out: LossOutput, cfg: ObjectiveConfig) -> dict[str, torch.Tensor]:
+    """The official logged parts: the branch loss divided by its probability, the other 0; 0-dim
+    float64 tensors on the loss's device (no host sync: the training loop reads them when it logs)."""
+    value = out.loss.detach().double()
     p = cfg.decoder_prob if out.decode else 1 - cfg.decoder_prob
-    part = value / p if p > 0 else 0.0
-    return {"loss": value, "ce_loss": part if out.decode else 0.0, "l2_loss": 0.0 if out.decode else part}
+    part = value / p if p > 0 else torch.zeros_like(value)
+    zero = torch.zeros_like(value)
+    return {"loss": value, "ce_loss": part if out.decode else zero, "l2_loss": zero if out.decode else part}

@@ -171,7 +171,7 @@ def calibrate(trainer, decoder_prob: float, max_steps: int = 12) -> float:
         t0 = time.perf_counter()
         stats = trainer.train_step()
         if k:
-            times[stats["ce_loss"] > 0].append(time.perf_counter() - t0)
+            times[bool(stats["ce_loss"] > 0)].append(time.perf_counter() - t0)
         if len(times[False]) >= 2 and len(times[True]) >= 1:
             break
     every = times[True] + times[False]

@@ -7,6 +7,12 @@ seeded with ``(seed, s, j)``, and the data order of an epoch from ``(seed, epoch
 therefore a pure function of the weights, the optimizer state and ``s``, so resuming at ``s``
 continues the same run, and K processes × 1 micro-batch equal 1 process × K micro-batches.
 
+Per step the loop pays only for the step: batches come from a ``DataLoader`` (``data.num_workers``
+workers, pinned memory, non-blocking copies; the order is the plan's, whatever the number of
+workers), their masks are built on the device (the (B, L, L) encoder mask only for rows with a
+condition), and the logged statistics stay on the device until ``log_every``, where they are
+reduced over processes and read once.
+
 Previews and evaluations (``train.preview_every``, ``train.eval_every``) sample with a copy of the
 network holding the EMA weights, from their own per-row streams, with the global random state
 saved and restored around them: a run trains bit-identically with and without them.
@@ -16,23 +22,27 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import numpy as np
 import torch
+from torch.utils.data import DataLoader
 
 from . import distributed, objective, tracking
 from . import evaluate as ev
-from .checkpoint import TrainingCheckpoint
+from .checkpoint import CheckpointError, TrainingCheckpoint
 from .config import Config, dump_config
-from .data import collate, encoder_mask, training_dataset
+from .data import collate, collate_rows, device_batch, encoder_mask, training_dataset
 from .encoder import build_encoder
 from .flow import seeded
 from .model import ELF
 from .optim import EMA, build_optimizer, clip_grad_norm_, lr_at
+from .plan import peak_flops, step_flops_per_token
+
+STATS = ("loss", "l2_loss", "ce_loss", "grad_norm")  # the logged statistics of a step, in this order
 
 
 @functools.lru_cache(maxsize=2)
@@ -74,43 +84,18 @@ def make_plan(cfg: Config, n_rows: int, world: int) -> Plan:
     return Plan(G, micro, accum, world, spe, total, warm)
 
 
-def flops_per_token(m, length: int, decode: bool) -> float:
-    """Forward FLOPs per text token of the ELF network (matmuls + attention), control tokens
-    counted in the sequence."""
-    H, C, D = m.hidden_size, m.encoder_dim, m.depth
-    hidden = int(int(H * m.mlp_ratio) * 2 / 3)
-    n = length + m.num_time_tokens + m.num_self_cond_cfg_tokens + m.num_mode_tokens
-    per_block = 2 * (3 * H * H + H * H + 3 * H * hidden) + 4 * n * H
-    io = 2 * (2 * C * C + C * m.bottleneck_dim + m.bottleneck_dim * H + H * C)
-    head = 2 * (H * C + C * m.vocab_size) if decode else 0
-    return (D * per_block + io) * n / length + head
+class MicroBatches(torch.utils.data.Sampler):
+    """The ``DataLoader`` batch sampler of one rank: the dataset rows of its micro-batches
+    ``j = rank·accum + m`` (m < ``accum``) of step ``start``, then of every later step, in training
+    order (an endless stream; :meth:`Plan.indices`)."""
 
+    def __init__(self, plan: Plan, n_rows: int, seed: int, rank: int, start: int):
+        self.plan, self.n_rows, self.seed, self.rank, self.start = plan, n_rows, seed, rank, start
 
-def step_flops_per_token(m, length: int, decoder_prob: float) -> float:
-    """Expected training FLOPs per token of one step: the denoise branch runs a no-grad forward
-    on the self-conditioned half of the rows and one forward + backward (3.5 forwards), the decode
-    branch forward + backward (3)."""
-    return (1 - decoder_prob) * 3.5 * flops_per_token(m, length, False) + decoder_prob * 3 * flops_per_token(
-        m, length, True
-    )
-
-
-PEAK_TFLOPS = {
-    "H100": {"bf16": 989.0, "fp32": 495.0},
-    "H200": {"bf16": 989.0, "fp32": 495.0},
-    "A100": {"bf16": 312.0, "fp32": 156.0},
-}
-
-
-def peak_flops(device: torch.device, precision: str) -> float | None:
-    """Dense peak FLOP/s of a known GPU (TF32 for fp32), or None (CPU / unknown)."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, table in PEAK_TFLOPS.items():
-        if key in name:
-            return table[precision] * 1e12
-    return None
+    def __iter__(self):
+        for step in itertools.count(self.start):
+            for m in range(self.plan.accum):
+                yield self.plan.indices(self.n_rows, self.seed, step, self.rank * self.plan.accum + m).tolist()
 
 
 @torch.no_grad()
@@ -137,7 +122,7 @@ class Trainer:
 
     def __init__(self, cfg: Config, device: str | None = None):
         self.cfg = cfg
-        self.dist = distributed.setup(device or cfg.train.device)
+        self.dist = distributed.setup(device or cfg.train.device, group=cfg.train.distributed == "fsdp")
         dev = self.dist.device
         self.encoder = build_encoder(cfg.encoder, device=dev)
         self.dataset = training_dataset(cfg, self.encoder, progress=self.dist.main)  # checked against cfg
@@ -166,26 +151,25 @@ class Trainer:
             )
         if dev.type == "cuda":  # float32 heads and encoder run on TF32 tensor cores
             torch.set_float32_matmul_precision("high")
-        self.model = distributed.wrap(model, self.dist, cfg.train.distributed)
+        model.set_activation_checkpointing(cfg.train.activation_checkpointing)
+        if cfg.train.compile:  # per block, before sharding: FSDP's hooks stay outside the compiled code
+            model.compile_blocks()
+        self.model = distributed.wrap(model, self.dist, strategy, cfg.train.precision)
         self.net = distributed.unwrap(self.model)
-        if cfg.train.compile:
-            for block in self.net.blocks:  # in place: parameter names stay the same
-                block.compile()
+        self.sharded = distributed.sharded(self.net)
         self.optimizer = build_optimizer(self.net, cfg.train)
+        self.param_names = [n for n, p in self.net.named_parameters() if p.requires_grad]  # the optimizer's order
         self.ema = EMA(self.net, decay=cfg.train.ema_decay)
         self.step = 0
         self.out = Path(cfg.train.output_dir)
         self.tracker = None
         self.ema_net: ELF | None = None  # the EMA weights in a plain copy, for sampling
+        self._batches, self._batches_step = None, None  # the loader's iterator, the step it is at
 
     # ------------------------------------------------------------------ state
     def save(self) -> Path | None:
-        """Write model, EMA, optimizer, step and config; collective under FSDP."""
-        raw = distributed.full_state_dict(self.net)
-        ema = {k: distributed.full_tensor(v).detach().cpu().clone() for k, v in self.ema.state_dict().items()}
-        optimizer = self._full_optimizer_state()
-        if not self.dist.main:
-            return None
+        """Write model, EMA, optimizer, step and config. Under FSDP every rank writes its own shards
+        (collective, nothing gathered); otherwise the main rank writes full tensors."""
         state = {
             "step": self.step,
             "epoch": self.step // self.plan.steps_per_epoch,
@@ -195,68 +179,122 @@ class Trainer:
             "plan": vars(self.plan),
             "model_config": vars(self.model_config),
         }
+        keep = self.cfg.train.keep_last
+        if self.sharded:
+            ckpt = TrainingCheckpoint.write_sharded(
+                self.out,
+                self.step,
+                tensors=self.sharded_state(),
+                config=self.cfg,
+                state={**state, "optimizer_param_groups": self.optimizer.state_dict()["param_groups"]},
+                keep_last=keep,
+                main=self.dist.main,
+            )
+            return ckpt.path if ckpt is not None else None
+        if not self.dist.main:
+            return None
+        copy = lambda t: t.detach().cpu().clone()  # noqa: E731
+        sd = self.optimizer.state_dict()
+        optimizer = {
+            "state": {
+                k: {n: copy(v) if torch.is_tensor(v) else v for n, v in s.items()} for k, s in sd["state"].items()
+            },
+            "param_groups": sd["param_groups"],
+        }
         ckpt = TrainingCheckpoint.write(
             self.out,
             self.step,
-            raw=raw,
-            ema=ema,
+            raw={k: copy(v) for k, v in self.net.state_dict().items()},
+            ema={k: copy(v) for k, v in self.ema.state_dict().items()},
             optimizer=optimizer,
             config=self.cfg,
             state=state,
-            keep_last=self.cfg.train.keep_last,
+            keep_last=keep,
         )
         return ckpt.path
 
-    def _full_optimizer_state(self) -> dict:
+    def sharded_state(self) -> dict:
+        """The live training tensors as the flat dict of a sharded checkpoint: ``raw/<name>``,
+        ``ema/<name>``, ``optimizer/<name>/<field>`` (DTensor shards under FSDP)."""
+        out = {f"raw/{k}": v for k, v in self.net.state_dict().items()}
+        out.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
         sd = self.optimizer.state_dict()
-        state = {
-            k: {n: distributed.full_tensor(v).cpu() if torch.is_tensor(v) else v for n, v in s.items()}
-            for k, s in sd["state"].items()
-        }
-        return {"state": state, "param_groups": sd["param_groups"]}
+        for i, fields in sd["state"].items():
+            out.update({f"optimizer/{self.param_names[i]}/{f}": v for f, v in fields.items()})
+        return out
 
     def load(self, path: str | Path) -> None:
-        """Restore a checkpoint folder written by :meth:`save` (or the run's latest)."""
+        """Restore a checkpoint folder written by :meth:`save` (or the run's latest), full or
+        sharded, whatever the number of processes and the strategy that wrote it (collective under
+        FSDP and for sharded checkpoints)."""
         ckpt = TrainingCheckpoint.find(path)
         if ckpt is None:
             raise FileNotFoundError(
                 f"no complete training checkpoint at {path} (a folder with "
                 f"{TrainingCheckpoint.STATE}, or a run folder with {TrainingCheckpoint.FOLDER}/step_*)"
             )
-        raw_sd, ema_sd, optim_sd, meta = ckpt.raw(), ckpt.ema(), ckpt.optimizer(), ckpt.state()
-        distributed.load_full_state_dict(self.net, raw_sd)
-        self.ema.load_state_dict({k: self._like_param(k, v) for k, v in ema_sd.items()})
-        params = dict(self.net.named_parameters())
-        order = [n for n, _ in self.net.named_parameters()]
-        for k, s in optim_sd["state"].items():
-            ref = params[order[int(k)]] if isinstance(k, (int, str)) and str(k).isdigit() else None
-            for n, v in s.items():
-                if ref is not None and torch.is_tensor(v) and v.shape == ref.shape:
-                    s[n] = self._shard_like(v, ref)
-        self.optimizer.load_state_dict(optim_sd)
+        meta = ckpt.state()
+        if ckpt.is_sharded:
+            self._load_sharded(ckpt)
+        else:
+            self._load_full(ckpt)
         self.step = int(meta["step"])
 
-    def _like_param(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        return self._shard_like(value, dict(self.net.named_parameters())[name])
+    def _load_full(self, ckpt: TrainingCheckpoint) -> None:
+        raw_sd, ema_sd, optim_sd = ckpt.raw(), ckpt.ema(), ckpt.optimizer()
+        distributed.load_full_state_dict(self.net, raw_sd)
+        params = dict(self.net.named_parameters())
+        self.ema.load_state_dict({k: _shard_like(v, params[k]) for k, v in ema_sd.items()})
+        for k, s in optim_sd["state"].items():
+            ref = params[self.param_names[int(k)]] if isinstance(k, (int, str)) and str(k).isdigit() else None
+            for n, v in s.items():
+                if ref is not None and torch.is_tensor(v) and v.shape == ref.shape:
+                    s[n] = _shard_like(v, ref)
+        self.optimizer.load_state_dict(optim_sd)
 
-    @staticmethod
-    def _shard_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-        if hasattr(ref, "device_mesh"):
-            from torch.distributed.tensor import distribute_tensor
-
-            return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements)
-        return value.to(ref.device)
+    def _load_sharded(self, ckpt: TrainingCheckpoint) -> None:
+        """Fill the live weights and EMA in place and the optimizer from a sharded checkpoint; the
+        optimizer's tensors are made like their parameter (sharded under FSDP), scalars on the CPU."""
+        entries = ckpt.sharded_entries()
+        raw = dict(self.net.state_dict())
+        have = {k[len("raw/") :] for k in entries if k.startswith("raw/")}
+        if have != raw.keys():
+            diff = sorted(have ^ raw.keys())
+            raise CheckpointError(f"{ckpt.path}: the checkpoint's weights do not fit this model: {diff[:5]}")
+        targets = {f"raw/{k}": v for k, v in raw.items()}
+        targets.update({f"ema/{k}": v for k, v in self.ema.state_dict().items()})
+        params = dict(self.net.named_parameters())
+        fields: dict[int, dict[str, str]] = {}
+        for key, m in entries.items():
+            if key.startswith("optimizer/"):  # tensors made like their parameter, scalars (steps) on the CPU
+                name, field = key[len("optimizer/") :].rsplit("/", 1)
+                ref = params[name]
+                size, dtype = tuple(m.size), m.properties.dtype
+                targets[key] = _zeros_like(ref, dtype) if size == tuple(ref.shape) else torch.zeros(size, dtype=dtype)
+                fields.setdefault(self.param_names.index(name), {})[field] = key
+        ckpt.load_sharded(targets)
+        state = {i: {f: targets[k] for f, k in fs.items()} for i, fs in fields.items()}
+        self.optimizer.load_state_dict({"state": state, "param_groups": ckpt.state()["optimizer_param_groups"]})
 
     # ------------------------------------------------------------------ loop
-    def batch(self, rows: torch.Tensor) -> dict:
-        return {
-            k: v.to(self.dist.device, non_blocking=True) if torch.is_tensor(v) else v
-            for k, v in collate([self.dataset[int(i)] for i in rows]).items()
-        }
+    def loader(self, start: int) -> DataLoader:
+        """The batches of this rank from step ``start`` on, in training order (:class:`MicroBatches`):
+        ``data.num_workers`` workers collate :func:`~elflm.data.collate_rows` (ids and lengths
+        only), pinned on CUDA; the same batches whatever the number of workers."""
+        workers = self.cfg.data.num_workers
+        return DataLoader(
+            self.dataset,
+            batch_sampler=MicroBatches(self.plan, len(self.dataset), self.cfg.train.seed, self.dist.rank, start),
+            collate_fn=collate_rows,
+            num_workers=workers,
+            pin_memory=self.dist.device.type == "cuda",
+            prefetch_factor=4 if workers else None,
+        )
 
-    def micro_loss(self, batch: dict, j: int) -> tuple[torch.Tensor, dict[str, float]]:
+    def micro_loss(self, batch: dict, j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of micro-batch ``j`` (0 ≤ j < world·accum) of the current step and its logged
-        parts (``loss``, ``l2_loss``, ``ce_loss``); every draw comes from ``(seed, step, j)``."""
+        parts (``loss``, ``l2_loss``, ``ce_loss``: 0-dim tensors or floats); every draw comes from
+        ``(seed, step, j)``."""
         cfg, d = self.cfg, self.dist
         B, L = batch["input_ids"].shape
         draws = objective.draw(
@@ -275,25 +313,32 @@ class Trainer:
         return out.loss, objective.logged_losses(out, cfg.objective)
 
     def train_step(self) -> dict:
-        """One optimizer step over ``accum`` micro-batches (:meth:`micro_loss` each); returns logged metrics."""
+        """One optimizer step over ``accum`` micro-batches (:meth:`micro_loss` each). Returns this
+        rank's statistics without a host sync: ``loss``, ``l2_loss``, ``ce_loss`` (means over the
+        micro-batches) and ``grad_norm`` as 0-dim float64 tensors on the device, ``lr`` a float."""
         cfg, plan, d = self.cfg, self.plan, self.dist
         self.model.train()
-        losses, parts = [], {"l2_loss": [], "ce_loss": []}
+        step = self.step
+        if self._batches is None or self._batches_step != step:  # first step, or the step changed (load)
+            self._batches = iter(self.loader(step))
+        self._batches_step = None  # mid-step until every micro-batch is taken
+        parts = []
         for m in range(plan.accum):
             j = d.rank * plan.accum + m
-            batch = self.batch(plan.indices(len(self.dataset), cfg.train.seed, self.step, j))
-            torch.manual_seed(int(seeded(cfg.train.seed, self.step, j, 1).initial_seed()))  # dropout
+            batch = device_batch(next(self._batches), d.device, non_blocking=True)
+            torch.manual_seed(int(seeded(cfg.train.seed, step, j, 1).initial_seed()))  # dropout
             sync = m == plan.accum - 1 or not hasattr(self.model, "no_sync")
             ctx = contextlib.nullcontext() if sync else self.model.no_sync()
             with ctx, torch.autocast(d.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss, logged = self.micro_loss(batch, j)
                 (loss / plan.accum).backward()
-            losses.append(logged["loss"])
-            for k in parts:
-                parts[k].append(logged[k])
+            parts.append(
+                torch.stack([torch.as_tensor(logged[k], dtype=torch.float64, device=d.device) for k in STATS[:3]])
+            )
+        self._batches_step = step + 1
         grad_norm = clip_grad_norm_(self.net.parameters(), cfg.train.clip)
         lr = lr_at(
-            self.step,
+            step,
             peak=cfg.train.peak_lr,
             warmup=plan.warmup_steps,
             total=plan.total_steps,
@@ -306,17 +351,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.ema.update(self.net)
         self.step += 1
-        stats = torch.tensor(
-            [np.mean(losses), np.mean(parts["l2_loss"]), np.mean(parts["ce_loss"])], dtype=torch.float64
-        )
-        stats = distributed.all_reduce_mean(stats.to(d.device), d).cpu()
-        return {
-            "loss": stats[0].item(),
-            "l2_loss": stats[1].item(),
-            "ce_loss": stats[2].item(),
-            "grad_norm": float(grad_norm),
-            "lr": lr,
-        }
+        means = torch.stack(parts).mean(0)
+        grad_norm = torch.as_tensor(grad_norm).to(d.device, torch.float64)
+        return {**dict(zip(STATS[:3], means.unbind())), "grad_norm": grad_norm, "lr": lr}
+
+    def reduce_stats(self, window: list[dict]) -> dict[str, float]:
+        """The means over the steps of ``window`` (:meth:`train_step` results) of :data:`STATS`, the
+        losses averaged over processes too: one all-reduce and one host read (at ``log_every``)."""
+        means = torch.stack([torch.stack([w[k] for k in STATS]) for w in window]).mean(0)
+        losses = distributed.all_reduce_mean(means[:3], self.dist)
+        return dict(zip(STATS, torch.cat([losses, means[3:]]).tolist()))
 
     def fit(self, progress: bool = True) -> list[dict]:
         """Train until ``plan.total_steps``; returns the logged records."""
@@ -339,41 +383,39 @@ class Trainer:
 
             bar = tqdm(total=plan.total_steps, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         records, window, t0 = [], [], time.perf_counter()
-        while self.step < plan.total_steps:
-            stats = self.train_step()
-            window.append(stats)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats['loss']:.4f}")
-            last = self.step == plan.total_steps
-            if self.step % cfg.train.log_every == 0 or last:
-                if d.device.type == "cuda":
-                    torch.cuda.synchronize(d.device)
-                dt = time.perf_counter() - t0
-                rec = {
-                    "step": self.step,
-                    **{k: float(np.mean([w[k] for w in window])) for k in ("loss", "l2_loss", "ce_loss", "grad_norm")},
-                    "lr": stats["lr"],
-                }
-                rec["tokens_per_s"] = tokens_per_step * len(window) / dt
-                rec["mfu"] = flops * len(window) / dt / (peak * d.world) if peak else None
-                if d.device.type == "cuda":
-                    rec["max_memory_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
-                records.append(rec)
-                if d.main:
-                    self.tracker.log(rec)
-                window, t0 = [], time.perf_counter()
-            t_sampling = time.perf_counter()
-            if cfg.train.preview_every and self.step % cfg.train.preview_every == 0:
-                self.preview(bar)
-            if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
-                rec = self.evaluation.evaluate(self.ema_model(), self.step)
-                records.append(rec)
-                if d.main:
-                    self.tracker.log(rec)
-            t0 += time.perf_counter() - t_sampling  # tokens/s counts training time only
-            if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
-                self.save()
+        try:
+            while self.step < plan.total_steps:
+                stats = self.train_step()
+                window.append(stats)
+                if bar is not None:
+                    bar.update(1)
+                last = self.step == plan.total_steps
+                if self.step % cfg.train.log_every == 0 or last:
+                    rec = {"step": self.step, **self.reduce_stats(window), "lr": stats["lr"]}
+                    dt = time.perf_counter() - t0  # after the host read: the window's work is done
+                    rec["tokens_per_s"] = tokens_per_step * len(window) / dt
+                    rec["mfu"] = flops * len(window) / dt / (peak * d.world) if peak else None
+                    if d.device.type == "cuda":
+                        rec["max_memory_gb"] = torch.cuda.max_memory_allocated(d.device) / 2**30
+                    records.append(rec)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{rec['loss']:.4f}")
+                    if d.main:
+                        self.tracker.log(rec)
+                    window, t0 = [], time.perf_counter()
+                t_sampling = time.perf_counter()
+                if cfg.train.preview_every and self.step % cfg.train.preview_every == 0:
+                    self.preview(bar)  # every rank: under FSDP the forwards are collective
+                if cfg.train.eval_every and self.step % cfg.train.eval_every == 0:
+                    rec = self.evaluation.evaluate(self.ema_model(), self.step)
+                    records.append(rec)
+                    if d.main:
+                        self.tracker.log(rec)
+                t0 += time.perf_counter() - t_sampling  # tokens/s counts training time only
+                if (cfg.train.save_every and self.step % cfg.train.save_every == 0) or last:
+                    self.save()
+        finally:
+            self._batches = None  # stops the loader's workers
         if bar is not None:
             bar.close()
         if self.tracker is not None:
@@ -400,6 +442,24 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.text("preview", "\n\n".join(lines), self.step)
         return lines
+
+
+def _shard_like(value: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor) on ``ref``'s device, split like ``ref`` when that is a DTensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        return distribute_tensor(value.to(ref.device), ref.device_mesh, ref.placements)
+    return value.to(ref.device)
+
+
+def _zeros_like(ref: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Zeros shaped, placed and (for a DTensor) sharded like ``ref``, without a full-size tensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import zeros
+
+        return zeros(ref.shape, dtype=dtype, device_mesh=ref.device_mesh, placements=ref.placements)
+    return torch.zeros(ref.shape, dtype=dtype, device=ref.device)
 
 
 def train(cfg: Config, device: str | None = None, progress: bool = True) -> Trainer:

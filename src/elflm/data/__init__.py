@@ -10,9 +10,12 @@ from .rows import (
     batch_from_rows,
     build_rows,
     collate,
+    collate_rows,
+    device_batch,
     encoder_attention_mask,
     encoder_mask,
     loss_mask,
+    row_masks,
 )
 
 __all__ = [
@@ -22,6 +25,8 @@ __all__ = [
     "build_rows",
     "check_dataset",
     "collate",
+    "collate_rows",
+    "device_batch",
     "encoder_attention_mask",
     "encoder_mask",
     "load_hf_dataset",
@@ -29,4 +34,5 @@ __all__ = [
     "prepare",
     "read_meta",
     "training_dataset",
+    "row_masks",
 ]

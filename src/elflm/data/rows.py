@@ -99,18 +99,23 @@ def apply_label_drop(mask: torch.Tensor, cond_seq_mask: torch.Tensor, drop: torc
     return mask.float() * (1 - d[:, None, None] * (1 - cond)[:, :, None] * cond[:, None, :])
 
 
+def row_masks(lengths: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``attention_mask`` (``i < total_len``) and ``cond_seq_mask`` (``i < cond_len``), both (B, L)
+    float32 on the device of ``lengths`` (B, 2) ``[cond_len, total_len]``."""
+    pos = torch.arange(length, device=lengths.device)
+    return (pos < lengths[:, 1:]).float(), (pos < lengths[:, :1]).float()
+
+
 def batch_from_rows(rows, lengths) -> dict[str, torch.Tensor]:
-    """The model batch from rows (B, L) of ids and lengths (B, 2) ``[cond_len, total_len]``:
-    ``input_ids`` (B, L) int64, ``attention_mask`` (B, L) float32 (``i < total_len``),
-    ``cond_seq_mask`` (B, L) float32 (``i < cond_len``) and ``encoder_attention_mask`` (B, L, L)
-    float32 (see :func:`encoder_attention_mask`)."""
+    """The model batch from rows (B, L) of ids and lengths (B, 2) ``[cond_len, total_len]``, as the
+    official collate builds it: ``input_ids`` (B, L) int64, ``attention_mask`` and ``cond_seq_mask``
+    (B, L) float32 (:func:`row_masks`) and ``encoder_attention_mask`` (B, L, L) float32 (see
+    :func:`encoder_attention_mask`). The training loop builds the lean :func:`device_batch` instead."""
     ids = torch.as_tensor(np.asarray(rows, dtype=np.int64))
     lengths = torch.as_tensor(np.asarray(lengths, dtype=np.int64))
     if ids.dim() != 2 or lengths.shape != (ids.shape[0], 2):
         raise ValueError(f"expected rows (B, L) and lengths (B, 2), got {tuple(ids.shape)} and {tuple(lengths.shape)}")
-    pos = torch.arange(ids.shape[1])
-    attention_mask = (pos < lengths[:, 1:]).float()
-    cond_seq_mask = (pos < lengths[:, :1]).float()
+    attention_mask, cond_seq_mask = row_masks(lengths, ids.shape[1])
     return {
         "input_ids": ids,
         "attention_mask": attention_mask,
@@ -119,25 +124,52 @@ def batch_from_rows(rows, lengths) -> dict[str, torch.Tensor]:
     }
 
 
+def collate_rows(items: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """The host side of a training batch, what a ``DataLoader`` worker collates and pins: ``input_ids``
+    (B, L) int64 and ``lengths`` (B, 2) int64 ``[cond_len, total_len]`` of dataset items
+    (``input_ids`` (L,), ``cond_len``, ``total_len``; see :class:`~elflm.data.PackedDataset`). The
+    masks are built from them on the device by :func:`device_batch`."""
+    if not items:
+        raise ValueError("cannot collate an empty list of items")
+    rows = np.stack([np.asarray(it["input_ids"]) for it in items]).astype(np.int64)
+    lengths = np.array([[it["cond_len"], it["total_len"]] for it in items], dtype=np.int64)
+    return {"input_ids": torch.from_numpy(rows), "lengths": torch.from_numpy(lengths)}
+
+
 def collate(items: Sequence[dict]) -> dict[str, torch.Tensor]:
     """Batch of dataset items (``input_ids`` (L,), ``cond_len``, ``total_len``; see
     :class:`~elflm.data.PackedDataset`); see :func:`batch_from_rows` for the keys."""
-    if not items:
-        raise ValueError("cannot collate an empty list of items")
-    rows = np.stack([np.asarray(it["input_ids"]) for it in items])
-    lengths = np.array([[it["cond_len"], it["total_len"]] for it in items], dtype=np.int64)
-    return batch_from_rows(rows, lengths)
+    rows = collate_rows(items)
+    return batch_from_rows(rows["input_ids"], rows["lengths"])
+
+
+def device_batch(
+    rows: dict[str, torch.Tensor], device, non_blocking: bool = False, conditional: bool | None = None
+) -> dict[str, torch.Tensor]:
+    """The model batch of :func:`collate_rows` output, on ``device``: the ids and lengths are copied
+    (``non_blocking`` from pinned memory) and the masks built there: ``attention_mask``,
+    ``cond_seq_mask`` (B, L) and, only when some row has a condition (``conditional``; None: read
+    from the host ``lengths``, no device sync), ``encoder_attention_mask`` (B, L, L). Without it the
+    rows are encoded with the (B, L) ``attention_mask``, which their (B, L, L) mask would equal."""
+    ids = rows["input_ids"].to(device, non_blocking=non_blocking)
+    lengths = rows["lengths"].to(device, non_blocking=non_blocking)
+    attention_mask, cond_seq_mask = row_masks(lengths, ids.shape[1])
+    batch = {"input_ids": ids, "attention_mask": attention_mask, "cond_seq_mask": cond_seq_mask}
+    if bool(rows["lengths"][:, 0].any()) if conditional is None else conditional:
+        batch["encoder_attention_mask"] = encoder_attention_mask(attention_mask, cond_seq_mask)
+    return batch
 
 
 def encoder_mask(batch: dict, label_drop: torch.Tensor | None = None) -> torch.Tensor:
-    """The mask a batch is encoded with: the (B, L, L) ``encoder_attention_mask``, after
-    :func:`apply_label_drop` when ``label_drop`` (B,) marks rows, or, when no row has a
-    condition, the (B, L) ``attention_mask`` it then equals (any HF encoder takes that one)."""
-    if not bool(batch["cond_seq_mask"].any()):
+    """The mask a batch is encoded with: the (B, L, L) ``encoder_attention_mask`` (with
+    :func:`apply_label_drop` of ``label_drop`` (B,) bool, elementwise, no host sync), or the (B, L)
+    ``attention_mask`` it equals when the batch has no (B, L, L) mask (:func:`device_batch` of rows
+    without a condition) or no row with a condition (any HF encoder takes that one)."""
+    mask = batch.get("encoder_attention_mask")
+    if mask is None or not bool(batch["cond_seq_mask"].any()):
         return batch["attention_mask"]
-    mask = batch["encoder_attention_mask"]
-    if label_drop is not None and bool(label_drop.any()):
-        mask = apply_label_drop(mask, batch["cond_seq_mask"], label_drop)
+    if label_drop is not None:
+        mask = apply_label_drop(mask, batch["cond_seq_mask"], label_drop.to(mask.device))
     return mask
 
 
