@@ -2,7 +2,7 @@
 printing errors. Every command here is a thin layer over functions of the package (the same ones
 the Python API documents); errors raised where a bad value enters are printed as one line.
 
-Commands: prepare, train, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
+Commands: prepare, train, distill, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
 ``eval`` and ``sweep`` also run under ``torchrun`` (the work shared over the processes, rank 0 writing).
 """
 
@@ -20,9 +20,18 @@ from pathlib import Path
 import torch
 
 from . import distributed, evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
-from .config import SampleConfig, load_config, read_sampling_configs, sample_configs, setting_text
+from .config import (
+    SAMPLER_PRESETS,
+    SampleConfig,
+    load_config,
+    read_sampling_configs,
+    sample_configs,
+    sampler_preset,
+    setting_text,
+)
 from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
+from .distill import TEACHER_RESOLUTION, distill, run_curriculum
 from .distributed import resolve_device
 from .encoder import build_encoder
 from .files import column, first_field, read_records, write_jsonl
@@ -122,6 +131,15 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
         + ("every setting it lists is swept" if lists else "its first setting is used")
         + (" (instead of the flags below)" if lists else "; the flags below override it"),
     )
+    g.add_argument(
+        "--preset",
+        choices=list(SAMPLER_PRESETS),
+        default=None,
+        help="the authors' sampler settings by name: fewstep (distilled students), uncond, cond; --steps picks "
+        "the preset's setting for that many steps"
+        + (" (one setting per --steps value; without --steps every listed setting)" if lists else "")
+        + "; not with --sampling-config",
+    )
     for name, kind, choices, help_ in SAMPLER_FLAGS:
         low = 1 if kind is int else 0
         if lists and name != "grid":
@@ -139,8 +157,12 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
 
 
 def sampler_config(base: SampleConfig, a) -> SampleConfig:
-    """``base`` with the ``--sampling-config`` file's first setting and then the single-valued
-    sampler options given on the command line."""
+    """``base`` with the ``--sampling-config`` file's first setting or the ``--preset`` setting for
+    ``--steps``, and then the single-valued sampler options given on the command line."""
+    if a.sampling_config and a.preset:
+        raise ValueError("give --preset or --sampling-config, not both")
+    if a.preset:
+        base = sampler_preset(a.preset, a.steps, base)
     if a.sampling_config:
         settings = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
         if len(settings) > 1:
@@ -378,6 +400,71 @@ def _run_train(a) -> int:
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="the model to distil: model folder, training run, official checkpoint or Hub id "
+        "(default: distill.teacher of the config)",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config with a distill section (ours, e.g. distill-elf-b-owt, or the authors' flat "
+        "distill_curriculum_ELF-B.yml), or the name of a bundled one",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.pd_step_size=0.25 train.max_steps=100")
+    p.add_argument(
+        "--curriculum",
+        type=listing(int, 1),
+        default=None,
+        metavar="LIST",
+        help="student step counts of successive rounds, e.g. 16,8,4,2,1 (the authors'): round k runs in "
+        "train.output_dir/round<k>_<N>step from the previous round's EMA weights; run the same command again "
+        "to resume a stopped curriculum",
+    )
+    p.add_argument(
+        "--teacher-resolution",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --curriculum: the teacher's Euler sub-step is 1/N of the time span in every round, "
+        f"pd_teacher_steps = N × pd_step_size (default {TEACHER_RESOLUTION}, the authors')",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_distill(a) -> int:
+    if a.curriculum and a.resume:
+        raise ValueError("--resume applies to one round; a curriculum resumes by itself: run the same command again")
+    if a.teacher_resolution and not a.curriculum:
+        raise ValueError(
+            "--teacher-resolution sets the rounds of --curriculum; one round takes distill.pd_teacher_steps"
+        )
+    overrides = list(a.overrides) + ([f"distill.teacher={a.teacher}"] if a.teacher else [])
+    overrides += [f"train.resume={a.resume}"] if a.resume else []
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    cfg = load_config(a.config, overrides, log=log)
+    if a.curriculum:
+        resolution = a.teacher_resolution or TEACHER_RESOLUTION
+        folders = run_curriculum(cfg, a.curriculum, resolution, device=a.device, progress=not a.no_progress)
+        print(f"curriculum done: the {a.curriculum[-1]}-step student is {folders[-1]}", file=sys.stderr)
+    else:
+        distill(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -714,8 +801,15 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 def _run_sweep(a) -> int:
     given = [f"--{n}" for n, *_ in SAMPLER_FLAGS if getattr(a, n.replace("-", "_")) is not None]
+    if a.sampling_config and a.preset:
+        raise ValueError("give --preset or --sampling-config, not both")
     if a.sampling_config and given:
         raise ValueError(f"--sampling-config lists the settings to sweep: drop {', '.join(given)}")
+    if a.preset and set(given) - {"--steps"}:
+        raise ValueError(
+            f"--preset {a.preset} sets the sampler (--steps picks its settings): drop "
+            + ", ".join(sorted(set(given) - {"--steps"}))
+        )
     if bool(a.input) == bool(a.num_samples):
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
     if (a.references or a.reference_field) and not a.input:
@@ -757,6 +851,10 @@ def _sweep_on(a, d: distributed.Dist, out_dir: Path) -> int:
     base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
     if a.sampling_config:
         configs = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
+    elif a.preset and a.steps:
+        configs = [sampler_preset(a.preset, n, base) for n in dict.fromkeys(a.steps)]
+    elif a.preset:
+        configs = sample_configs(SAMPLER_PRESETS[a.preset], base, where=f"sampler preset {a.preset!r}")
     else:
         configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
     judge = evaluate.load_judge(judge_name, device=d.device) if judge_name else None
@@ -975,6 +1073,11 @@ def _run_quickstart(a) -> int:
 COMMANDS = {
     "prepare": (_prepare_args, _run_prepare, "tokenise and pack a corpus into training shards"),
     "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
+    "distill": (
+        _distill_args,
+        _run_distill,
+        "progressive distillation of a trained ELF into a few-step student (one round or a curriculum)",
+    ),
     "plan": (
         _plan_args,
         _run_plan,

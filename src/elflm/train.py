@@ -291,6 +291,10 @@ class Trainer:
             prefetch_factor=4 if workers else None,
         )
 
+    def flops_per_token(self, length: int) -> float:
+        """Expected model FLOPs per token of one step on rows of ``length`` tokens (for the MFU)."""
+        return step_flops_per_token(self.model_config, length, self.cfg.objective.decoder_prob)
+
     def micro_loss(self, batch: dict, j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of micro-batch ``j`` (0 ≤ j < world·accum) of the current step and its logged
         parts (``loss``, ``l2_loss``, ``ce_loss``: 0-dim tensors or floats); every draw comes from
@@ -375,7 +379,7 @@ class Trainer:
             self.tracker = tracking.open_trackers(self.cfg, self.out)
         L = self.dataset.max_length
         tokens_per_step = plan.global_batch * L
-        flops = step_flops_per_token(self.model_config, L, cfg.objective.decoder_prob) * tokens_per_step
+        flops = self.flops_per_token(L) * tokens_per_step
         peak = peak_flops(d.device, cfg.train.precision)
         bar = None
         if progress and d.main:
