@@ -632,12 +632,15 @@ def test_sweep_unconditional_grid_tables_plots_and_resume(models, judge, tmp_pat
     again = read_csv(out / "sweep.csv")
     assert [r["gen_ppl"] for r in again] == [r["gen_ppl"] for r in rows] and {r["samples_per_s"] for r in again} == {""}
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
-    # another seed: the samples are redone
+    # another seed is another sweep: refused in this folder, or with --overwrite redone and the folder replaced
     one = ["--steps", "2", "--method", "ode", "--w", "1"]
-    assert main([*args[:11], *one, "--judge", str(judge), "--seed", "5"]) == 0
+    assert main([*args[:11], *one, "--judge", str(judge), "--seed", "5"]) == 2
+    assert "another sweep (seed 4 → 5); pass --overwrite" in capsys.readouterr().err
+    assert main([*args[:11], *one, "--judge", str(judge), "--seed", "5", "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "[1/1] ode-steps2-w1-cfg1-logit_normal" in err and "(reused)" not in err
     assert read_csv(out / "sweep.csv")[0]["samples_per_s"] != ""
+    assert [p.name for p in (out / "samples").iterdir()] == ["ode-steps2-w1-cfg1-logit_normal.jsonl"]
 
 
 def test_sweep_conditional_with_references(models, tmp_path, capsys):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import files
 from .config import Config, to_dict
 
 INSTALL = "pip install 'elflm[track]'"
@@ -65,15 +66,16 @@ class Console(Tracker):
 
 
 class JsonLines(Tracker):
-    """Appends each record to a JSONL file (``metrics.jsonl``)."""
+    """Appends each record to a JSONL file (``metrics.jsonl``), one whole line per write
+    (:func:`elflm.files.append_line`); a torn last line of an earlier writer is cut off on open."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        files.drop_partial_line(self.path)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(self.path, json.dumps(record))
 
 
 def _scalars(record: dict) -> dict[str, float]:
