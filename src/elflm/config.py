@@ -25,6 +25,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ElflmError
+from .files import write_text
 
 
 class ConfigError(ElflmError, ValueError):
@@ -936,7 +937,8 @@ def to_dict(cfg: Config) -> dict:
 
 def apply_overrides(d: dict, overrides) -> dict:
     """A copy of the YAML dict ``d`` with dotted ``section.key=value`` overrides applied (values
-    parsed as YAML; kept as text for string settings). ``model=elf-m`` (or ``model.preset=``)
+    parsed as YAML; the text exactly as given for settings that take a string, such as paths:
+    ``#``, spaces and line breaks are kept). ``model=elf-m`` (or ``model.preset=``)
     replaces the model section by a preset. An override of a home key drops the stale copies of
     its mirrors."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
@@ -953,13 +955,14 @@ def apply_overrides(d: dict, overrides) -> dict:
             raise _unknown(section, SECTIONS)
         if not dot or "." in name:
             raise ConfigError(f"override {item!r}: expected section.key=value with one dot", key)
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
         tp = _hints(SECTIONS[section]).get(name)
-        if value is not None and not isinstance(value, str) and str in _arms(tp):
-            value = text.strip()
+        if str in _arms(tp) and text.strip():  # a string setting (a path, a name) is taken literally
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text
         current = d.get(section)
         d[section] = {"preset": current} if isinstance(current, str) else dict(current or {})
         d[section][name] = value
@@ -1128,10 +1131,11 @@ def format_changes(changes, limit: int = 8) -> str:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config."""
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config (atomically:
+    :func:`elflm.files.write_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 # ------------------------------------------------------------------------------ validation
