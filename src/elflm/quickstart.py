@@ -45,6 +45,7 @@ from .model import ELF
 from .train import Trainer, train
 
 HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
+UNTRAINED_SAMPLES = 16  # the untrained model writes one token over and over: 16 samples show it
 
 
 @dataclass(frozen=True)
@@ -413,8 +414,9 @@ def _run(
 
     # 3. untrained samples, judge scores of the data and of those samples
     dev, batch = device or cfg.train.device, min(num_samples, 64)
+    num_untrained = min(num_samples, UNTRAINED_SAMPLES)
 
-    def sample(ckpt: Path, path: Path) -> tuple[list[dict], float]:
+    def sample(ckpt: Path, path: Path, count: int) -> tuple[list[dict], float]:
         show(
             [
                 "elflm",
@@ -422,9 +424,9 @@ def _run(
                 "--checkpoint",
                 str(ckpt),
                 "--num-samples",
-                str(num_samples),
+                str(count),
                 "--batch-size",
-                str(batch),
+                str(min(batch, count)),
                 "--seed",
                 str(seed),
                 "--device",
@@ -441,8 +443,8 @@ def _run(
             model,
             encoder,
             settings.sample,
-            num_samples=num_samples,
-            batch_size=batch,
+            num_samples=count,
+            batch_size=min(batch, count),
             seed=seed,
             pad_token=settings.data.pad_token,
             progress=progress,
@@ -450,19 +452,20 @@ def _run(
         write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
         return records, time.perf_counter() - t0
 
-    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl")
+    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl", num_untrained)
+    sample_s *= num_samples / num_untrained  # the trained model's samples, later
     scores, eval_s, judge_model = {}, 0.0, None
     if judge is not None:
-        t0 = time.perf_counter()
         print(f"\nloading the judge {judge}")
         judge_model, judge_tok = load_judge(judge, device=resolve_device(dev))
+        t0 = time.perf_counter()
         for name, texts in (
             ("held-out data", references),
             ("untrained ELF (step 0)", [r["text"] for r in untrained_records]),
             (UNIGRAM_ROW, unigram),
         ):
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
-        eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_samples + len(references))
+        eval_s = (time.perf_counter() - t0) * num_samples / (num_samples + num_untrained + len(references))
 
     # 4. train
     if steps is None:
@@ -478,7 +481,7 @@ def _run(
     del trainer
 
     # 5. trained samples, scores, curve, table
-    trained_records, _ = sample(trained_ckpt, out / "samples.jsonl")
+    trained_records, _ = sample(trained_ckpt, out / "samples.jsonl", num_samples)
     print(f"\nsamples of the trained model ({steps} steps; all {num_samples} in {out / 'samples.jsonl'}):")
     for r in trained_records[:5]:
         print(f"  · {r['text']}")
@@ -488,7 +491,7 @@ def _run(
     rows = {
         "held-out data": {"count": len(references)},
         f"trained ELF ({steps} steps)": {"count": num_samples},
-        "untrained ELF (step 0)": {"count": num_samples},
+        "untrained ELF (step 0)": {"count": num_untrained},
         UNIGRAM_ROW: {"count": num_samples},
     }
     if judge_model is not None:
