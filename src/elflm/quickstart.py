@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -45,6 +46,7 @@ from .model import ELF
 from .train import Trainer, train
 
 HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
+TUNED_STEPS = 750  # what ten minutes bought where configs/quickstart.yaml was tuned (0.6 s per step)
 UNTRAINED_SAMPLES = 16  # the untrained model writes one token over and over: 16 samples show it
 
 
@@ -472,6 +474,12 @@ def _run(
         left = minutes * 60 - (time.perf_counter() - start) - sample_s - eval_s - 15  # 15 s: loading, saving, plotting
         steps = max(1, int(left / step_s))
         print(f"\ntraining budget {max(left, 0) / 60:.1f} min → train.max_steps={steps}")
+        if steps < TUNED_STEPS // 2:
+            need = minutes + (TUNED_STEPS - steps) * step_s / 60
+            print(
+                f"note: {steps} steps are far fewer than the ≈{TUNED_STEPS} the recipe was tuned for (a step takes "
+                f"{step_s:.2f} s here): expect word salad; --minutes {math.ceil(need)} trains ≈{TUNED_STEPS} steps"
+            )
     cfg_overrides = fixed + [f"train.output_dir={run_dir}", f"train.max_steps={steps}"]
     show(["elflm", "train", "--config", str(config), *cfg_overrides], commands)
     t0 = time.perf_counter()
