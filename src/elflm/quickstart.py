@@ -47,7 +47,7 @@ from .train import Trainer, train
 
 HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
 TUNED_STEPS = 750  # what ten minutes bought where configs/quickstart.yaml was tuned (0.6 s per step)
-UNTRAINED_SAMPLES = 16  # the untrained model writes one token over and over: 16 samples show it
+BASELINE_SAMPLES = 16  # rows of the two yardsticks (untrained model, word frequencies): they only bracket the scores
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ def run_quickstart(
     minutes: float = 10.0,
     steps: int | None = None,
     num_samples: int = 64,
-    num_references: int = 128,
+    num_references: int = 64,
     judge: str | None = "smollm2",
     config: str | Path | None = None,
     overrides: list[str] = (),
@@ -239,7 +239,8 @@ def run_quickstart(
 
     ``minutes``: wall-clock budget of the whole run; training gets what the other steps leave
     (measured as they run). ``steps``: train exactly that many steps instead (no timing).
-    ``num_samples`` per model; ``num_references`` held-out rows; ``judge``: ``"smollm2"``, any
+    ``num_samples`` of the trained model (of the untrained model and the word-frequency baseline,
+    at most :data:`BASELINE_SAMPLES`); ``num_references`` held-out rows; ``judge``: ``"smollm2"``, any
     judge :func:`elflm.evaluate.load_judge` takes, or None (no Gen PPL). ``overrides``: dotted
     config overrides (``model.depth=6``). ``overwrite``: replace an earlier quickstart in ``output``.
 
@@ -386,12 +387,13 @@ def _run(
             progress=progress,
         )
     tokenizer = load_tokenizer(enc_dir)
+    num_baseline = min(num_samples, BASELINE_SAMPLES)
     references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
     ref_file = out / "corpus" / "heldout-rows.txt"
     write_text(ref_file, "".join(t.replace("\n", " ") + "\n" for t in references))
     unigram = [
         tokenizer.decode(row.tolist(), skip_special_tokens=True)
-        for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_samples, seed)
+        for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_baseline, seed)
     ]
     write_text(out / "corpus" / "word-frequency-rows.txt", "".join(t.replace("\n", " ") + "\n" for t in unigram))
 
@@ -416,7 +418,6 @@ def _run(
 
     # 3. untrained samples, judge scores of the data and of those samples
     dev, batch = device or cfg.train.device, min(num_samples, 64)
-    num_untrained = min(num_samples, UNTRAINED_SAMPLES)
 
     def sample(ckpt: Path, path: Path, count: int) -> tuple[list[dict], float]:
         show(
@@ -454,8 +455,8 @@ def _run(
         write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
         return records, time.perf_counter() - t0
 
-    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl", num_untrained)
-    sample_s *= num_samples / num_untrained  # the trained model's samples, later
+    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl", num_baseline)
+    sample_s *= num_samples / num_baseline  # the trained model's samples, later
     scores, eval_s, judge_model = {}, 0.0, None
     if judge is not None:
         print(f"\nloading the judge {judge}")
@@ -467,7 +468,7 @@ def _run(
             (UNIGRAM_ROW, unigram),
         ):
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
-        eval_s = (time.perf_counter() - t0) * num_samples / (num_samples + num_untrained + len(references))
+        eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_baseline + len(references))
 
     # 4. train
     if steps is None:
@@ -499,8 +500,8 @@ def _run(
     rows = {
         "held-out data": {"count": len(references)},
         f"trained ELF ({steps} steps)": {"count": num_samples},
-        "untrained ELF (step 0)": {"count": num_untrained},
-        UNIGRAM_ROW: {"count": num_samples},
+        "untrained ELF (step 0)": {"count": num_baseline},
+        UNIGRAM_ROW: {"count": num_baseline},
     }
     if judge_model is not None:
         show(
