@@ -7,11 +7,12 @@ ones, with ``configs/quickstart.yaml`` (each printed as the equivalent command l
 
 1. split the speeches into train / held-out (every 10th speech in date order is held out) and
    ``elflm prepare`` both into 64-token rows;
-2. build the run at step 0: that checkpoint is the *untrained* model; time a few training steps
-   to turn the time budget into ``train.max_steps``;
+2. build the run at step 0: that checkpoint is the *untrained* model;
 3. sample the untrained model and score it and the held-out rows with the judge (timed, so the
    budget keeps room for the same work after training);
-4. ``elflm train`` for ``max_steps`` (checkpoints, EMA, logging, progress bar);
+4. time a few training steps of the step-0 run (now, as loaded as the machine is when training
+   starts) to turn what is left of the budget into ``train.max_steps``; ``elflm train`` for
+   ``max_steps`` (checkpoints, EMA, logging, progress bar);
 5. ``elflm sample`` the trained model, score it, draw the loss curve and print the table
    held-out data / trained / untrained / word-frequency baseline (Gen PPL and entropy under the
    judge; the baseline draws tokens independently with the data's frequencies).
@@ -406,15 +407,10 @@ def _run(
     ]
     cfg = load_config(config, fixed + [f"train.output_dir={untrained_dir}"])
 
-    # 2. the untrained model (step 0 of the same run) and the step time
+    # 2. the untrained model (step 0 of the same run)
     print("\nbuilding the model at step 0 (the untrained baseline)")
     trainer = Trainer(cfg)
     untrained_ckpt = trainer.save()
-    step_s = None
-    if steps is None:
-        step_s = calibrate(trainer, cfg.objective.decoder_prob)
-        print(f"one training step takes {step_s:.2f} s here")
-    del trainer
 
     # 3. untrained samples, judge scores of the data and of those samples
     dev, batch = device or cfg.train.device, min(num_samples, 64)
@@ -470,8 +466,11 @@ def _run(
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
         eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_baseline + len(references))
 
-    # 4. train
+    # 4. train (the step time measured last, as the machine is now)
+    step_s = None
     if steps is None:
+        step_s = calibrate(trainer, cfg.objective.decoder_prob)
+        print(f"\none training step takes {step_s:.2f} s here")
         left = minutes * 60 - (time.perf_counter() - start) - sample_s - eval_s - 15  # 15 s: loading, saving, plotting
         steps = max(1, int(left / step_s))
         print(f"\ntraining budget {max(left, 0) / 60:.1f} min → train.max_steps={steps}")
@@ -481,6 +480,7 @@ def _run(
                 f"note: {steps} steps are far fewer than the ≈{TUNED_STEPS} the recipe was tuned for (a step takes "
                 f"{step_s:.2f} s here): expect word salad; --minutes {math.ceil(need)} trains ≈{TUNED_STEPS} steps"
             )
+    del trainer
     cfg_overrides = fixed + [f"train.output_dir={run_dir}", f"train.max_steps={steps}"]
     show(["elflm", "train", "--config", str(config), *cfg_overrides], commands)
     t0 = time.perf_counter()
