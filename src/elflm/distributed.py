@@ -38,6 +38,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device {str(name)!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available here; use cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 … cuda:N-1")
     return device
 
 
