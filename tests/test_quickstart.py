@@ -116,7 +116,8 @@ def test_rerun_needs_overwrite(run, capsys):
 @pytest.mark.slow
 def test_distill_after_the_quickstart(run, capsys):
     """``--distill`` on the shortened run: rounds 2, 1 of 2 steps each, the teacher and the students
-    sampled at the students' step counts and scored, commands written, a rerun needs --overwrite."""
+    sampled at the students' step counts and scored, commands written, a rerun needs --overwrite, a
+    failed rerun puts the earlier distillation back."""
     args = ["quickstart", "--distill", "--output", str(run), "--steps", "2", "--num-samples", "2", "--no-progress"]
     args += ["--curriculum", "2,1", "--teacher-resolution", "2", "--device", "cpu"]
     assert main(args) == 0
@@ -150,11 +151,14 @@ def test_distill_after_the_quickstart(run, capsys):
     ):
         assert part in commands, part
     assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "train.no_such_key=1"]) == 2  # fails after the earlier one was moved aside
+    assert "no_such_key" in capsys.readouterr().err
+    assert json.loads((run / "distill/metrics.json").read_text()) == metrics  # ... and is back
 
 
 def test_distill_needs_a_quickstart_run(tmp_path, capsys):
     assert main(["quickstart", "--distill", "--output", str(tmp_path), "--judge", "none"]) == 2
-    assert "holds no quickstart run to distil" in capsys.readouterr().err
+    assert "holds no finished quickstart run to distil" in capsys.readouterr().err
     assert main(["quickstart", "--curriculum", "4,1", "--output", str(tmp_path)]) == 2
     assert "--curriculum and --teacher-resolution belong to --distill" in capsys.readouterr().err
     assert main(["quickstart", "--distill", "--config", "x.yaml", "--output", str(tmp_path)]) == 2

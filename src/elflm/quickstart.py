@@ -23,6 +23,7 @@ teacher) and scores the teacher and the students at the students' step counts.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -295,23 +296,38 @@ def run_quickstart(
         raise FileNotFoundError(
             f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)"
         )
+    with replacing(out, overwrite, "a quickstart run", PRODUCTS):
+        return _run(
+            out,
+            start,
+            config,
+            minutes=minutes,
+            steps=steps,
+            num_samples=num_samples,
+            num_references=num_references,
+            judge=judge,
+            overrides=overrides,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+
+
+COMPLETE = "metrics.json"  # written last: the folder holds a complete quickstart
+
+
+@contextlib.contextmanager
+def replacing(out: Path, overwrite: bool, what: str, products: set[str] | None):
+    """Write a new ``out`` folder (complete once its ``metrics.json`` is written, last) under its
+    lock: an earlier complete one (``what``, e.g. "a quickstart run") needs ``overwrite``, is moved
+    aside meanwhile and removed only when the new one completes; on an error or an interruption the
+    partial new folder is removed and the earlier one put back (after a kill -9, by the next call).
+    ``products``: the names a partial folder may hold to be replaced without ``overwrite`` (None:
+    any)."""
     with files.locked(out):
-        previous = _make_room(out, overwrite)
+        previous = _make_room(out, overwrite, what, products)
         try:
-            result = _run(
-                out,
-                start,
-                config,
-                minutes=minutes,
-                steps=steps,
-                num_samples=num_samples,
-                num_references=num_references,
-                judge=judge,
-                overrides=overrides,
-                device=device,
-                seed=seed,
-                progress=progress,
-            )
+            yield
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             if previous is not None:
@@ -319,14 +335,10 @@ def run_quickstart(
             raise
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
-    return result
 
 
-COMPLETE = "metrics.json"  # written last: the folder holds a complete quickstart
-
-
-def _make_room(out: Path, overwrite: bool) -> Path | None:
-    """Prepare ``out`` for a new quickstart: put back an earlier one that a killed run had moved
+def _make_room(out: Path, overwrite: bool, what: str, products: set[str] | None) -> Path | None:
+    """Prepare ``out`` for :func:`replacing`: put back an earlier folder that a killed run had moved
     aside, refuse a complete one without ``overwrite``, and move what is there aside (returned)."""
     for path, kind in files.dead_temporaries(out):
         if kind == "old" and not (out / COMPLETE).is_file():
@@ -338,11 +350,12 @@ def _make_room(out: Path, overwrite: bool) -> Path | None:
         raise files.OutputExistsError(f"--output {out} is a file; expected a folder")
     if (out / COMPLETE).is_file() and not overwrite:
         raise files.OutputExistsError(
-            f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder"
+            f"{out} already holds {what}; pass --overwrite to replace it, or --output another folder"
         )
-    if not (out / COMPLETE).is_file() and not overwrite and not {p.name for p in out.iterdir()} <= PRODUCTS:
+    names = {p.name for p in out.iterdir()}
+    if not (out / COMPLETE).is_file() and not overwrite and products is not None and not names <= products:
         raise files.OutputExistsError(
-            f"--output {out} holds other files than a quickstart; pass --overwrite to replace the folder, "
+            f"--output {out} holds other files than {what}; pass --overwrite to replace the folder, "
             "or --output another folder"
         )
     previous = files.temporary_path(out, "old")
@@ -359,6 +372,7 @@ PRODUCTS = {
     "samples-untrained.jsonl",
     "loss.png",
     "commands.sh",
+    "distill",
     COMPLETE,
 }
 
@@ -597,17 +611,49 @@ def run_distill(
     rounds = curriculum_rounds(list(curriculum), resolution)
     check_packages([JUDGE, GGUF, ACCELERATE] if judge is not None else [])
     out = Path(output).resolve()
-    teacher = out / "run"
-    if TrainingCheckpoint.latest(teacher) is None:
+    teacher, dist_dir = out / "run", out / "distill"
+    if not (out / COMPLETE).is_file() or TrainingCheckpoint.latest(teacher) is None:
         raise ValueError(
-            f"{out} holds no quickstart run to distil ({teacher} with a checkpoint); run `elflm quickstart "
-            f"--output {out}` first"
+            f"{out} holds no finished quickstart run to distil ({COMPLETE} and {teacher} with a checkpoint); "
+            f"run `elflm quickstart --output {out}` first"
         )
-    dist_dir = out / "distill"
-    if dist_dir.exists() and not overwrite:
-        raise ValueError(f"{dist_dir} already holds a distillation; pass --overwrite to replace it")
-    shutil.rmtree(dist_dir, ignore_errors=True)
-    dist_dir.mkdir(parents=True)
+    with files.locked(out), replacing(dist_dir, overwrite, "a distillation", None):
+        dist_dir.mkdir(parents=True)
+        return _distill(
+            dist_dir,
+            teacher,
+            start,
+            minutes=minutes,
+            steps=steps,
+            rounds=rounds,
+            resolution=resolution,
+            num_samples=num_samples,
+            judge=judge,
+            overrides=overrides,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+
+
+def _distill(
+    dist_dir: Path,
+    teacher: Path,
+    start: float,
+    *,
+    minutes: float,
+    steps: int | None,
+    rounds: list,
+    resolution: int,
+    num_samples: int,
+    judge: str | None,
+    overrides,
+    device: str | None,
+    seed: int,
+    progress: bool,
+) -> dict:
+    """The steps of :func:`run_distill` into the new folder ``dist_dir``."""
+    out = dist_dir.parent
     config = teacher / "config.yaml"  # the teacher's run config, local paths filled in
     fixed = [*DISTILL_SETTINGS, f"train.output_dir={dist_dir}", f"train.seed={seed}"]
     fixed += [*([f"train.device={device}"] if device else []), *overrides]
@@ -658,7 +704,7 @@ def run_distill(
     t0 = time.perf_counter()
     folders = run_curriculum(
         load_config(config, [*fixed, f"distill.teacher={teacher}"]),
-        curriculum,
+        [r.steps for r in rounds],
         resolution,
         device=device,
         progress=progress,
@@ -689,8 +735,8 @@ def run_distill(
         "students": [str(f) for f in folders],
         "table": rows,
     }
-    write_text(dist_dir / "metrics.json", json.dumps(result, indent=1))
     write_text(dist_dir / "commands.sh", "# the distillation as ordinary elflm commands\n" + "\n".join(commands) + "\n")
+    write_text(dist_dir / COMPLETE, json.dumps(result, indent=1))
     print(f"\n{format_table(rows, str(judge) if judge else 'no judge')}\n")
     if judge_model is not None:
         for rnd in rounds:
