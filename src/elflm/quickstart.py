@@ -551,7 +551,8 @@ def _run(
 
 DISTILL_CURRICULUM = (4, 1)  # a 4-step student, then a 1-step student from it
 DISTILL_RESOLUTION = 16  # the teacher's Euler sub-step, 1/16 of the time span (the authors: 1/64)
-# on top of the quickstart run's config (docs/distillation.md): the authors' lr and constant schedule, the quickstart's EMA
+# on top of the quickstart run's config (docs/distillation.md): the authors' lr and constant schedule,
+# the quickstart's EMA
 DISTILL_SETTINGS = [
     "train.lr=2e-3",
     "train.lr_schedule=constant",
