@@ -48,11 +48,12 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from . import files, portable
 from .config import Config, dump_config, load_config
+from .errors import ElflmError
 
 _STEP = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ElflmError, ValueError):
     """A checkpoint file or folder is missing, unreadable, of an unknown layout or does not fit
     the model; the message names the path and the problem."""
 

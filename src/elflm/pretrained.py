@@ -21,6 +21,7 @@ and, when not in our format, converted once into a cache folder.
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import warnings
 from dataclasses import asdict, fields, replace
@@ -32,8 +33,10 @@ from safetensors.torch import load_file, save_file
 
 from . import files, formats, hub, portable
 from .checkpoint import CheckpointError, TrainingCheckpoint, tensor_bytes
-from .config import SECTIONS, ModelConfig, Settings
+from .config import SECTIONS, ConfigError, ModelConfig, Settings
+from .distributed import resolve_device
 from .encoder import TextEncoder, build_encoder, load_tokenizer
+from .errors import check_int
 from .formats import Weights, lightning, official
 from .formats.t5_encoder import t5_from_state_dict
 from .version import __version__
@@ -51,13 +54,19 @@ _SETTINGS = {f.name: SECTIONS[f.name] for f in fields(Settings) if f.name in SEC
 # --------------------------------------------------------------------------- reading
 
 
-def _dataclass_from(cls, values: dict, where: str):
+def _dataclass_from(cls, values: dict, where: str, section: str):
+    """``cls(**values)`` of the ``section`` mapping of a config file ``where``; every error a
+    :class:`CheckpointError` naming the file and the key."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{where}: {section!r} must be a mapping of settings, got {type(values).__name__}")
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))
     if unknown:
         raise CheckpointError(f"{where}: unknown {cls.__name__} field(s) {unknown}")
     try:
         return cls(**values)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e} (the file is damaged or was edited by hand)") from None
     except TypeError as e:
         raise CheckpointError(f"{where}: bad {cls.__name__} ({e})") from e
 
@@ -82,15 +91,21 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, Settings]:
         raise CheckpointError(f"{file}: cannot read config ({e})") from e
     if not isinstance(cfg, dict) or cfg.get("format") != "elflm" or "model" not in cfg:
         raise CheckpointError(f'{file}: not an elflm config (expected "format": "elflm" and a "model" section)')
-    if cfg.get("version", 0) > FORMAT_VERSION:
+    version = cfg.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f'{file}: "version" must be an integer, got {version!r}')
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: written by a newer elflm (format version {cfg['version']} > {FORMAT_VERSION}); upgrade elflm"
         )
     where = str(file)
-    sections = {name: _dataclass_from(cls, cfg.get(name) or {}, where) for name, cls in _SETTINGS.items()}
+    sections = {name: _dataclass_from(cls, cfg.get(name) or {}, where, name) for name, cls in _SETTINGS.items()}
     sections["encoder"] = portable.resolve_encoder(sections["encoder"], directory)
     sections["data"] = replace(sections["data"], tokenizer=sections["encoder"].tokenizer_name)
-    return _dataclass_from(ModelConfig, cfg["model"], where), Settings(**sections, source=cfg.get("source") or {})
+    source = cfg.get("source") or {}
+    if not isinstance(source, dict):
+        raise CheckpointError(f'{file}: "source" must be a mapping, got {type(source).__name__}')
+    return _dataclass_from(ModelConfig, cfg["model"], where, "model"), Settings(**sections, source=source)
 
 
 def _read_folder(path: Path, which: str) -> tuple[ModelConfig, Settings, Weights]:
@@ -108,7 +123,7 @@ def _read_training(ckpt: TrainingCheckpoint, which: str) -> tuple[ModelConfig, S
     where = str(ckpt.path / ckpt.STATE)
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{where}: no model_config in the training state")
-    model_cfg = _dataclass_from(ModelConfig, state["model_config"], where)
+    model_cfg = _dataclass_from(ModelConfig, state["model_config"], where, "model_config")
     step = state.get("step")
     settings = Settings.from_config(ckpt.config(), {"format": "elflm-train", "path": ckpt.path.name, "step": step})
     ema = ckpt.ema() if which != "raw" else None
@@ -229,6 +244,12 @@ def _check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where
         problems.append(f"shape mismatch (file != model) {shapes[:6]}")
     if problems:
         raise CheckpointError(f"{where}: weights do not fit the model config: " + "; ".join(problems))
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(
+            f"{where}: {len(broken)} of {len(sd)} weight tensors hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{', …' if len(broken) > 3 else ''}): the run diverged or the file is damaged; use an earlier checkpoint"
+        )
 
 
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -366,7 +387,17 @@ class PretrainedModel:
         ``TextEncoder``, or encoder weights to use instead (the authors' pickle or an HF encoder
         folder / Hub id); ``tokenizer`` replaces its tokenizer folder / Hub id. ``config`` /
         ``max_length`` complete foreign checkpoints (:func:`read_checkpoint`);
-        ``revision``, ``cache_dir``, ``offline`` apply to Hub downloads."""
+        ``revision``, ``cache_dir``, ``offline`` apply to Hub downloads. A bad argument is a
+        ``ValueError`` naming it."""
+        if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+            raise ValueError(f"name_or_path must be a folder, file or Hub id, got {name_or_path!r}")
+        if not isinstance(raw, bool):
+            raise ValueError(f"raw must be True or False, got {raw!r}")
+        if max_length is not None:
+            max_length = check_int("max_length", max_length, 1)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float64), got {dtype!r}")
+        device = None if device is None else resolve_device(device)
         path = Path(name_or_path).expanduser()
         if not path.exists() and hub.is_hub_id(str(name_or_path)):
             path = cls._hub_folder(

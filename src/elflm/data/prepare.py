@@ -53,6 +53,7 @@ from tqdm.auto import tqdm
 # imported this package is loaded before encoder's own names exist
 from .. import files, hub, interrupts
 from ..encoder import load_tokenizer
+from ..errors import DataError
 from ..version import __version__
 from .dataset import FORMAT, FORMAT_VERSION, META, PackedDataset, check_dataset, read_meta, vocab_fingerprint
 from .readers import chunks, hf_columns, records, resolve_sources, source_fingerprint
@@ -368,7 +369,12 @@ def _prepared_meta(plan: _Plan, out: Path, overwrite: bool, keep_work: bool, pro
     none (or ``overwrite`` replaces another one)."""
     if not (out / META).is_file():
         return None
-    meta = read_meta(out)
+    try:
+        meta = read_meta(out)
+    except DataError:
+        if overwrite:  # a damaged dataset is replaced like any other
+            return None
+        raise
     recorded = (meta["options"], meta["sources"], meta["tokenizer"])
     if recorded == (plan.options, plan.source_info, plan.tokenizer_info):
         if not keep_work:  # left behind by a run stopped between meta.json and the clean-up
