@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -135,8 +136,8 @@ class Signaller:
         self.signum, self.ready, self.delay, self.done = signum, ready, delay, threading.Event()
         self.sent = False
 
-    def _installed(self) -> bool:
-        return getattr(signal.getsignal(signal.SIGTERM), "__module__", None) == "elflm.interrupts"
+    def _installed(self) -> bool:  # elflm's handler, or that of a server it runs (uvicorn's)
+        return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
 
     def _run(self):
         while not self.done.wait(0.02):
@@ -224,7 +225,7 @@ def test_sigterm_ends_sweep_and_rerunning_resumes(env, tmp_path, capsys, assets_
         "resumes the sweep"
     )
     assert [p.name.split("-")[1] for p in (out / "samples").iterdir()] == ["steps1"]  # the finished setting
-    assert main([*argv[:-3], "1", "--judge", str(judge), "--no-plots"]) == 0  # the finished setting is reused
+    assert main([*argv[:-4], "1", "--judge", str(judge), "--no-plots"]) == 0  # the finished setting is reused
     assert "(reused)" in capsys.readouterr().err
 
 
@@ -243,26 +244,32 @@ def test_sigint_ends_the_server(env, capsys):
         except OSError:
             return False
 
+    answers = []
+
     def slow_request():  # a sampler call in progress when the server is told to stop
-        body = json.dumps({"steps": 256, "num_samples": 8}).encode()
+        body = json.dumps({"steps": 100_000, "num_samples": 8}).encode()
         req = urllib.request.Request(f"{url}/generate", body, {"Content-Type": "application/json"})
         try:
             urllib.request.urlopen(req, timeout=60).read()
-        except OSError:
-            pass
+        except urllib.error.HTTPError as e:
+            answers.append((e.code, json.loads(e.read())["detail"]))
 
-    def ready():
-        if not up():
-            return False
-        threading.Thread(target=slow_request, daemon=True).start()
-        return True
+    started = []
+
+    def ready():  # the server is up and a sampler call runs in its worker thread (asyncio.to_thread)
+        if not started and up():
+            started.append(threading.Thread(target=slow_request, daemon=True))
+            started[0].start()
+        return any(t.name.startswith("asyncio_") for t in threading.enumerate())
 
     before = set(threading.enumerate())
     argv = ["serve", "--checkpoint", str(env["model"]), "--port", str(port), "--max-steps", "1000000"]
-    assert interrupted(argv, signal.SIGINT, ready, delay=0.5) == 130
+    assert interrupted(argv, signal.SIGINT, ready) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "elflm serve: interrupted (SIGINT); the server stopped"
     assert "Traceback" not in err
+    started[0].join(10)
+    assert answers == [(503, "the server is stopping")]  # the request in progress is answered
     left = [t for t in threading.enumerate() if t not in before and not t.daemon and t.is_alive()]
     assert not left, left
 
@@ -333,23 +340,23 @@ def test_file_size_limit_during_a_checkpoint_and_prepare_keeps_the_previous(env,
     report = tmp_path / "errors.json"
 
     def write_big():
-        limited(200_000)()
         big = {"w": torch.zeros(512, 512)}
         errors = []
-        for write in (
-            lambda: TrainingCheckpoint.write(
-                run, 2, raw=big, ema=big, optimizer={}, config=Config(), state={"step": 2}, keep_last=1
+        for limit, write in (
+            (
+                200_000,
+                lambda: TrainingCheckpoint.write(
+                    run, 2, raw=big, ema=big, optimizer={}, config=Config(), state={"step": 2}, keep_last=1
+                ),
             ),
-            lambda: prepare(
-                env["corpus"],
-                data,
-                tokenizer=str(env["tok"]),
-                max_length=1024,
-                overwrite=True,
-                progress=False,
-                shard_rows=10_000,
+            (
+                8_000,
+                lambda: prepare(
+                    env["corpus"], data, tokenizer=str(env["tok"]), max_length=32, overwrite=True, progress=False
+                ),
             ),
         ):
+            limited(limit)()
             try:
                 write()
             except files.NoSpaceError as e:
@@ -360,8 +367,9 @@ def test_file_size_limit_during_a_checkpoint_and_prepare_keeps_the_previous(env,
     errors = json.loads(report.read_text())
     assert len(errors) == 2
     assert errors[0].startswith(f"cannot write {run / 'checkpoints/step_0000002'}: a file reached the file-size limit")
-    assert "the output needs about 2.00 MiB" in errors[0]
-    assert errors[1].startswith(f"cannot write {data}: a file reached the file-size limit")
+    assert "the output needs about 2.0 MiB" in errors[0]
+    assert errors[1].startswith(f"cannot write {data / '.prepare-work'}/chunk-000000.npz: a file reached the file-size")
+    assert errors[1].endswith(f"kept in {data / '.prepare-work'}, the same command resumes")
     assert TrainingCheckpoint.resumable(run).state()["step"] == 1
     assert PackedDataset(data).max_length == 16
 
@@ -419,8 +427,8 @@ def test_damaged_latest_checkpoint_falls_back_on_resume(env, tmp_path, capsys):
         (lambda: (latest / "ema.safetensors").write_bytes(b"\0" * 10), "ema.safetensors has 10 bytes"),
     ):
         damage()
-        with pytest.raises(CheckpointError, match=what):  # loading verifies too
-            ELF.from_pretrained(latest)
+        with pytest.raises(CheckpointError, match=what):  # loading verifies the file it reads
+            ELF.from_pretrained(latest, raw=what.startswith("raw"), encoder=False)
         capsys.readouterr()
         assert main(["train", "--config", str(cfg), "--no-progress", "--resume"]) == 0
         err = capsys.readouterr().err
@@ -430,7 +438,7 @@ def test_damaged_latest_checkpoint_falls_back_on_resume(env, tmp_path, capsys):
         assert TrainingCheckpoint(latest).damage() is None
     flip_bytes(latest / "optimizer.pt")
     assert main(["train", "--config", str(cfg), "--no-progress", "--resume", str(latest)]) == 2
-    err = capsys.readouterr().err.strip()
+    err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
         f"elflm train: error: cannot resume from {latest}: the checkpoint is damaged: optimizer.pt does not match "
         f"its recorded SHA-256 (damaged on disk); the newest valid checkpoint of the run is {previous}"
@@ -459,3 +467,26 @@ def test_paths_are_kept_as_given(env, tmp_path, name):
     data = tmp_path / f"{name}-data"
     prepare(env["corpus"], data, tokenizer=str(env["tok"]), max_length=16, progress=False)
     assert PackedDataset(data).max_length == 16
+
+
+def test_every_command_says_what_an_interruption_left(tmp_path):
+    from elflm.cli import COMMANDS, STATES, build_parser
+
+    assert set(STATES) == set(COMMANDS)
+    out = tmp_path / "d"
+    argv = ["distill", "--config", "distill-elf-b-owt", f"train.output_dir={out}"]
+    state = STATES["distill"](build_parser().parse_args([*argv, "--curriculum", "4,2"]))
+    assert (
+        state == f"the finished rounds and the current round's checkpoints are kept in {out}: the same command resumes"
+    )
+    state = STATES["distill"](build_parser().parse_args(argv))
+    assert state == f"no checkpoint was written to {out} yet: the same command starts the run over"
+    from elflm.config import Config
+
+    raw = {"w": torch.zeros(2)}
+    TrainingCheckpoint.write(out, 3, raw=raw, ema=raw, optimizer={}, config=Config(), state={"step": 3}, keep_last=1)
+    state = STATES["distill"](build_parser().parse_args([*argv, "--teacher", "a b"]))
+    assert state == (
+        f"the last checkpoint is {out / 'checkpoints/step_0000003'} (step 3); continue with: elflm distill --config "
+        f"distill-elf-b-owt --teacher 'a b' train.output_dir={out} --resume"
+    )

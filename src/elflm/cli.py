@@ -1122,7 +1122,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(a) -> int:
-    uvicorn = serve.require_serve()
+    serve.require_serve()
     limits = serve.Limits(
         max_samples=a.max_samples,
         max_steps=a.max_steps,
@@ -1135,7 +1135,7 @@ def _run_serve(a) -> int:
     model, encoder, settings = load_model(a)
     settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
     app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=serve.SHUTDOWN_GRACE_S)
+    serve.run_server(app, a.host, a.port)
     return 0
 
 
@@ -1259,8 +1259,16 @@ def _train_state(a) -> str:
     last = TrainingCheckpoint.latest(out)
     if last is None:
         return f"no checkpoint was written to {out} yet: the same command starts the run over"
-    again = shlex.join(["elflm", "train", "--config", a.config, *a.overrides, "--resume"])
+    teacher = ["--teacher", a.teacher] if getattr(a, "teacher", None) else []
+    again = shlex.join(["elflm", a.command, "--config", a.config, *teacher, *a.overrides, "--resume"])
     return f"the last checkpoint is {last.path} (step {last.state()['step']}); continue with: {again}"
+
+
+def _distill_state(a) -> str:
+    if not a.curriculum:
+        return _train_state(a)
+    out = load_config(a.config, a.overrides).train.output_dir
+    return f"the finished rounds and the current round's checkpoints are kept in {out}: the same command resumes"
 
 
 def _prepare_state(a) -> str:
@@ -1287,6 +1295,7 @@ def _sweep_state(a) -> str:
 STATES = {
     "prepare": _prepare_state,
     "train": _train_state,
+    "distill": _distill_state,
     "plan": lambda a: "nothing was written",
     "sample": _sample_state,
     "eval": lambda a: "nothing was written",
