@@ -490,3 +490,19 @@ def test_every_command_says_what_an_interruption_left(tmp_path):
         f"the last checkpoint is {out / 'checkpoints/step_0000003'} (step 3); continue with: elflm distill --config "
         f"distill-elf-b-owt --teacher 'a b' train.output_dir={out} --resume"
     )
+
+
+def test_a_new_run_over_an_earlier_one_needs_overwrite(env, tmp_path, capsys):
+    run = tmp_path / "run"
+    cfg = write_config(tiny_run_config(run, env["data"], env["enc"], {"train.max_steps": 4}), tmp_path / "c.yaml")
+    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    argv = ["train", "--config", str(cfg), "--no-progress", "train.max_steps=2", "train.save_every=1"]
+    assert main(argv) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"elflm train: error: train.output_dir {run} holds the checkpoints of an earlier run (the newest: step 4): "
+        "continue it with --resume, or pass --overwrite to start over (its checkpoints are removed), or choose "
+        "another folder"
+    )
+    assert main([*argv, "--overwrite"]) == 0  # no step-4 checkpoint of the earlier run is left to resume from
+    assert [c.path.name for c in TrainingCheckpoint.all(run)] == ["step_0000001", "step_0000002"]
+    assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]

@@ -452,8 +452,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
         "changes to the model, encoder, data or objective are always refused)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
+        "(they are removed; refused otherwise)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def start_run(cfg, overwrite: bool) -> None:
+    """A run from step 0 (no ``train.resume``) into a folder with an earlier run's checkpoints
+    needs ``--overwrite`` (:meth:`TrainingCheckpoint.start_over`); under torchrun rank 0 checks."""
+    if not cfg.train.resume and os.environ.get("RANK", "0") == "0":
+        with files.locked(cfg.train.output_dir):
+            TrainingCheckpoint.start_over(cfg.train.output_dir, overwrite)
 
 
 def _run_train(a) -> int:
@@ -462,7 +476,9 @@ def _run_train(a) -> int:
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
     overrides += ["train.allow_config_change=true"] if a.allow_config_change else []
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    cfg = load_config(a.config, overrides, log=log)
+    start_run(cfg, a.overwrite)
+    train(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -507,6 +523,12 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
+        "(they are removed; refused otherwise)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -527,6 +549,7 @@ def _run_distill(a) -> int:
         folders = run_curriculum(cfg, a.curriculum, resolution, device=a.device, progress=not a.no_progress)
         print(f"curriculum done: the {a.curriculum[-1]}-step student is {folders[-1]}", file=sys.stderr)
     else:
+        start_run(cfg, a.overwrite)
         distill(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
