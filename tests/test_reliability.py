@@ -448,8 +448,8 @@ def test_damaged_latest_checkpoint_falls_back_on_resume(env, tmp_path, capsys):
 # ----------------------------------------------------------------------------- paths as given
 
 
-@pytest.mark.parametrize("name", ["a #1", " lead and trail ", "two\nlines"])
-def test_paths_are_kept_as_given(env, tmp_path, name):
+def test_paths_are_kept_as_given(env, tmp_path):
+    name = " a #1\ntwo "  # leading / trailing blanks, a comment sign, a newline
     cfg = load_config(
         write_config(tiny_run_config(tmp_path, env["data"], env["enc"]), tmp_path / "c.yaml"),
         [
@@ -495,7 +495,11 @@ def test_every_command_says_what_an_interruption_left(tmp_path):
 def test_a_new_run_over_an_earlier_one_needs_overwrite(env, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = write_config(tiny_run_config(run, env["data"], env["enc"], {"train.max_steps": 4}), tmp_path / "c.yaml")
-    assert main(["train", "--config", str(cfg), "--no-progress"]) == 0
+    raw = {"w": torch.zeros(2)}
+    for step in (2, 4):  # an earlier run's checkpoints
+        TrainingCheckpoint.write(
+            run, step, raw=raw, ema=raw, optimizer={}, config=load_config(cfg), state={"step": step}, keep_last=2
+        )
     argv = ["train", "--config", str(cfg), "--no-progress", "train.max_steps=2", "train.save_every=1"]
     assert main(argv) == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
