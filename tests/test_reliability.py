@@ -11,6 +11,7 @@ import multiprocessing
 import os
 import resource
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_files import forked, kill_at_random
+from test_files import dead_pid, forked, kill_at_random
 
 from elflm import files
 from elflm.checkpoint import CheckpointError, TrainingCheckpoint
@@ -231,7 +232,6 @@ def test_sigterm_ends_sweep_and_rerunning_resumes(env, tmp_path, capsys, assets_
 
 def test_sigint_ends_the_server(env, capsys):
     need_module("uvicorn", "pip install 'elflm[serve]'")
-    import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -510,3 +510,7 @@ def test_a_new_run_over_an_earlier_one_needs_overwrite(env, tmp_path, capsys):
     assert main([*argv, "--overwrite"]) == 0  # no step-4 checkpoint of the earlier run is left to resume from
     assert [c.path.name for c in TrainingCheckpoint.all(run)] == ["step_0000001", "step_0000002"]
     assert [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    stray = run / f".checkpoints.tmp-{dead_pid()}-0000abcd@{socket.gethostname()}"  # a removal killed midway
+    stray.mkdir()
+    TrainingCheckpoint.start_over(run, overwrite=True)
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".checkpoints")) == []

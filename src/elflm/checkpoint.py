@@ -103,6 +103,7 @@ class TrainingCheckpoint:
         they need ``overwrite`` (else :class:`~elflm.files.OutputExistsError` naming the newest and
         how to go on), and are then removed (``checkpoints/`` renamed away in one step first)."""
         root = Path(run_dir) / cls.FOLDER
+        files.clean_strays(root)  # what a kill during an earlier removal left
         if not root.is_dir() or not any(root.iterdir()):
             return
         if not overwrite:
