@@ -302,6 +302,7 @@ def test_cli_infill_and_prompt(folders, tmp_path, capsys):
                 "12",
                 "-o",
                 str(out),
+                "--overwrite",
             ]
         )
         == 0

@@ -452,8 +452,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
         "changes to the model, encoder, data or objective are always refused)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
+        "(they are removed; refused otherwise)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def start_run(cfg, overwrite: bool) -> None:
+    """A run from step 0 (no ``train.resume``) into a folder with an earlier run's checkpoints
+    needs ``--overwrite`` (:meth:`TrainingCheckpoint.start_over`); under torchrun rank 0 checks."""
+    if not cfg.train.resume and os.environ.get("RANK", "0") == "0":
+        with files.locked(cfg.train.output_dir):
+            TrainingCheckpoint.start_over(cfg.train.output_dir, overwrite)
 
 
 def _run_train(a) -> int:
@@ -462,7 +476,9 @@ def _run_train(a) -> int:
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
     overrides += ["train.allow_config_change=true"] if a.allow_config_change else []
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    cfg = load_config(a.config, overrides, log=log)
+    start_run(cfg, a.overwrite)
+    train(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -507,6 +523,12 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
+        "(they are removed; refused otherwise)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -527,6 +549,7 @@ def _run_distill(a) -> int:
         folders = run_curriculum(cfg, a.curriculum, resolution, device=a.device, progress=not a.no_progress)
         print(f"curriculum done: the {a.curriculum[-1]}-step student is {folders[-1]}", file=sys.stderr)
     else:
+        start_run(cfg, a.overwrite)
         distill(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
@@ -1122,7 +1145,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(a) -> int:
-    uvicorn = serve.require_serve()
+    serve.require_serve()
     limits = serve.Limits(
         max_samples=a.max_samples,
         max_steps=a.max_steps,
@@ -1135,7 +1158,7 @@ def _run_serve(a) -> int:
     model, encoder, settings = load_model(a)
     settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
     app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=serve.SHUTDOWN_GRACE_S)
+    serve.run_server(app, a.host, a.port)
     return 0
 
 
@@ -1305,8 +1328,16 @@ def _train_state(a) -> str:
     last = TrainingCheckpoint.latest(out)
     if last is None:
         return f"no checkpoint was written to {out} yet: the same command starts the run over"
-    again = shlex.join(["elflm", "train", "--config", a.config, *a.overrides, "--resume"])
+    teacher = ["--teacher", a.teacher] if getattr(a, "teacher", None) else []
+    again = shlex.join(["elflm", a.command, "--config", a.config, *teacher, *a.overrides, "--resume"])
     return f"the last checkpoint is {last.path} (step {last.state()['step']}); continue with: {again}"
+
+
+def _distill_state(a) -> str:
+    if not a.curriculum:
+        return _train_state(a)
+    out = load_config(a.config, a.overrides).train.output_dir
+    return f"the finished rounds and the current round's checkpoints are kept in {out}: the same command resumes"
 
 
 def _prepare_state(a) -> str:
@@ -1333,6 +1364,7 @@ def _sweep_state(a) -> str:
 STATES = {
     "prepare": _prepare_state,
     "train": _train_state,
+    "distill": _distill_state,
     "plan": lambda a: "nothing was written",
     "sample": _sample_state,
     "eval": lambda a: "nothing was written",

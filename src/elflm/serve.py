@@ -16,9 +16,10 @@ request's ``seed`` (random when not given), so it equals row k of ``elflm sample
 same settings. fastapi, uvicorn and pydantic are imported when the app is built
 (``pip install 'elflm[serve]'``).
 
-Stopping (SIGINT / SIGTERM): uvicorn stops accepting requests and gives those in flight
-:data:`SHUTDOWN_GRACE_S` seconds; then the batcher stops, and a sampler call still running in its
-worker thread ends at its next step (its clients get no answer), so the process ends promptly.
+Stopping (SIGINT / SIGTERM, :func:`run_server`): uvicorn stops accepting connections; the
+sampler call in progress ends at its next step and it and the requests still waiting are answered
+503 ("the server is stopping"), all within :data:`SHUTDOWN_GRACE_S` seconds; then the signal is
+raised again for the caller (``elflm serve`` prints one line and exits 128 + the signal).
 """
 
 import asyncio
@@ -200,6 +201,7 @@ class Batcher:
         self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
         self.arrived: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = threading.Event()  # set when the server stops: ends a sampler call in its thread
         self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
 
@@ -249,8 +251,20 @@ class Batcher:
         """Create the waiting list and its wake-up event (in the server's event loop)."""
         self.pending = deque()
         self.arrived = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.stopping.clear()
+
+    def stop(self) -> None:
+        """Begin stopping (safe in a signal handler of the loop's thread): the sampler call in
+        progress ends at its next step; it, the waiting jobs and any new one fail with
+        :class:`Stopping`."""
+        self.stopping.set()
+        if self.arrived is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.arrived.set)
 
     def submit(self, job: Job) -> asyncio.Future:
+        if self.stopping.is_set():
+            raise Stopping("the server is stopping; retry later")
         if self.arrived is None:
             raise RuntimeError(
                 "the batcher is not running: serve the app with its lifespan "
@@ -270,7 +284,11 @@ class Batcher:
         that fits in ``max_batch`` rows as one sampler call in a worker thread."""
         loop = asyncio.get_running_loop()
         while True:
-            while not self.pending:
+            while not self.pending or self.stopping.is_set():
+                for job in self.pending:
+                    if not job.future.done():
+                        job.future.set_exception(Stopping("the server is stopping; retry later"))
+                self.pending.clear()
                 self.arrived.clear()
                 await self.arrived.wait()
             key = self.pending[0].key
@@ -454,7 +472,6 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
-        batcher.stopping.clear()
         task = asyncio.create_task(batcher.run())
         try:
             yield
@@ -488,7 +505,8 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__})"})
 
     @app.exception_handler(QueueFull)
-    async def _busy(request: Request, exc: QueueFull):
+    @app.exception_handler(Stopping)
+    async def _busy(request: Request, exc: QueueFull | Stopping):
         return JSONResponse(status_code=503, content={"detail": str(exc)})
 
     @app.post(
@@ -497,7 +515,7 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         responses={
             413: {"description": "request body larger than the server's limit"},
             422: {"description": "invalid request (the detail names each field and what was expected)"},
-            503: {"description": "queue full"},
+            503: {"description": "queue full, or the server is stopping"},
         },
     )
     async def generate(req: GenerateRequest):
@@ -509,3 +527,21 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         return batcher.health()
 
     return app
+
+
+def run_server(app, host: str, port: int, log_level: str = "info") -> None:
+    """Serve ``app`` (:func:`create_app`) with uvicorn until SIGINT / SIGTERM; the batcher stops as
+    soon as the signal arrives (see the module's notes), and once the server is down the signal is
+    raised again in this process (uvicorn's behaviour), so the caller's handler decides what follows.
+    Unlike ``uvicorn.run``, a resulting ``KeyboardInterrupt`` is not swallowed."""
+    uvicorn = require_serve()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    server = uvicorn.Server(config)
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:  # installed by uvicorn while it serves
+        app.state.batcher.stop()
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit
+    server.run()

@@ -146,7 +146,12 @@ def prepare(
             return meta
         work = _work_folder(plan, out, progress)
         counts: Counter = Counter()
-        stats = _tokenise(plan, work, workers, counts, progress)
+        try:
+            stats = _tokenise(plan, work, workers, counts, progress)
+        except files.NoSpaceError as e:
+            raise files.NoSpaceError(
+                f"{e}; preparing {out}: the chunks tokenised so far are kept in {work}, the same command resumes"
+            ) from e
         if stats.chunks == 0:
             raise ValueError(f"no documents found in {', '.join(str(i) for i in inputs)} (empty corpus)")
         need = _pack_bytes(plan, work, stats.chunks)
