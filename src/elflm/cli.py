@@ -546,7 +546,14 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple[list[Row], list[dict]]:
-    """The rows ``elflm sample`` was asked for and the extra fields of each record."""
+    """The rows ``elflm sample`` was asked for (one seed's) and the extra fields of each record;
+    their number times the seeds' is checked before any row is built."""
+    seeds = len(a.seeds or [a.seed])
+
+    def bounded(count: int, what: str) -> None:
+        if count * seeds > MAX_NUM_SAMPLES:
+            raise ValueError(f"{count * seeds:,} samples asked for ({what} × seeds): at most {MAX_NUM_SAMPLES:,}")
+
     if not _templated(a):
         if a.input:
             if max_in is None:
@@ -555,20 +562,18 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
                     "or pass --max-input-length N to hold the inputs fixed as conditions"
                 )
             sources, refs = read_conditions(a.input, a.source_field, a.reference_field)
+            bounded(len(sources), "conditions")
             warn_truncated(encoder, sources, max_in)
             extras = [{} for _ in sources] if refs is None else [{"reference": r} for r in refs]
             return [Row(k, a.seed, s) for k, s in enumerate(sources)], extras
+        bounded(a.num_samples, "--num-samples")
         return [Row(k, a.seed) for k in range(a.num_samples)], [{} for _ in range(a.num_samples)]
     n = a.num_samples or 1
     if a.infill_file:
         items = infill.read_templates(a.infill_file)
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
-    total = len(items) * n * len(a.seeds or [a.seed])
-    if total > MAX_NUM_SAMPLES:
-        raise ValueError(
-            f"{total:,} samples asked for (templates × --num-samples × seeds): at most {MAX_NUM_SAMPLES:,}"
-        )
+    bounded(len(items) * n, "templates × --num-samples")
     option = "--prompt" if a.prompt is not None else "--infill" if a.infill is not None else a.infill_file
     if any(item["source"] is not None for item in items) and max_in is None:
         raise ValueError(
@@ -627,11 +632,6 @@ def _run_sample(a) -> int:
         max_in = a.max_input_length or settings.data.max_input_length
         rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
         seeds = a.seeds or [a.seed]
-        if len(rows) * len(seeds) > MAX_NUM_SAMPLES:
-            raise ValueError(
-                f"{len(rows) * len(seeds):,} samples asked for ({len(rows):,} × {len(seeds)} seeds): "
-                f"at most {MAX_NUM_SAMPLES:,}"
-            )
         rows = [replace(r, seed=s) for s in seeds for r in rows]
         extras = [x for _ in seeds for x in extras]
         recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None

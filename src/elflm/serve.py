@@ -409,10 +409,11 @@ class BodyLimit:
 
 def invalid_request(errors: list[dict], limit: int = 5) -> str:
     """pydantic's errors of a request as one line naming each field and what it should be; the
-    values themselves are never repeated (a field name is cut to 60 characters)."""
+    values themselves are never repeated (an unknown field's name is cut to 30 characters)."""
+    cut = lambda x: str(x) if len(str(x)) <= 30 else str(x)[:29] + "…"  # noqa: E731
     parts = []
     for e in errors[:limit]:
-        loc = ".".join(str(x)[:60] for x in e.get("loc", ()) if x != "body") or "body"
+        loc = ".".join(cut(x) for x in e.get("loc", ()) if x != "body") or "body"
         parts.append(f"{loc}: {e.get('msg', 'invalid value')}")
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts)[:2000] + more
