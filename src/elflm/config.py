@@ -25,6 +25,7 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 import yaml
 
 from .errors import ElflmError
+from .files import write_text
 
 
 class ConfigError(ElflmError, ValueError):
@@ -93,12 +94,20 @@ class DistillConfig:
     with ``pd_teacher_steps`` Euler sub-steps over the span at sorted times drawn from
     ``pd_teacher_schedule``. Flow, branch and self-conditioning settings are the
     :class:`ObjectiveConfig`'s. Defaults: round 1 of the official curriculum (rounds 2-5: 1/8, 1/4,
-    1/2, 1 with 8, 16, 32, 64 sub-steps)."""
+    1/2, 1 with 8, 16, 32, 64 sub-steps).
+
+    ``teacher`` (official ``teacher_path``): what :meth:`ELF.from_pretrained` loads (a model folder,
+    training run, official checkpoint or Hub id), with its EMA weights unless ``teacher_use_ema`` is
+    false. The student starts from the teacher's weights, or from those of ``student_init``
+    (``student_init_from_checkpoint``: the previous round of a curriculum), read the same way."""
 
     pd_step_size: float = 0.0625
     pd_teacher_steps: int = 4
     pd_student_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
     pd_teacher_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+    teacher: str | None = None
+    teacher_use_ema: bool = True
+    student_init: str | None = None
 
     def __post_init__(self):
         if not 0 < self.pd_step_size <= 1:
@@ -137,6 +146,42 @@ class SampleConfig:
 
     def __post_init__(self):
         check_section("sample", self)
+
+
+def _entry(method: str, steps: list[int], gamma: float, w: float, cfg: float = 1) -> dict:
+    """One entry of the authors' sampling-config YAML (their field names)."""
+    return dict(
+        sampling_method=method,
+        num_sampling_steps=steps,
+        cfgs=[cfg],
+        sde_gamma=gamma,
+        self_cond_cfg_scales=[w],
+        time_schedule="logit_normal",
+    )
+
+
+# The authors' sampling-config files by name (their src/configs/sampling_configs/*.yml): ``uncond``
+# (ELF-B 32 SDE steps, ELF-M / L 64), ``cond`` (De-En, XSum) and ``fewstep`` (distilled students).
+SAMPLER_PRESETS: dict[str, list[dict]] = {
+    "uncond": [_entry("sde", [32], 1.5, 3.0), _entry("sde", [64], 1.0, 3.0)],
+    "cond": [_entry("ode", [64], 0.0, 1.0, cfg=2)],
+    "fewstep": [_entry("sde", [1, 2, 4, 8], 1.5, 2.5), _entry("sde", [16, 32], 2.0, 2.0)],
+}
+
+
+def sampler_preset(name: str, steps: int | None = None, base: SampleConfig | None = None) -> SampleConfig:
+    """The sampler setting of the authors' preset ``name`` (:data:`SAMPLER_PRESETS`) on top of
+    ``base`` (its noise scale, time-draw parameters, ``t_eps``): for ``steps`` sampler steps the
+    listed setting with that many steps, else the one with the nearest step count (the fewer on a
+    tie) run for ``steps``; without ``steps`` the preset's first setting."""
+    if name not in SAMPLER_PRESETS:
+        raise ConfigError(f"unknown sampler preset {name!r}; expected one of {', '.join(SAMPLER_PRESETS)}", "preset")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"sampler preset {name!r}: steps={steps!r}, expected an integer >= 1", "sample.steps")
+    settings = sample_configs(SAMPLER_PRESETS[name], base, where=f"sampler preset {name!r}")
+    if steps is None:
+        return settings[0]
+    return replace(min(settings, key=lambda s: (abs(s.steps - steps), s.steps)), steps=steps)
 
 
 @dataclass
@@ -311,7 +356,8 @@ _FROM_ENCODER = ("encoder_dim", "vocab_size")  # model keys a YAML may not set
 
 @dataclass
 class Config:
-    """A full run: ``model``, ``encoder``, ``data``, ``objective``, ``train``, ``sample``."""
+    """A full run: ``model``, ``encoder``, ``data``, ``objective``, ``train``, ``sample`` and, for
+    ``elflm distill``, ``distill``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -319,6 +365,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         for name, cls in SECTIONS.items():
@@ -347,6 +394,7 @@ SECTIONS = {
     "objective": ObjectiveConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -486,8 +534,19 @@ _SAME = {
     ],
     "sample": ["num_samples"],
 }
+# the ``distillation`` branch's fields -> our key (no official defaults: a training config has none)
+OFFICIAL_DISTILL = {
+    "pd_step_size": "distill.pd_step_size",
+    "pd_teacher_steps": "distill.pd_teacher_steps",
+    "pd_student_schedule": "distill.pd_student_schedule",
+    "pd_teacher_schedule": "distill.pd_teacher_schedule",
+    "teacher_path": "distill.teacher",
+    "teacher_use_ema": "distill.teacher_use_ema",
+    "student_init_from_checkpoint": "distill.student_init",
+}
 # official field -> our key
 OFFICIAL_KEYS = {
+    **OFFICIAL_DISTILL,
     **{k: f"{section}.{k}" for section, keys in _SAME.items() for k in keys},
     "model": "model.preset",
     "data_path": "data.train_path",
@@ -538,6 +597,7 @@ OFFICIAL_UNUSED = {
     "epoch_eval_num_sampling_steps": "the sample section",
     "epoch_eval_sde_gamma": "the sample section",
     "epoch_eval_self_cond_cfg_scale": "the sample section",
+    "initialize_student_from_teacher": "the student starts from the teacher, or from distill.student_init",
 }
 
 
@@ -662,7 +722,7 @@ def from_official(raw: dict, source: str | Path | None = None) -> tuple[dict, li
     ``sampling_configs_path`` is read relative to the working directory or the YAML's folders;
     its first setting becomes the ``sample`` section."""
     source = Path(source) if source is not None else None
-    known = set(OFFICIAL_DEFAULTS) | set(OFFICIAL_UNUSED) | {"precision", "compile"}
+    known = set(OFFICIAL_DEFAULTS) | set(OFFICIAL_UNUSED) | set(OFFICIAL_DISTILL) | {"precision", "compile"}
     report, out = [], {name: {} for name in SECTIONS}
     values = {**{k: v for k, v in OFFICIAL_DEFAULTS.items() if k in OFFICIAL_KEYS}, **raw}
     defaults = sorted(
@@ -877,7 +937,8 @@ def to_dict(cfg: Config) -> dict:
 
 def apply_overrides(d: dict, overrides) -> dict:
     """A copy of the YAML dict ``d`` with dotted ``section.key=value`` overrides applied (values
-    parsed as YAML; kept as text for string settings). ``model=elf-m`` (or ``model.preset=``)
+    parsed as YAML; the text exactly as given for settings that take a string, such as paths:
+    ``#``, spaces and line breaks are kept). ``model=elf-m`` (or ``model.preset=``)
     replaces the model section by a preset. An override of a home key drops the stale copies of
     its mirrors."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
@@ -894,13 +955,14 @@ def apply_overrides(d: dict, overrides) -> dict:
             raise _unknown(section, SECTIONS)
         if not dot or "." in name:
             raise ConfigError(f"override {item!r}: expected section.key=value with one dot", key)
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
         tp = _hints(SECTIONS[section]).get(name)
-        if value is not None and not isinstance(value, str) and str in _arms(tp):
-            value = text.strip()
+        if str in _arms(tp) and text.strip():  # a string setting (a path, a name) is taken literally
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text
         current = d.get(section)
         d[section] = {"preset": current} if isinstance(current, str) else dict(current or {})
         d[section][name] = value
@@ -1069,10 +1131,11 @@ def format_changes(changes, limit: int = 8) -> str:
 
 
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config."""
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config (atomically:
+    :func:`elflm.files.write_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 # ------------------------------------------------------------------------------ validation
@@ -1295,11 +1358,14 @@ __all__ = [
     "OFFICIAL_KEYS",
     "OFFICIAL_DEFAULTS",
     "OFFICIAL_UNUSED",
+    "OFFICIAL_DISTILL",
+    "SAMPLER_PRESETS",
     "TRACKERS",
     "from_official",
     "is_official",
     "read_sampling_configs",
     "sample_configs",
+    "sampler_preset",
     "model_preset",
     "load_config",
     "dump_config",

@@ -61,6 +61,12 @@ def setup(device: str = "auto", group: bool = False) -> Dist:
     return Dist(rank, world, local, dev)
 
 
+def barrier(d: Dist) -> None:
+    """Wait until every process got here (no-op on one process)."""
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
+
+
 def teardown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

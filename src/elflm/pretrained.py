@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 import warnings
 from dataclasses import asdict, fields, replace
@@ -32,8 +31,8 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from . import formats, hub, portable
-from .checkpoint import CheckpointError, TrainingCheckpoint
+from . import files, formats, hub, portable
+from .checkpoint import CheckpointError, TrainingCheckpoint, tensor_bytes
 from .config import SECTIONS, ConfigError, ModelConfig, Settings
 from .distributed import resolve_device
 from .encoder import TextEncoder, build_encoder, load_tokenizer
@@ -448,6 +447,7 @@ class PretrainedModel:
         settings: Settings | None = None,
         encoder="auto",
         metrics: dict | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Write the model (its current weights, normally the EMA weights) as a model folder that
         loads from anywhere: ``model.safetensors``, ``config.json``, ``README.md`` (the model card,
@@ -456,9 +456,21 @@ class PretrainedModel:
         (``.pretrained``). ``encoder``: a :class:`~elflm.encoder.TextEncoder` to save as
         ``encoder/``; ``"auto"`` saves the attached ``.encoder`` when the settings name a local
         encoder or tokenizer; ``False`` saves none. Local files the encoder settings still name are
-        copied into ``encoder/`` (:func:`elflm.portable.bundle_encoder`); Hub ids stay Hub ids."""
+        copied into ``encoder/`` (:func:`elflm.portable.bundle_encoder`); Hub ids stay Hub ids.
+
+        The folder is written all-or-nothing (:func:`elflm.files.staged_folder`): beside
+        ``directory``, then moved into place in one step. An existing non-empty ``directory`` is
+        replaced as a whole with ``overwrite=True`` and refused otherwise
+        (:class:`~elflm.files.OutputExistsError`)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        need = tensor_bytes(self.state_dict()) + tensor_bytes(raw_state_dict or {})
+        with files.staged_folder(directory, overwrite=overwrite, need=need) as tmp:
+            self._write_folder(tmp, directory.absolute().name, raw_state_dict, settings, encoder, metrics)
+        return directory
+
+    def _write_folder(self, directory: Path, name: str, raw_state_dict, settings, encoder, metrics) -> None:
+        """The files of :meth:`save_pretrained` into the (new, empty) folder ``directory``; ``name``
+        titles the model card."""
         settings = settings or getattr(self, "pretrained", None) or Settings()
         enc_cfg = settings.encoder
         local = any(portable.is_local(getattr(enc_cfg, f)) for f in portable.PATH_FIELDS) or enc_cfg.weights == "random"
@@ -467,12 +479,13 @@ class PretrainedModel:
         if encoder is not None and encoder is not False:
             path = str(encoder.save_pretrained(directory / ENCODER_DIR).absolute())
             tokenizer = path if encoder.tokenizer is not None else enc_cfg.tokenizer_name
-            name = path if portable.is_local(enc_cfg.name_or_path) else enc_cfg.name_or_path  # a Hub name stays
-            enc_cfg = replace(enc_cfg, name_or_path=name, weights=path, tokenizer=tokenizer)
+            name_or_path = path if portable.is_local(enc_cfg.name_or_path) else enc_cfg.name_or_path  # Hub names stay
+            enc_cfg = replace(enc_cfg, name_or_path=name_or_path, weights=path, tokenizer=tokenizer)
         enc_cfg = portable.bundle_encoder(enc_cfg, directory)
-        save_file(_cpu(self.state_dict()), str(directory / WEIGHTS), metadata={"format": "pt"})
         if raw_state_dict is not None:
             _check_state_dict(self, raw_state_dict, "raw_state_dict")
+        save_file(_cpu(self.state_dict()), str(directory / WEIGHTS), metadata={"format": "pt"})
+        if raw_state_dict is not None:
             save_file(_cpu(raw_state_dict), str(directory / RAW_WEIGHTS), metadata={"format": "pt"})
         train_path = settings.data.train_path
         data = replace(
@@ -486,12 +499,11 @@ class PretrainedModel:
             "format": "elflm",
             "version": FORMAT_VERSION,
             "model": asdict(self.config),
-            **{name: asdict(getattr(saved, name)) for name in _SETTINGS},
+            **{section: asdict(getattr(saved, section)) for section in _SETTINGS},
             "source": saved.source,
         }
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (directory / CARD).write_text(model_card(self.config, saved, metrics, directory.absolute().name))
-        return directory
+        (directory / CARD).write_text(model_card(self.config, saved, metrics, name))
 
     def push_to_hub(
         self,
@@ -523,6 +535,7 @@ class PretrainedModel:
         raw: bool = False,
         encoder: str | Path | None = None,
         tokenizer: str | Path | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Convert a checkpoint (format detected, or forced with ``format``) into a model folder
         ``output`` that loads from anywhere: ``model.safetensors`` holds the EMA weights (the raw
@@ -531,7 +544,9 @@ class PretrainedModel:
         the source names; when it is local (a pickle beside the checkpoint, the T5 weights inside a
         Lightning checkpoint, a folder) it is converted and saved in ``encoder/``; a Hub id stays a
         Hub id. ``tokenizer`` (HF folder or Hub id; default: the config's, ``t5-small``) is saved
-        with it when local."""
+        with it when local. ``output`` is written all-or-nothing; an existing one is replaced only
+        with ``overwrite`` (:meth:`save_pretrained`), and refused before anything is read otherwise."""
+        files.check_overwrite(output, overwrite, "output", folder=True)
         model_cfg, settings, weights = read_checkpoint(src, format, config, max_length, which="both" if raw else "ema")
         if raw and (weights.raw is None or weights.ema is None):
             raise CheckpointError(f"{src}: raw=True needs both EMA and raw weights in the source")
@@ -548,7 +563,9 @@ class PretrainedModel:
         if enc is not None:
             check_tokenizer(enc, tok)
         raw_sd = weights.raw if raw else None
-        return model.save_pretrained(output, raw_state_dict=raw_sd, settings=settings, encoder=enc or False)
+        return model.save_pretrained(
+            output, raw_state_dict=raw_sd, settings=settings, encoder=enc or False, overwrite=overwrite
+        )
 
     @classmethod
     def _hub_folder(
@@ -572,25 +589,16 @@ class PretrainedModel:
         if fmt == "elflm":
             return resolved
         out = hub.cache_root() / "converted" / ("models--" + repo_id.replace("/", "--")) / snapshot.name
-        if (out / CONFIG).is_file() and (not raw or (out / RAW_WEIGHTS).is_file()):
-            return out
-        if config is None and official.find_config(resolved) is None:
-            config = official.published_config(repo_id)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{snapshot.name}-", dir=out.parent))
-        try:
-            cls.convert(resolved, tmp, config=config, max_length=max_length, raw=raw)
-            settings_file = json.loads((tmp / CONFIG).read_text())
-            settings_file["source"]["hub"] = {"repo_id": repo_id, "commit": snapshot.name}
-            (tmp / CONFIG).write_text(json.dumps(settings_file, indent=2) + "\n")
-            shutil.rmtree(out, ignore_errors=True)  # an older conversion without the raw weights
-            try:
-                tmp.rename(out)
-            except OSError:  # another process finished the same conversion first
-                if not (out / CONFIG).is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with files.locked(out, wait=True):  # one process converts, the others wait and use its folder
+            if (out / CONFIG).is_file() and (not raw or (out / RAW_WEIGHTS).is_file()):
+                return out
+            if config is None and official.find_config(resolved) is None:
+                config = official.published_config(repo_id)
+            with files.staged_folder(out, overwrite=True) as tmp:  # replaces a conversion without raw weights
+                cls.convert(resolved, tmp, config=config, max_length=max_length, raw=raw, overwrite=True)
+                settings_file = json.loads((tmp / CONFIG).read_text())
+                settings_file["source"]["hub"] = {"repo_id": repo_id, "commit": snapshot.name}
+                (tmp / CONFIG).write_text(json.dumps(settings_file, indent=2) + "\n")
         return out
 
     @classmethod
@@ -624,7 +632,7 @@ class PretrainedModel:
             if metrics is not None or not (resolved / CARD).is_file():
                 model_cfg, settings = read_config(resolved)
                 name = repo_id.split("/")[-1]
-                (resolved / CARD).write_text(model_card(model_cfg, settings, metrics, name))
+                files.write_text(resolved / CARD, model_card(model_cfg, settings, metrics, name))
             return upload(resolved)
         with tempfile.TemporaryDirectory() as tmp:
             folder = cls.convert(path, Path(tmp) / repo_id.split("/")[-1], config=config, max_length=max_length)

@@ -15,12 +15,17 @@ Results do not depend on batching: sample k of a request is row k of the run see
 request's ``seed`` (random when not given), so it equals row k of ``elflm sample --seed`` with the
 same settings. fastapi, uvicorn and pydantic are imported when the app is built
 (``pip install 'elflm[serve]'``).
+
+Stopping (SIGINT / SIGTERM): uvicorn stops accepting requests and gives those in flight
+:data:`SHUTDOWN_GRACE_S` seconds; then the batcher stops, and a sampler call still running in its
+worker thread ends at its next step (its clients get no answer), so the process ends promptly.
 """
 
 import asyncio
 import json
 import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
@@ -32,6 +37,8 @@ from .errors import check_int
 from .generate import Row, pad_id, sample_rows
 from .model import model_config
 from .sampling import Sampler, used_settings
+
+SHUTDOWN_GRACE_S = 2  # seconds the server gives requests in flight when it is told to stop
 
 
 @dataclass
@@ -176,6 +183,10 @@ class QueueFull(RuntimeError):
     pass
 
 
+class Stopping(RuntimeError):
+    """The server is stopping: a sampler call in progress ends at its next step."""
+
+
 class Batcher:
     """Holds the model; turns requests into :class:`Job` s and serves them in batched sampler calls."""
 
@@ -189,6 +200,7 @@ class Batcher:
         self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
         self.arrived: asyncio.Event | None = None
+        self.stopping = threading.Event()  # set when the server stops: ends a sampler call in its thread
         self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
 
     # -- requests -------------------------------------------------------------------------------
@@ -300,7 +312,12 @@ class Batcher:
             length=call[0].length,
             max_input_length=self.max_in,
             pad_token=self.pad_token,
+            callback=self._check_stopping,
         )
+
+    def _check_stopping(self, *_) -> None:
+        if self.stopping.is_set():
+            raise Stopping("the server is stopping")
 
     async def _serve(self, call: list[Job]) -> None:
         start = time.perf_counter()
@@ -438,10 +455,12 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        batcher.stopping.clear()
         task = asyncio.create_task(batcher.run())
         try:
             yield
         finally:
+            batcher.stopping.set()
             task.cancel()
             try:
                 await task

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import files
 from .config import Config, to_dict
-from .files import write_text
 
 INSTALL = "pip install 'elflm[track]'"
 
@@ -79,11 +79,12 @@ class JsonLines(Tracker):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if start is not None and self.path.is_file():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= start]
-            write_text(self.path, "".join(line + "\n" for line in kept))
+            files.write_text(self.path, "".join(line + "\n" for line in kept))
+        else:
+            files.drop_partial_line(self.path)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(self.path, json.dumps(record))
 
 
 def _step_of(line: str) -> float:

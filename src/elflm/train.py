@@ -26,6 +26,7 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
-from . import distributed, objective, portable, tracking
+from . import distributed, files, interrupts, objective, portable, tracking
 from . import evaluate as ev
 from .checkpoint import CheckpointError, TrainingCheckpoint
 from .config import Config, ConfigError, config_changes, dump_config, format_changes, resume_changes
@@ -231,11 +232,35 @@ class Trainer:
             out.update({f"optimizer/{self.param_names[i]}/{f}": v for f, v in fields.items()})
         return out
 
-    def load(self, path: str | Path) -> None:
+    def resume_checkpoint(self) -> TrainingCheckpoint | None:
+        """The checkpoint ``train.resume`` names (``auto``: ``train.output_dir``), chosen and
+        verified on the main rank (:meth:`TrainingCheckpoint.resumable`: a run folder falls back to
+        its newest valid checkpoint, setting damaged newer ones aside with a warning; a damaged
+        checkpoint folder is an error). None when ``auto`` finds no checkpoint (a fresh start)."""
+        resume = self.cfg.train.resume
+        target = self.out if resume == "auto" else Path(resume)
+        choice: tuple = ("none", None)
+        if self.dist.main:
+            try:
+                ckpt = TrainingCheckpoint.resumable(target)
+                if ckpt is None and resume != "auto":
+                    raise FileNotFoundError(
+                        f"train.resume={resume}: no complete training checkpoint there (a folder with "
+                        f"{TrainingCheckpoint.STATE}, or a run folder with {TrainingCheckpoint.FOLDER}/step_*)"
+                    )
+                choice = ("ok", None if ckpt is None else str(ckpt.path))
+            except (CheckpointError, OSError) as e:
+                choice = ("error", e)
+        kind, value = distributed.gather_objects(choice, self.dist)[0]
+        if kind == "error":
+            raise value
+        return None if value is None else TrainingCheckpoint(value, verified=True)
+
+    def load(self, path: str | Path | TrainingCheckpoint) -> None:
         """Restore a checkpoint folder written by :meth:`save` (or the run's latest), full or
         sharded, whatever the number of processes and the strategy that wrote it (collective under
-        FSDP and for sharded checkpoints)."""
-        ckpt = TrainingCheckpoint.find(path)
+        FSDP and for sharded checkpoints). Its files are verified against their SHA-256 as read."""
+        ckpt = path if isinstance(path, TrainingCheckpoint) else TrainingCheckpoint.find(path)
         if ckpt is None:
             raise FileNotFoundError(
                 f"no complete training checkpoint at {path} (a folder with "
@@ -383,7 +408,8 @@ class Trainer:
     def loader(self, start: int) -> DataLoader:
         """The batches of this rank from step ``start`` on, in training order (:class:`MicroBatches`):
         ``data.num_workers`` workers collate :func:`~elflm.data.collate_rows` (ids and lengths
-        only), pinned on CUDA; the same batches whatever the number of workers."""
+        only), pinned on CUDA; the same batches whatever the number of workers. The workers end
+        with this process, whatever ends it (:func:`elflm.interrupts.worker_setup`)."""
         workers = self.cfg.data.num_workers
         return DataLoader(
             self.dataset,
@@ -392,7 +418,12 @@ class Trainer:
             num_workers=workers,
             pin_memory=self.dist.device.type == "cuda",
             prefetch_factor=4 if workers else None,
+            worker_init_fn=functools.partial(interrupts.worker_setup, os.getpid()) if workers else None,
         )
+
+    def flops_per_token(self, length: int) -> float:
+        """Expected model FLOPs per token of one step on rows of ``length`` tokens (for the MFU)."""
+        return step_flops_per_token(self.model_config, length, self.cfg.objective.decoder_prob)
 
     def micro_loss(self, batch: dict, j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The loss of micro-batch ``j`` (0 ≤ j < world·accum) of the current step and its logged
@@ -420,8 +451,9 @@ class Trainer:
         rank's statistics: ``loss``, ``l2_loss``, ``ce_loss`` (means over the micro-batches) and
         ``grad_norm`` as 0-dim float64 tensors on the device, ``lr`` a float, ``skipped`` a bool.
 
-        One host read per step checks that the losses and the gradient norm are finite (on every
-        process at once). A step where they are not changes nothing (weights, optimizer, EMA) and,
+        One host read per step checks that the gradient norm is finite: a non-finite loss makes it so,
+        and it is the same on every process (computed from the all-reduced gradients), so all
+        processes decide alike without another collective. A step where they are not changes nothing (weights, optimizer, EMA) and,
         with ``train.on_nonfinite: stop``, raises :class:`~elflm.errors.TrainingError` naming the
         step, the loss parts and the last checkpoint; with ``skip`` it counts as skipped."""
         cfg, plan, d = self.cfg, self.plan, self.dist
@@ -456,7 +488,7 @@ class Trainer:
             schedule=cfg.train.lr_schedule,
             min_lr=cfg.train.min_lr,
         )
-        if self.nonfinite(torch.cat([means, grad_norm.reshape(1)])):
+        if not math.isfinite(grad_norm.item()):
             self.optimizer.zero_grad(set_to_none=True)
             if cfg.train.on_nonfinite == "stop":
                 raise TrainingError(self.nonfinite_message(stats))
@@ -469,12 +501,6 @@ class Trainer:
         self.ema.update(self.net)
         self.step += 1
         return {**stats, "lr": lr, "skipped": False}
-
-    def nonfinite(self, values: torch.Tensor) -> bool:
-        """Whether ``values`` holds NaN or infinity on any process (one host read; an all-reduce
-        under torchrun, so that every process decides alike)."""
-        bad = (~torch.isfinite(values)).any().to(torch.float64).reshape(1)
-        return bool(distributed.all_reduce_mean(bad, self.dist).item() > 0)
 
     def nonfinite_message(self, stats: dict) -> str:
         """What :meth:`train_step` says when it stops: the step, the loss parts, the last checkpoint."""
@@ -514,19 +540,25 @@ class Trainer:
         return dict(zip(STATS, torch.stack(rows).mean(0).tolist()))
 
     def fit(self, progress: bool = True) -> list[dict]:
-        """Train until ``plan.total_steps``; returns the logged records."""
+        """Train until ``plan.total_steps``; returns the logged records. The main rank holds the
+        run folder's lock meanwhile (:func:`elflm.files.locked`): a second run writing the same
+        ``train.output_dir`` is refused."""
+        with files.locked(self.out) if self.dist.main else contextlib.nullcontext():
+            return self._fit(progress)
+
+    def _fit(self, progress: bool) -> list[dict]:
         cfg, plan, d = self.cfg, self.plan, self.dist
         if cfg.train.resume:
-            target = cfg.train.resume if cfg.train.resume != "auto" else self.out
-            if cfg.train.resume != "auto" or TrainingCheckpoint.latest(self.out) is not None:
-                self.load(target)
+            ckpt = self.resume_checkpoint()
+            if ckpt is not None:
+                self.load(ckpt)
         if d.main:
             self.out.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.out / "config.yaml")
             self.tracker = tracking.open_trackers(self.cfg, self.out, start=self.step)  # cut back to this step
         L = self.dataset.max_length
         tokens_per_step = plan.global_batch * L
-        flops = step_flops_per_token(self.model_config, L, cfg.objective.decoder_prob) * tokens_per_step
+        flops = self.flops_per_token(L) * tokens_per_step
         peak = peak_flops(d.device, cfg.train.precision)
         bar = None
         if progress and d.main:
