@@ -136,7 +136,12 @@ def env(tmp_path_factory, assets_dir, t5_tokenizer_dir):
     ckpt_copy("c-ema", lambda f: (f / "ema.safetensors").write_bytes((f / "ema.safetensors").read_bytes()[:300]))
     ckpt_copy("c-raw", lambda f: (f / "raw.safetensors").write_bytes(b"\x00" * 64))
     ckpt_copy("c-state", lambda f: (f / "trainer_state.json").write_text("[]"))
-    ckpt_copy("c-step", lambda f: (f / "trainer_state.json").write_text('{"step": "two"}'))
+
+    def unverified(content: str):  # a checkpoint from before sha256.json: its state is read as it is
+        return lambda f: ((f / "sha256.json").unlink(), (f / "trainer_state.json").write_text(content))
+
+    ckpt_copy("c-list", unverified("[]"))
+    ckpt_copy("c-step", unverified('{"step": "two"}'))
     ckpt_copy("c-optim", lambda f: (f / "optimizer.pt").write_bytes(b"not a zip archive"))
     enc2 = base / "enc2"  # another encoder: the same architecture, other weights
     shutil.copytree(enc, enc2)
@@ -220,9 +225,10 @@ CASES = [
     # damaged training checkpoints
     ("ema cut", [*ONE, "--checkpoint", "{c_ema}"], "ema.safetensors"),
     ("raw cut resume", [*TRAIN, "--resume", "{c_raw}"], "raw.safetensors"),
+    ("state damaged", [*TRAIN, "--resume", "{c_state}"], "the checkpoint is damaged: trainer_state.json has 2 bytes"),
     (
         "state list",
-        [*TRAIN, "--resume", "{c_state}"],
+        [*TRAIN, "--resume", "{c_list}"],
         "trainer_state.json: expected a JSON object with an integer 'step'",
     ),
     (
