@@ -186,6 +186,8 @@ CASES = [
     ("config heads zero", [*TRAIN, "model.num_heads=0"], "model.num_heads=0: expected an integer >= 1"),
     ("config batch fraction", [*TRAIN, "train.global_batch_size=2.5"], "train.global_batch_size: expected an integ"),
     ("config steps bound", [*TRAIN, "sample.steps=1000001"], "sample.steps=1000001: expected at most 100,000"),
+    ("config depth bound", [*TRAIN, "model.depth=100000000"], "model.depth=100000000: expected at most 1,024"),
+    ("config workers bound", [*TRAIN, "data.num_workers=1000"], "data.num_workers=1000: expected at most 256"),
     ("config on_nonfinite", [*TRAIN, "train.on_nonfinite=ignore"], "train.on_nonfinite: expected one of 'stop'"),
     ("config last override", [*TRAIN, "train.lr=1", "train.lr=abc"], "(override 'train.lr=abc')"),
     ("config binary", ["train", "--config", "{bin_yaml}"], "bin.yaml: not a UTF-8 text file"),
@@ -242,6 +244,7 @@ CASES = [
     ("seed 2**63", [*ONE, "--seed", str(2**63)], "argument --seed: expected an integer in [0, 2**63)"),
     ("w inf", [*ONE, "--w", "inf"], "argument --w: expected a finite number >= 0, got 'inf'"),
     ("gamma nan", [*ONE, "--gamma", "nan"], "argument --gamma: expected a finite number >= 0"),
+    ("w huge", [*ONE, "--w", "1e308"], "sample.w=1e+308: expected at most 100.0"),
     ("steps zero", [*SAMPLE, "--num-samples", "1", "--steps", "0"], "argument --steps: expected an integer in [1"),
     ("steps bound", [*SAMPLE, "--num-samples", "1", "--steps", "200000"], "sample.steps=200000: expected at most"),
     ("samples zero", [*SAMPLE, "--num-samples", "0"], "argument --num-samples: expected an integer in [1"),
@@ -258,6 +261,13 @@ CASES = [
     ("precision", [*ONE, "--precision", "fp16"], "argument --precision: invalid choice: 'fp16'"),
     ("convert max_length", ["convert", "{model}", "-o", "{base}/conv", "--max-length", "-1"], "--max-length"),
     ("serve port", ["serve", "--checkpoint", "{model}", "--port", "70000"], "port number in [0, 65535]"),
+    ("serve host", ["serve", "--checkpoint", "{model}", "--host", "999.1.1.1"], "--host '999.1.1.1' is not an address"),
+    ("prepare workers", ["prepare", "{empty_jsonl}", "-o", "{base}/p", "--workers", "1000"], "expected at most 256"),
+    (
+        "convert encoder",
+        ["convert", "{model}", "-o", "{base}/conv", "--encoder", "{list_yaml}"],
+        "cannot load the encoder",
+    ),
     ("serve max batch", ["serve", "--checkpoint", "{model}", "--max-batch", "0"], "argument --max-batch"),
     ("unknown option", [*ONE, "--bogus"], "unrecognized arguments: --bogus"),
     ("allow without resume", [*TRAIN, "--allow-config-change"], "--allow-config-change applies to a resumed run"),
@@ -324,6 +334,15 @@ def test_allowed_changes_are_printed_and_taken(env, capsys, tmp_path):
     assert opt["param_groups"][0]["betas"] == (0.8, 0.95)  # the new run's hyper-parameters, not the saved ones
 
 
+def test_a_busy_port_is_named_before_the_model_loads(env, capsys):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        line = cli_error(capsys, ["serve", "--checkpoint", str(env["base"] / "nomodel"), "--port", port])
+    assert f"cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port" in line
+
+
 API_CASES = [
     ("steps text", lambda m: SampleConfig(steps="8"), ConfigError, "sample.steps: expected an integer, got '8'"),
     ("steps bool", lambda m: SampleConfig(steps=True), ConfigError, "sample.steps: expected an integer, got True"),
@@ -345,6 +364,7 @@ API_CASES = [
     ("load device", lambda m: ELF.from_pretrained("x", device="tpu"), ValueError, "device 'tpu': expected auto"),
     ("limits bool", lambda m: Limits(max_samples=True), ValueError, "server limit max_samples must be an integer"),
     ("limits nan", lambda m: Limits(batch_wait_ms=math.nan), ValueError, "server limit batch_wait_ms must be a"),
+    ("cfg huge", lambda m: SampleConfig(cfg_scale=1e300), ConfigError, "sample.cfg_scale=1e+300: expected at most"),
 ]
 
 
@@ -401,7 +421,8 @@ HTTP_CASES = [
     ("segment gap", {"segments": [{"gap": 100000}]}, 422, "segments.0.GapSegment.gap"),
     ("cfg unconditional", {"cfg_scale": 2.0}, 422, "cfg_scale (classifier-free guidance) needs a 'source'"),
     ("source unconditional", {"source": "x"}, 422, "this model is unconditional"),
-    ("length", {"length": 1}, 422, "length: Input should be greater than or equal to 2"),
+    ("length", {"length": 0}, 422, "length: Input should be greater than or equal to 1"),
+    ("w over", {"w": 101}, 422, "w: Input should be less than or equal to 100"),
     ("unknown field", {"x" * 5000: 1}, 422, "Extra inputs are not permitted"),
     ("not json", b"{not json", 422, "JSON"),
     ("not an object", b"[1, 2]", 422, "Input should be a valid dictionary"),

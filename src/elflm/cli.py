@@ -26,6 +26,7 @@ from . import distributed, evaluate, files, infill, interrupts, pretrained, quic
 from .checkpoint import TrainingCheckpoint
 from .config import (
     MAX_NUM_SAMPLES,
+    MAX_WORKERS,
     SAMPLER_PRESETS,
     SampleConfig,
     load_config,
@@ -93,6 +94,14 @@ def sample_count(text: str) -> int:
     value = positive_int(text)
     if value > MAX_NUM_SAMPLES:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_SAMPLES:,} samples, got {shown(text)}")
+    return value
+
+
+def worker_count(text: str) -> int:
+    """argparse type: a number of worker processes, an integer in [1, MAX_WORKERS]."""
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORKERS} worker processes, got {shown(text)}")
     return value
 
 
@@ -382,7 +391,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shard-rows", type=positive_int, default=None, help="rows per shard (default: 512 MiB of ids)")
     p.add_argument(
-        "--workers", type=positive_int, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
+        "--workers", type=worker_count, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
     )
     p.add_argument(
         "--chunk-size",
@@ -1132,10 +1141,16 @@ def _run_serve(a) -> int:
         max_body_bytes=a.max_body_bytes,
         batch_wait_ms=a.batch_wait_ms,
     )
-    model, encoder, settings = load_model(a)
-    settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
-    app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=serve.SHUTDOWN_GRACE_S)
+    with serve.listen(a.host, a.port) as sock:  # a bad address or a busy port fails before the model loads
+        model, encoder, settings = load_model(a)
+        settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
+        app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
+        config = uvicorn.Config(
+            app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=serve.SHUTDOWN_GRACE_S
+        )
+        host, port = sock.getsockname()[:2]
+        print(f"elflm serve: listening on http://{f'[{host}]' if ':' in host else host}:{port}", file=sys.stderr)
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

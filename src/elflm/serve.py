@@ -25,6 +25,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -32,7 +33,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from . import infill
-from .config import ConfigError, SampleConfig
+from .config import MAX_CHURN, MAX_GUIDANCE, ConfigError, SampleConfig
 from .errors import check_int
 from .generate import Row, pad_id, sample_rows
 from .model import model_config
@@ -66,6 +67,32 @@ class Limits:
                 f"max_samples ({self.max_samples}) must not exceed max_batch ({self.max_batch}): "
                 "a request's samples share one sampler call"
             )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host``:``port`` (``port`` 0: any free one) for the server, bound
+    before the model loads; an ``OSError`` naming the address and the fix when it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise OSError(
+            f"--host {host!r} is not an address of this machine ({getattr(e, 'strerror', None) or e}); "
+            "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or a local host name"
+        ) from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port (0: any free one) or --host"
+        ) from e
+    sock.set_inheritable(True)
+    return sock
 
 
 def require_serve():
@@ -119,16 +146,18 @@ def request_models(limits: Limits, max_length: int):
         num_samples: int = Field(1, ge=1, le=limits.max_samples)
         length: int | None = Field(
             None,
-            ge=2,
+            ge=1,
             le=max_length,
             description="row length (default max_length); with a template the row is the template",
         )
         method: Literal["ode", "sde"] | None = None
         steps: int | None = Field(None, ge=1, le=limits.max_steps)
         grid: Literal["uniform", "logit_normal"] | None = None
-        w: float | None = Field(None, ge=0.0, le=20.0, description="self-conditioning guidance scale")
-        gamma: float | None = Field(None, ge=0.0, le=100.0, description="SDE churn")
-        cfg_scale: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance (with a source)")
+        w: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description="self-conditioning guidance scale")
+        gamma: float | None = Field(None, ge=0.0, le=MAX_CHURN, description="SDE churn")
+        cfg_scale: float | None = Field(
+            None, ge=0.0, le=MAX_GUIDANCE, description="classifier-free guidance (with a source)"
+        )
         seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed (default: random)")
 
         @model_validator(mode="after")
