@@ -351,6 +351,7 @@ API_CASES = [
     ("grid", lambda m: SampleConfig(grid="cosine"), ConfigError, "sample.grid: expected one of"),
     ("no samples", lambda m: generate(m, m.encoder, num_samples=0), ValueError, "num_samples must be an integer in"),
     ("seed -1", lambda m: generate(m, m.encoder, num_samples=1, seed=-1), ValueError, "seed must be an integer in"),
+    ("seed float", lambda m: generate(m, m.encoder, num_samples=1, seed=1.5), ValueError, "seed must be an integer in"),
     ("count text", lambda m: generate(m, m.encoder, num_samples="3"), ValueError, "num_samples must be an integer"),
     ("batch bool", lambda m: generate(m, m.encoder, num_samples=1, batch_size=True), ValueError, "batch_size must"),
     ("length", lambda m: generate(m, m.encoder, num_samples=1, length=10**12), ValueError, "length must be an int"),
