@@ -56,10 +56,7 @@ def env(tmp_path_factory, assets_dir, t5_tokenizer_dir):
     text("bin.yaml", bytes(range(128, 256)) * 3)
     text("list.yaml", "- train\n- model\n")
     text("tag.yaml", "train: !!python/object/apply:os.system ['echo hi']\n")
-    text("bad.jsonl", '{"source": "a"}\n{"source": \n')
-    text("latin1.txt", "caf\xe9\n".encode("latin-1"))
     text("empty.jsonl", "")
-    text("templates.jsonl", '"one [MASK:2] two"\n"three [MASK:0] four"\n')
 
     def data_copy(name: str, edit):
         folder = base / name
@@ -205,10 +202,7 @@ CASES = [
     ("shard path escapes", [*TRAIN, "data.train_path={d_escape}"], "shards[0].ids must be a file name in the folder"),
     ("data missing", [*TRAIN, "data.train_path={base}/nodata"], "nodata"),
     ("input missing", [*SAMPLE, "--input", "{base}/none.txt", "--max-input-length", "8"], "none.txt: no such file"),
-    ("input bad json", [*SAMPLE, "--input", "{bad_jsonl}", "--max-input-length", "8"], "bad.jsonl:2: not valid JSON"),
-    ("input latin1", [*SAMPLE, "--input", "{latin1_txt}", "--max-input-length", "8"], "latin1.txt:1: not valid UTF-8"),
     ("eval empty", ["eval", "{empty_jsonl}", "--judge", "none"], "empty.jsonl: no samples"),
-    ("templates", [*SAMPLE, "--infill-file", "{templates_jsonl}"], "templates.jsonl:2: empty gap"),
     # model folders
     ("folder depth text", [*ONE, "--checkpoint", "{m_depth}"], "config.json: model.depth: expected an integer"),
     ("folder heads zero", [*ONE, "--checkpoint", "{m_heads}"], "config.json: model.num_heads=0"),
@@ -254,7 +248,6 @@ CASES = [
     ("gap huge", [*SAMPLE, "--infill", "a [MASK:99999999999999999999] b"], "--infill: gap [MASK:9999"),
     ("gap too long", [*SAMPLE, "--infill", "a [MASK:999] b"], "--infill: the template is 1003 tokens"),
     ("gap zero", [*SAMPLE, "--infill", "a [MASK:0] b"], "--infill: empty gap"),
-    ("gap unclosed", [*SAMPLE, "--infill", "a [MASK:3 b"], "--infill: unclosed gap marker"),
     ("no gap", [*SAMPLE, "--infill", "no gaps here"], "--infill: the template has no gap"),
     ("length bound", [*ONE, "--length", "99999"], "length must be an integer in [1, 64], got 99999"),
     ("cfg unconditional", [*ONE, "--cfg-scale", "2"], "--cfg-scale (classifier-free guidance) applies to cond"),
