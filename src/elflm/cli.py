@@ -26,6 +26,7 @@ from . import distributed, evaluate, files, infill, interrupts, pretrained, quic
 from .checkpoint import TrainingCheckpoint
 from .config import (
     MAX_NUM_SAMPLES,
+    MAX_WORKERS,
     SAMPLER_PRESETS,
     SampleConfig,
     load_config,
@@ -93,6 +94,14 @@ def sample_count(text: str) -> int:
     value = positive_int(text)
     if value > MAX_NUM_SAMPLES:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_SAMPLES:,} samples, got {shown(text)}")
+    return value
+
+
+def worker_count(text: str) -> int:
+    """argparse type: a number of worker processes, an integer in [1, MAX_WORKERS]."""
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORKERS} worker processes, got {shown(text)}")
     return value
 
 
@@ -382,7 +391,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shard-rows", type=positive_int, default=None, help="rows per shard (default: 512 MiB of ids)")
     p.add_argument(
-        "--workers", type=positive_int, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
+        "--workers", type=worker_count, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
     )
     p.add_argument(
         "--chunk-size",
@@ -684,7 +693,14 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple[list[Row], list[dict]]:
-    """The rows ``elflm sample`` was asked for and the extra fields of each record."""
+    """The rows ``elflm sample`` was asked for (one seed's) and the extra fields of each record;
+    their number times the seeds' is checked before any row is built."""
+    seeds = len(a.seeds or [a.seed])
+
+    def bounded(count: int, what: str) -> None:
+        if count * seeds > MAX_NUM_SAMPLES:
+            raise ValueError(f"{count * seeds:,} samples asked for ({what} × seeds): at most {MAX_NUM_SAMPLES:,}")
+
     if not _templated(a):
         if a.input:
             if max_in is None:
@@ -693,20 +709,18 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
                     "or pass --max-input-length N to hold the inputs fixed as conditions"
                 )
             sources, refs = read_conditions(a.input, a.source_field, a.reference_field)
+            bounded(len(sources), "conditions")
             warn_truncated(encoder, sources, max_in)
             extras = [{} for _ in sources] if refs is None else [{"reference": r} for r in refs]
             return [Row(k, a.seed, s) for k, s in enumerate(sources)], extras
+        bounded(a.num_samples, "--num-samples")
         return [Row(k, a.seed) for k in range(a.num_samples)], [{} for _ in range(a.num_samples)]
     n = a.num_samples or 1
     if a.infill_file:
         items = infill.read_templates(a.infill_file)
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
-    total = len(items) * n * len(a.seeds or [a.seed])
-    if total > MAX_NUM_SAMPLES:
-        raise ValueError(
-            f"{total:,} samples asked for (templates × --num-samples × seeds): at most {MAX_NUM_SAMPLES:,}"
-        )
+    bounded(len(items) * n, "templates × --num-samples")
     option = "--prompt" if a.prompt is not None else "--infill" if a.infill is not None else a.infill_file
     if any(item["source"] is not None for item in items) and max_in is None:
         raise ValueError(
@@ -764,11 +778,6 @@ def _run_sample(a) -> int:
         max_in = a.max_input_length or settings.data.max_input_length
         rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
         seeds = a.seeds or [a.seed]
-        if len(rows) * len(seeds) > MAX_NUM_SAMPLES:
-            raise ValueError(
-                f"{len(rows) * len(seeds):,} samples asked for ({len(rows):,} × {len(seeds)} seeds): "
-                f"at most {MAX_NUM_SAMPLES:,}"
-            )
         rows = [replace(r, seed=s) for s in seeds for r in rows]
         extras = [x for _ in seeds for x in extras]
         recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
@@ -1155,10 +1164,13 @@ def _run_serve(a) -> int:
         max_body_bytes=a.max_body_bytes,
         batch_wait_ms=a.batch_wait_ms,
     )
-    model, encoder, settings = load_model(a)
-    settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
-    app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
-    serve.run_server(app, a.host, a.port)
+    with serve.listen(a.host, a.port) as sock:  # a bad address or a busy port fails before the model loads
+        model, encoder, settings = load_model(a)
+        settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
+        app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
+        host, port = sock.getsockname()[:2]
+        print(f"elflm serve: listening on http://{f'[{host}]' if ':' in host else host}:{port}", file=sys.stderr)
+        serve.run_server(app, sock)
     return 0
 
 
@@ -1171,7 +1183,12 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)"
     )
-    p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="train exactly this many steps (with --distill: per round; ignores --minutes)",
+    )
     p.add_argument("--num-samples", type=sample_count, default=64, help="samples per model (default 64)")
     p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
     p.add_argument(
@@ -1182,13 +1199,54 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d = p.add_argument_group("distillation (after a quickstart run)")
+    d.add_argument(
+        "--distill",
+        action="store_true",
+        help="distil the trained model of --output into few-step students within --minutes and score teacher "
+        "and students at the students' step counts (the overrides apply to the distillation config)",
+    )
+    d.add_argument(
+        "--curriculum",
+        type=listing(int, 1),
+        default=None,
+        metavar="LIST",
+        help=f"--distill: the students' step counts (default {','.join(map(str, quickstart.DISTILL_CURRICULUM))})",
+    )
+    d.add_argument(
+        "--teacher-resolution",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"--distill: teacher sub-steps of 1/N (default {quickstart.DISTILL_RESOLUTION})",
+    )
 
 
 def _run_quickstart(a) -> int:
+    if not a.distill and (a.curriculum or a.teacher_resolution):
+        raise ValueError("--curriculum and --teacher-resolution belong to --distill")
+    if a.distill and a.config:
+        raise ValueError("--config: --distill takes the quickstart run's own config (give overrides instead)")
     if a.no_progress:  # also transformers' weight-loading and GGUF-conversion bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if a.distill:
+        quickstart.run_distill(
+            a.output,
+            minutes=a.minutes,
+            steps=a.steps,
+            curriculum=tuple(a.curriculum or quickstart.DISTILL_CURRICULUM),
+            resolution=a.teacher_resolution or quickstart.DISTILL_RESOLUTION,
+            num_samples=a.num_samples,
+            judge=None if str(a.judge).lower() == "none" else a.judge,
+            overrides=a.overrides,
+            device=a.device,
+            seed=a.seed,
+            overwrite=a.overwrite,
+            progress=not a.no_progress,
+        )
+        return 0
     quickstart.run_quickstart(
         a.output,
         minutes=a.minutes,
