@@ -169,6 +169,7 @@ def fill(args: list, env: dict) -> list[str]:
 
 TRAIN = ["train", "--config", "{run_yaml}", "--no-progress"]
 RESUME = ["train", "--config", "{run_yaml}", "--resume", "--no-progress"]
+FRESH = [*TRAIN, "train.output_dir={base}/fresh-run"]  # a new run: no earlier checkpoints in the way
 SAMPLE = ["sample", "--checkpoint", "{model}", "-o", "{base}/out.jsonl"]
 ONE = [*SAMPLE, "--num-samples", "1", "--steps", "1"]
 
@@ -193,14 +194,14 @@ CASES = [
     ("config missing", ["train", "--config", "{base}/none.yaml"], "none.yaml' not found"),
     ("device out of range", [*ONE, "--device", "cuda:99"], "device cuda:99"),
     # data files
-    ("meta list", [*TRAIN, "data.train_path={d_list}"], "meta.json: expected a JSON object, got list"),
-    ("meta shards int", [*TRAIN, "data.train_path={d_shards}"], "meta.json: 'shards' must be a list of shards"),
-    ("meta cut", [*TRAIN, "data.train_path={d_cut}"], "meta.json: not valid JSON"),
-    ("meta binary", [*TRAIN, "data.train_path={d_bin}"], "meta.json: not valid JSON"),
-    ("meta max_length text", [*TRAIN, "data.train_path={d_maxlen}"], "'max_length' must be an integer >= 1"),
-    ("shard short", [*TRAIN, "data.train_path={d_short}"], "ids-00000.bin: expected"),
-    ("shard path escapes", [*TRAIN, "data.train_path={d_escape}"], "shards[0].ids must be a file name in the folder"),
-    ("data missing", [*TRAIN, "data.train_path={base}/nodata"], "nodata"),
+    ("meta list", [*FRESH, "data.train_path={d_list}"], "meta.json: expected a JSON object, got list"),
+    ("meta shards int", [*FRESH, "data.train_path={d_shards}"], "meta.json: 'shards' must be a list of shards"),
+    ("meta cut", [*FRESH, "data.train_path={d_cut}"], "meta.json: not valid JSON"),
+    ("meta binary", [*FRESH, "data.train_path={d_bin}"], "meta.json: not valid JSON"),
+    ("meta max_length text", [*FRESH, "data.train_path={d_maxlen}"], "'max_length' must be an integer >= 1"),
+    ("shard short", [*FRESH, "data.train_path={d_short}"], "ids-00000.bin: expected"),
+    ("shard path escapes", [*FRESH, "data.train_path={d_escape}"], "shards[0].ids must be a file name in the folder"),
+    ("data missing", [*FRESH, "data.train_path={base}/nodata"], "nodata"),
     ("input missing", [*SAMPLE, "--input", "{base}/none.txt", "--max-input-length", "8"], "none.txt: no such file"),
     ("eval empty", ["eval", "{empty_jsonl}", "--judge", "none"], "empty.jsonl: no samples"),
     # model folders
