@@ -2,14 +2,17 @@
 
 Each run ``model:device:precision`` samples unconditionally with random weights (throughput does
 not depend on them) in a fresh process, so its peak memory is its own: one untimed warm-up batch,
-then ``--batches`` timed batches of ``--steps`` sampler steps each (``--method``, default SDE)
-plus the final decode. ``--batch max`` (the CUDA default) finds the largest batch that fits by
-doubling, then bisecting, with 2-step probes (every step holds the same tensors, the final
-decode's (B, L, V) logits being the largest).
+then for each step count of ``--steps`` (comma-separated) ``--batches`` timed batches of that many
+sampler steps (``--method``, default SDE) plus the final decode, all at the same batch size; the
+``speed-up`` column is the samples/s against the run's largest step count (few-step sampling of a
+distilled student against the teacher's 32 steps: ``--steps 1,2,4,8,32``). ``--batch max`` (the
+CUDA default) finds the largest batch that fits by doubling, then bisecting, with 2-step probes
+(every step holds the same tensors, the final decode's (B, L, V) logits being the largest).
 
     python benchmarks/sample_throughput.py                       # tiny on CPU (+ elf-b on CUDA when available)
     python benchmarks/sample_throughput.py --runs elf-b:cuda:bf16 --batch max --json out.json
     python benchmarks/sample_throughput.py --runs tiny:cpu:fp32,tiny:cpu:bf16 --batch 64
+    python benchmarks/sample_throughput.py --runs elf-b:cuda:bf16 --steps 1,2,4,8,32 --batch 256
 
 Models are the presets of :func:`elflm.config.model_preset` with T5-small's C = 512 and
 V = 32128; ``tiny`` samples 64 tokens, the others ``--length`` (1024). The frozen encoder is a
@@ -39,7 +42,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     default_runs = "tiny:cpu:fp32" + (",elf-b:cuda:fp32,elf-b:cuda:bf16" if torch.cuda.is_available() else "")
     p.add_argument("--runs", default=default_runs, help="comma-separated model:device:precision (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps")
+    p.add_argument("--steps", default="32", help="sampler steps, or comma-separated step counts (default 32)")
     p.add_argument("--method", default="sde", choices=["ode", "sde"])
     p.add_argument("--length", type=int, default=1024, help="tokens per sample for non-tiny models (tiny: 64)")
     p.add_argument("--batch", default=None, help="samples per batch, or 'max' (default: 32 on CPU, max on CUDA)")
@@ -62,6 +65,10 @@ def parse_args(argv=None):
             p.error(f"--runs: expected model:cpu|cuda:fp32|bf16|fp64, got {run!r}")
     if a.batch not in (None, "max") and not (a.batch.isdigit() and int(a.batch) >= 1):
         p.error(f"--batch: expected an integer >= 1 or 'max', got {a.batch!r}")
+    counts = [v.strip() for v in a.steps.split(",")]
+    if not all(v.isdigit() and int(v) >= 1 for v in counts):
+        p.error(f"--steps: expected comma-separated integers >= 1, got {a.steps!r}")
+    a.steps = [int(v) for v in counts]
     return a
 
 
@@ -77,7 +84,7 @@ def build(a, name: str, device, precision: str):
     dtype = torch.float64 if precision == "fp64" else torch.float32
     model = ELF(model_preset(name, encoder_dim=512, vocab_size=32128, max_length=length)).to(device, dtype).eval()
     encoder = TextEncoder.t5(tokenizer=a.tokenizer)
-    return model, encoder, SampleConfig(method=a.method, steps=a.steps), length
+    return model, encoder, SampleConfig(method=a.method, steps=max(a.steps)), length
 
 
 def sample(model, encoder, cfg, batch: int, batches: int = 1, precision: str = "fp32") -> float:
@@ -127,8 +134,8 @@ def largest_batch(model, encoder, cfg, limit: int) -> int:
     return ok
 
 
-def run(a, spec: str) -> dict:
-    """One run in this process."""
+def run(a, spec: str) -> list[dict]:
+    """One run in this process: a row per step count of ``--steps``."""
     name, dev, prec = spec.split(":")
     device = torch.device(dev)
     model, encoder, cfg, length = build(a, name, device, prec)
@@ -139,6 +146,17 @@ def run(a, spec: str) -> dict:
     sample(model, encoder, replace(cfg, steps=2), batch, precision=prec)  # warm-up: kernels, allocator, RoPE tables
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    rows = [measure(a, spec, model, encoder, replace(cfg, steps=n), batch, length, want == "max") for n in a.steps]
+    slowest = rows[a.steps.index(max(a.steps))]["samples_per_s"]
+    for r in rows:
+        r["speedup"] = r["samples_per_s"] / slowest
+    return rows
+
+
+def measure(a, spec: str, model, encoder, cfg, batch: int, length: int, searched: bool) -> dict:
+    """Time ``--batches`` batches of ``cfg`` sampling; the row of the table."""
+    name, dev, prec = spec.split(":")
+    device = next(model.parameters()).device
     seconds = sample(model, encoder, cfg, batch, a.batches, prec)
     n = batch * a.batches
     return {
@@ -153,7 +171,7 @@ def run(a, spec: str) -> dict:
         "steps": cfg.steps,
         "method": cfg.method,
         "batch": batch,
-        "batch_search": want == "max",
+        "batch_search": searched,
         "seconds": seconds,
         "samples_per_s": n / seconds,
         "tokens_per_s": n * length / seconds,
@@ -162,19 +180,19 @@ def run(a, spec: str) -> dict:
     }
 
 
-def run_isolated(spec: str, argv: list[str]) -> dict:
+def run_isolated(spec: str, argv: list[str]) -> list[dict]:
     proc = subprocess.run([sys.executable, __file__, *argv, "--worker", spec], capture_output=True, text=True)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("[")]
     if proc.returncode != 0 or not lines:
         err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"run": spec, "error": err[:300]}
+        return [{"run": spec, "error": err[:300]}]
     return json.loads(lines[-1])
 
 
 def table(rows: list[dict]) -> str:
     head = (
-        f"{'run':20} {'params M':>8} {'length':>6} {'steps':>5} {'batch':>6} {'samples/s':>10} {'tokens/s':>10} "
-        f"{'ms/fwd':>8} {'peak GB':>8}"
+        f"{'run':20} {'params M':>8} {'length':>6} {'steps':>5} {'batch':>6} {'samples/s':>10} {'speed-up':>8} "
+        f"{'tokens/s':>10} {'ms/fwd':>8} {'peak GB':>8}"
     )
     out = [head, "-" * len(head)]
     for r in rows:
@@ -184,7 +202,7 @@ def table(rows: list[dict]) -> str:
         batch = f"{r['batch']}{'*' if r['batch_search'] else ''}"
         out.append(
             f"{r['run']:20} {r['params_m']:8.1f} {r['length']:6d} {r['steps']:5d} {batch:>6} "
-            f"{r['samples_per_s']:10.2f} "
+            f"{r['samples_per_s']:10.2f} {r['speedup']:7.2f}x "
             f"{r['tokens_per_s']:10.0f} {r['ms_per_forward']:8.1f} {r['peak_memory_gb']:8.2f}"
         )
     if any(r.get("batch_search") for r in rows):
@@ -206,12 +224,13 @@ def main(argv=None) -> int:
         return 2
     rows = []
     for spec in specs:
-        rows.append(run_isolated(spec, argv))
-        r = rows[-1]
-        rate = r.get("error") or f"{r['samples_per_s']:.2f} samples/s"
-        print(f"  {spec}: {rate}", file=sys.stderr, flush=True)
+        rows += run_isolated(spec, argv)
+        for r in rows[-len(a.steps) :]:
+            rate = r.get("error") or f"{r['steps']} steps {r['samples_per_s']:.2f} samples/s"
+            print(f"  {spec}: {rate}", file=sys.stderr, flush=True)
+    steps = ",".join(map(str, a.steps))
     print(
-        f"unconditional sampling, {a.method.upper()} {a.steps} steps + decode, {a.batches} timed batches, "
+        f"unconditional sampling, {a.method.upper()} {steps} steps + decode, {a.batches} timed batches, "
         f"torch {torch.__version__}"
     )
     print(table(rows))

@@ -3,8 +3,9 @@ conditioning batches."""
 
 import numpy as np
 import torch
+import yaml
 
-from elflm.config import ModelConfig
+from elflm.config import SAMPLER_PRESETS, ModelConfig
 from elflm.formats.flax import flax_params_to_state_dict
 from elflm.model import ELF
 
@@ -80,3 +81,55 @@ def assert_same_weights(actual: dict, reference: dict):
     assert set(actual) == set(reference)
     for k, v in reference.items():
         assert actual[k].dtype == v.dtype and torch.equal(actual[k], v), k
+
+
+def pd_weights(part: str) -> dict[str, torch.Tensor]:
+    """``teacher`` or ``student_init`` of ``distill.npz`` in torch-port names (golden README §8)."""
+    return {k: torch.from_numpy(np.asarray(v)).clone() for k, v in tree(load_npz("distill.npz"), part).items()}
+
+
+def write_pd_checkpoint(folder, step: int = 3, config: bool = True, prefix: str = ""):
+    """A run folder of the authors' ``distillation`` branch: ``checkpoint_<step>`` (no extension) as its
+    ``save_checkpoint`` writes it (``params``: the student's ``state_dict``, here ``student_init`` of
+    ``distill.npz``; ``ema_params1``: its EMA, here the ``teacher`` weights; a real optimizer and
+    ``LambdaLR`` state, the dropout generator's state) and, with ``config``, the ``config.yml`` its
+    ``train.py`` dumps (``vars(config)``: the curriculum YAML's fields with the few-step sampling
+    configs expanded). ``prefix`` (e.g. ``_orig_mod.``) goes before every parameter name. Returns the
+    file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    params, ema = pd_weights("student_init"), pd_weights("teacher")
+    live = [torch.nn.Parameter(v.clone()) for v in params.values()]
+    opt = torch.optim.SGD(live, lr=2e-3, momentum=0.95)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=lambda s: min(1.0, s / 2))
+    for p in live:
+        p.grad = torch.ones_like(p)
+    opt.step()
+    sched.step()
+    payload = {
+        "params": {prefix + k: v for k, v in params.items()},
+        "ema_params1": {prefix + k: v for k, v in ema.items()},
+        "opt_state": opt.state_dict(),
+        "lr_scheduler": sched.state_dict(),
+        "step": step,
+        "epoch": 0,
+        "dropout_rng": torch.Generator().manual_seed(42).get_state(),
+        "grad_accum_buffers": {},
+    }
+    file = folder / f"checkpoint_{step}"
+    torch.save(payload, file)
+    if config:
+        fields = yaml.safe_load(FLAX_CONFIG.read_text())
+        fields.update(
+            pd_teacher_steps=64,
+            pd_step_size=1.0,
+            pd_student_schedule="logit_normal",
+            pd_teacher_schedule="logit_normal",
+            teacher_path="embedded-language-flows/ELF-B-owt-torch",
+            initialize_student_from_teacher=True,
+            teacher_use_ema=True,
+            student_init_from_checkpoint="outputs/elf_b-owt_progressive_distillation/round4_2step",
+            sampling_configs_path="src/configs/sampling_configs/uncond_fewstep_sampling_configs.yml",
+            sampling_configs=SAMPLER_PRESETS["fewstep"],
+        )
+        (folder / "config.yml").write_text(yaml.safe_dump(fields, sort_keys=False))
+    return file

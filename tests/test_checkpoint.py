@@ -35,6 +35,7 @@ def test_write_then_read(tmp_path):
         TrainingCheckpoint.OPTIMIZER,
         TrainingCheckpoint.CONFIG,
         TrainingCheckpoint.STATE,
+        TrainingCheckpoint.MANIFEST,
     }
     assert {p.name for p in ckpt.path.iterdir()} == names and TrainingCheckpoint.LEGACY_RAW not in names
     want = _content(3)
@@ -92,6 +93,7 @@ class _Evil:
 def test_optimizer_state_is_loaded_without_unpickling_objects(tmp_path):
     ckpt = _write(tmp_path / "run", 1)
     target = tmp_path / "pwned"
+    (ckpt.path / TrainingCheckpoint.MANIFEST).unlink()  # as in a checkpoint without one: the unpickler is the guard
     torch.save({"state": {}, "param_groups": [_Evil(str(target))]}, ckpt.path / TrainingCheckpoint.OPTIMIZER)
     with pytest.raises(CheckpointError, match="optimizer.pt"):
         ckpt.optimizer()

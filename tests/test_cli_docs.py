@@ -42,7 +42,7 @@ def reference() -> str:
             text = cell(act.help or "")
             if act.choices and act.option_strings:
                 text += f" One of: {', '.join(f'`{c}`' for c in act.choices)}."
-            default = act.default is not None and act.default is not False
+            default = act.default not in (None, False, argparse.SUPPRESS)
             if act.option_strings and default and "default" not in (act.help or ""):
                 text += f" Default: `{cell(act.default)}`."
             out.append(f"| {flag} | {text.strip()} |")

@@ -196,6 +196,27 @@ def test_the_authors_sampling_config_file(models, tmp_path, capsys):
     )
 
 
+def test_sampler_presets_by_name(models, judge, tmp_path, capsys):
+    """--preset fewstep --steps N: the authors' few-step setting for N steps (flags override it); in a
+    sweep, one setting per --steps value."""
+    base = ["--checkpoint", str(models["uncond"]), "--num-samples", "2", "--preset", "fewstep"]
+    settings = lambda rows: {(r["method"], r["steps"], r["gamma"], r["w"]) for r in rows}  # noqa: E731
+    assert settings(sample([*base, "--steps", "4"], tmp_path / "a.jsonl")) == {("sde", 4, 1.5, 2.5)}
+    assert settings(sample([*base, "--steps", "16", "--w", "1"], tmp_path / "b.jsonl")) == {("sde", 16, 2.0, 1.0)}
+    assert settings(sample(base, tmp_path / "c.jsonl")) == {("sde", 1, 1.5, 2.5)}
+    assert "give --preset or --sampling-config, not both" in fails(
+        capsys, ["sample", *base, "--sampling-config", "x.yml", "-o", str(tmp_path / "d.jsonl")]
+    )
+    assert "invalid choice: 'nope'" in fails(capsys, ["sample", *base[:-1], "nope"])
+    sweep = ["sweep", "--checkpoint", str(models["uncond"]), "--num-samples", "2", "--judge", str(judge)]
+    sweep += ["--preset", "fewstep", "--no-plots"]
+    assert main([*sweep, "--steps", "2,16", "-o", str(tmp_path / "sw")]) == 0
+    rows = list(csv.DictReader(io.StringIO((tmp_path / "sw/sweep.csv").read_text())))
+    got = [(int(r["steps"]), float(r["gamma"]), float(r["w"])) for r in rows]
+    assert got == [(2, 1.5, 2.5), (16, 2.0, 2.0)]
+    assert "drop --gamma" in fails(capsys, [*sweep, "--gamma", "1", "-o", str(tmp_path / "x")])
+
+
 @pytest.mark.parametrize("precision,dtype", [("bf16", torch.bfloat16), ("fp64", torch.float64)])
 def test_precision_runs_the_model_in_that_dtype(models, tmp_path, precision, dtype):
     rows = sample(
@@ -296,7 +317,7 @@ def bad_inputs(tmp: Path, models) -> dict:
         "input + num-samples": (["--checkpoint", c, "--input", str(tmp / "ok.txt"), "--num-samples", "2"], "not both"),
         "nothing to sample": (["--checkpoint", u], "give --num-samples N"),
         "cfg without input": (["--checkpoint", c, "--num-samples", "1", "--cfg-scale", "2"], "applies to conditional"),
-        "too long": (["--checkpoint", u, "--num-samples", "1", "--length", "99"], "length must be in [1, 24]"),
+        "too long": (["--checkpoint", u, "--num-samples", "1", "--length", "99"], "length must be an integer in [1, 24]"),
         "output folder missing": (
             ["--checkpoint", u, "--num-samples", "1", "-o", str(tmp / "no/x.jsonl")],
             "does not exist",
@@ -305,8 +326,8 @@ def bad_inputs(tmp: Path, models) -> dict:
             ["--checkpoint", c, "--input", str(tmp / "ok.txt"), "--max-input-length", "30"],
             "max_input_length < length",
         ),
-        "steps 0": (["--checkpoint", u, "--num-samples", "1", "--steps", "0"], "expected an integer >= 1, got '0'"),
-        "batch 0": (["--checkpoint", u, "--num-samples", "1", "--batch-size", "0"], "expected an integer >= 1"),
+        "steps 0": (["--checkpoint", u, "--num-samples", "1", "--steps", "0"], "expected an integer in [1, 2**63), got '0'"),
+        "batch 0": (["--checkpoint", u, "--num-samples", "1", "--batch-size", "0"], "expected an integer in [1, 2**63)"),
         "negative gamma": (["--checkpoint", u, "--num-samples", "1", "--gamma", "-1"], "expected a finite number >= 0"),
         "unknown method": (["--checkpoint", u, "--num-samples", "1", "--method", "heun"], "invalid choice: 'heun'"),
         "unknown precision": (["--checkpoint", u, "--num-samples", "1", "--precision", "fp16"], "invalid choice"),
@@ -632,12 +653,15 @@ def test_sweep_unconditional_grid_tables_plots_and_resume(models, judge, tmp_pat
     again = read_csv(out / "sweep.csv")
     assert [r["gen_ppl"] for r in again] == [r["gen_ppl"] for r in rows] and {r["samples_per_s"] for r in again} == {""}
     assert stamps == {p: p.stat().st_mtime_ns for p in (out / "samples").iterdir()}
-    # another seed: the samples are redone
+    # another seed is another sweep: refused in this folder, or with --overwrite redone and the folder replaced
     one = ["--steps", "2", "--method", "ode", "--w", "1"]
-    assert main([*args[:11], *one, "--judge", str(judge), "--seed", "5"]) == 0
+    assert main([*args[:11], *one, "--judge", str(judge), "--seed", "5"]) == 2
+    assert "another sweep (seed 4 → 5); pass --overwrite" in capsys.readouterr().err
+    assert main([*args[:11], *one, "--judge", str(judge), "--seed", "5", "--overwrite"]) == 0
     err = capsys.readouterr().err
     assert "[1/1] ode-steps2-w1-cfg1-logit_normal" in err and "(reused)" not in err
     assert read_csv(out / "sweep.csv")[0]["samples_per_s"] != ""
+    assert [p.name for p in (out / "samples").iterdir()] == ["ode-steps2-w1-cfg1-logit_normal.jsonl"]
 
 
 def test_sweep_conditional_with_references(models, tmp_path, capsys):

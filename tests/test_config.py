@@ -17,6 +17,7 @@ from elflm.config import (
     DataConfig,
     EncoderConfig,
     ModelConfig,
+    SampleConfig,
     TrainConfig,
     apply_overrides,
     dump_config,
@@ -26,6 +27,7 @@ from elflm.config import (
     model_preset,
     read_sampling_configs,
     sample_configs,
+    sampler_preset,
     to_dict,
     validate,
 )
@@ -510,3 +512,25 @@ def test_validate_rejects_wrong_types_built_in_code():
         validate(Config(train=TrainConfig(compile=1)))
     with pytest.raises(ConfigError, match="data: expected a DataConfig"):
         Config(data={"max_length": 3})
+
+
+def test_sampler_presets_are_the_authors_files():
+    """fewstep = uncond_fewstep_sampling_configs.yml: --steps picks the setting listed for that many
+    steps, else the nearest (the fewer on a tie); no steps: the first setting."""
+    base = SampleConfig(noise_scale=1.5, num_samples=7)
+    pick = lambda *a: (lambda s: (s.method, s.steps, s.gamma, s.w, s.grid))(sampler_preset(*a))  # noqa: E731
+    assert pick("fewstep", 4) == ("sde", 4, 1.5, 2.5, "logit_normal")
+    assert pick("fewstep", 32) == ("sde", 32, 2.0, 2.0, "logit_normal")
+    assert pick("fewstep", 12) == ("sde", 12, 1.5, 2.5, "logit_normal")  # 8 and 16 tie: the fewer
+    assert pick("fewstep", 13) == ("sde", 13, 2.0, 2.0, "logit_normal")
+    assert pick("fewstep", 100) == ("sde", 100, 2.0, 2.0, "logit_normal")
+    assert pick("fewstep") == ("sde", 1, 1.5, 2.5, "logit_normal")
+    assert pick("uncond") == ("sde", 32, 1.5, 3.0, "logit_normal") and pick("uncond", 64)[2] == 1.0
+    cond = sampler_preset("cond", None, base)
+    assert (cond.method, cond.steps, cond.cfg_scale, cond.w) == ("ode", 64, 2.0, 1.0)
+    assert (cond.noise_scale, cond.num_samples) == (1.5, 7)  # the rest is the base's
+    with pytest.raises(ConfigError, match="unknown sampler preset 'few'; expected one of uncond, cond, fewstep"):
+        sampler_preset("few")
+    for steps in (0, 2.5, True):
+        with pytest.raises(ConfigError, match="expected an integer >= 1"):
+            sampler_preset("fewstep", steps)

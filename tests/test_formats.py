@@ -12,9 +12,20 @@ import torch
 from elflm.checkpoint import CheckpointError
 from elflm.formats import detect_format, infer_model_config, official, read_checkpoint
 from elflm.formats.flax import flax_name, flax_params_to_state_dict
+from elflm.formats.torchport import port_params_to_state_dict
 
 from conftest import load_npz
-from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, assert_same_weights, muon_weights, tree
+from golden_utils import (
+    FLAX,
+    FLAX_CONFIG,
+    PORT,
+    STEP2,
+    assert_same_weights,
+    muon_weights,
+    pd_weights,
+    tree,
+    write_pd_checkpoint,
+)
 
 
 def test_flax_names():
@@ -64,6 +75,27 @@ def test_torch_port_reads_exactly(golden_dir):
     assert_same_weights(weights.ema, flax_params_to_state_dict(tree(load_npz("elf_model.npz"), "params")))
     _, _, raw = read_checkpoint(PORT, config=FLAX_CONFIG, max_length=12, which="raw")
     assert raw.ema is None and raw.raw is not None
+
+
+@pytest.mark.parametrize("prefix", ["", "_orig_mod."])
+def test_distilled_checkpoint_of_the_distillation_branch(golden_dir, tmp_path, prefix):
+    """The PD student's run folder (checkpoint_<step> + the config.yml that branch dumps): EMA and raw
+    weights exactly, the few-step sampler of its sampling configs, names without wrapper prefixes."""
+    file = write_pd_checkpoint(tmp_path / "run", prefix=prefix)
+    assert detect_format(tmp_path / "run") == ("torch-port", file)
+    cfg, settings, weights = read_checkpoint(tmp_path / "run", which="both")
+    assert_same_weights(weights.ema, port_params_to_state_dict(pd_weights("teacher")))
+    assert_same_weights(weights.raw, port_params_to_state_dict(pd_weights("student_init")))
+    assert weights.step == 3 and cfg.max_length == 16 and (cfg.depth, cfg.hidden_size) == (2, 64)
+    s = settings.sample
+    assert (s.method, s.steps, s.gamma, s.w, s.grid) == ("sde", 1, 1.5, 2.5, "logit_normal")
+    assert settings.source == {
+        "format": "torch-port",
+        "path": file.name,
+        "step": 3,
+        "config": "config.yml",
+        "weights": "ema",
+    }
 
 
 def _write_zarr(folder, name, array):

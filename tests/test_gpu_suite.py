@@ -47,3 +47,20 @@ def test_gpu_suite_skips_parts_past_the_budget(tmp_path):
     results, table = suite(tmp_path, "--budget", "0")
     assert results["skipped"] == ["training", "sampling eager", "sampling compiled"]
     assert "skipped (time budget): training" in table
+
+
+def test_sample_throughput_over_step_counts(capsys):
+    """benchmarks/sample_throughput.py --steps 1,2,4: a row per step count at one batch size, the
+    speed-up against the most steps."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import sample_throughput as bench
+
+    a = bench.parse_args(["--runs", "tiny:cpu:fp32", "--steps", "1,2,4", "--batch", "2", "--batches", "1"])
+    runs = bench.run(a, "tiny:cpu:fp32")
+    assert [(x["steps"], x["batch"]) for x in runs] == [(1, 2), (2, 2), (4, 2)]
+    assert runs[2]["speedup"] == 1.0 and all(x["samples_per_s"] > 0 and x["speedup"] > 0 for x in runs)
+    table = bench.table(runs)
+    assert "speed-up" in table and table.count("tiny:cpu:fp32") == 3
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--steps", "4,0"])
+    assert "--steps: expected comma-separated integers >= 1, got '4,0'" in capsys.readouterr().err

@@ -8,11 +8,25 @@ import pytest
 from safetensors.torch import load_file
 
 from elflm import hub
+from elflm.config import sampler_preset
+from elflm.formats.torchport import port_params_to_state_dict
+from elflm.generate import generate
 from elflm.model import ELF
 from elflm.pretrained import WEIGHTS
 
 from conftest import GOLDEN, load_npz
-from golden_utils import FLAX, FLAX_CONFIG, PORT, STEP2, T, assert_close, assert_same_weights, muon_weights
+from golden_utils import (
+    FLAX,
+    FLAX_CONFIG,
+    PORT,
+    STEP2,
+    T,
+    assert_close,
+    assert_same_weights,
+    muon_weights,
+    pd_weights,
+    write_pd_checkpoint,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -70,6 +84,28 @@ def test_hub_snapshot_in_our_format_loads_directly(port_folder, tmp_path):
     model = ELF.from_pretrained("someone/elf-ours", encoder=False)
     assert_same_weights(model.state_dict(), load_file(port_folder / WEIGHTS))
     assert not (tmp_path / "elflm-cache").exists()
+
+
+@pytest.mark.filterwarnings("ignore:the tokenizer .* has 32100 tokens")
+def test_the_distilled_checkpoint_by_hub_id_and_file(golden_dir, t5_tokenizer_dir, tmp_path):
+    """embedded-language-flows/ELF-B-PD-owt-torch as its snapshot may hold it (checkpoint_<step>, no
+    config): the published settings (max_length 1024, the few-step sampler) complete it; it samples
+    with the fewstep preset."""
+    repo = "embedded-language-flows/ELF-B-PD-owt-torch"
+    file = write_pd_checkpoint(tmp_path / "snap", step=5, config=False)
+    _hub_snapshot(tmp_path / "hub-cache", repo, "d" * 40, {file.name: file})
+    for name in (repo, f"{repo}/{file.name}"):
+        model = ELF.from_pretrained(name, encoder=GOLDEN / "t5_encoder_tiny.pkl", tokenizer=t5_tokenizer_dir)
+        assert_same_weights(model.state_dict(), port_params_to_state_dict(pd_weights("teacher")))
+        assert model.config.max_length == 1024 and model.pretrained.source["format"] == "torch-port"
+        s = model.pretrained.sample
+        assert (s.method, s.steps, s.gamma, s.w) == ("sde", 1, 1.5, 2.5)
+    assert model.pretrained.encoder.weights.endswith("t5_encoder_tiny.pkl")
+    assert ELF.from_pretrained(repo, raw=True, encoder=False).state_dict().keys() == model.state_dict().keys()
+    rows = generate(
+        model, model.encoder, sampler_preset("fewstep", 4, model.pretrained.sample), num_samples=2, length=12
+    )
+    assert [(r["steps"], r["gamma"], r["w"], len(r["ids"])) for r in rows] == [(4, 1.5, 2.5, 12)] * 2
 
 
 def test_encoder_pickle_from_the_hub_cache(golden_dir, t5_tokenizer_dir, port_folder, tmp_path):

@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from elflm.config import SampleConfig
+from elflm.config import ConfigError, SampleConfig
 from elflm.sampling import (
     Known,
     RowNoise,
@@ -93,14 +93,18 @@ def test_grids():
     assert u.tolist() == [0.0, 0.25, 0.5, 0.75, 1.0]
     ln = time_grid(SampleConfig(grid="logit_normal", steps=8), generator=torch.Generator().manual_seed(0))
     assert ln[0] == 0 and ln[-1] == 1 and len(ln) == 9 and bool((ln.diff() >= 0).all())
+    with pytest.raises(ConfigError, match="sample.grid: expected one of 'logit_normal', 'uniform', got 'cosine'"):
+        SampleConfig(grid="cosine")
+    edited = SampleConfig()
+    edited.grid = "cosine"  # an in-place edit skips the dataclass's check
     with pytest.raises(ValueError, match="unknown time grid"):
-        time_grid(SampleConfig(grid="cosine"))
+        time_grid(edited)
 
 
 def test_sampler_errors(g):
     model = tiny_model("sampler.npz", "params")
     z = torch.randn(1, 16, 32)
-    with pytest.raises(ValueError, match="unknown sampling method"):
+    with pytest.raises(ConfigError, match="sample.method: expected one of 'ode', 'sde', got 'heun'"):
         Sampler(model, SampleConfig(method="heun"))
     with pytest.raises(ValueError, match="z_init contains NaN"):
         Sampler(model, SampleConfig(method="ode")).state(z * float("nan"), torch.linspace(0, 1, 3))
@@ -127,8 +131,12 @@ def test_sampler_errors(g):
 )
 def test_bad_settings_are_named(g, key, value):
     model = tiny_model("sampler.npz", "params")
-    with pytest.raises(ValueError, match=key if key != "grid" else "unknown time grid"):
+    with pytest.raises(ConfigError, match=f"sample.{key}"):
         Sampler(model, replace(SampleConfig(), **{key: value}))
+    edited = SampleConfig()
+    setattr(edited, key, value)  # an in-place edit: the Sampler checks again
+    with pytest.raises(ConfigError, match=f"sample.{key}"):
+        Sampler(model, edited)
 
 
 def test_same_seed_same_samples(g):

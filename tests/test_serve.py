@@ -233,7 +233,7 @@ def test_one_request_the_same_samples_through_every_door(tmp_path, t5_tokenizer_
 
     def cli(extra, batch):
         out = tmp_path / f"s{batch}.jsonl"
-        assert main(["sample", *opts, *extra, "--batch-size", str(batch), "-o", str(out)]) == 0
+        assert main(["sample", *opts, *extra, "--batch-size", str(batch), "-o", str(out), "--overwrite"]) == 0
         return [(r["ids"], r["text"]) for r in map(json.loads, out.read_text().splitlines())]
 
     with TestClient(create_app(model, enc, settings, Limits(max_samples=8, max_batch=8))) as c:

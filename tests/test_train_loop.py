@@ -137,8 +137,8 @@ def test_train_step_returns_device_tensors(env, tmp_path):
     assert all(torch.is_tensor(stats[k]) and stats[k].dim() == 0 and stats[k].dtype == torch.float64 for k in STATS)
     assert isinstance(stats["lr"], float)
     window = [stats, t.train_step()]
-    means = t.reduce_stats(window)
-    assert means == pytest.approx({k: (float(window[0][k]) + float(window[1][k])) / 2 for k in STATS}, rel=1e-12)
+    expected = {k: (float(window[0][k]) + float(window[1][k])) / 2 for k in STATS}
+    assert t.reduce_stats(window) == pytest.approx(expected, rel=1e-12)
 
 
 COUNTER = r"""

@@ -18,17 +18,22 @@ and ``trainer_state.json`` (which then also holds the optimizer's ``optimizer_pa
 tensors only in the shards, so reading them unpickles nothing). It resumes on any number of processes (the
 shards are re-split on load) and reads back as full tensors through the same methods.
 
-A checkpoint is written into a temporary folder and renamed, so a run killed mid-save keeps the
-previous one; the last ``keep_last`` are kept.
+A checkpoint is written into a temporary folder, its files flushed to disk, and renamed into
+place, so a run killed mid-save keeps the previous one; the last ``keep_last`` are kept.
+``sha256.json`` records the size and SHA-256 of every other file of the checkpoint: reading a file
+verifies it first (:meth:`TrainingCheckpoint.verify`), and resuming a run picks the newest
+checkpoint that verifies (:meth:`TrainingCheckpoint.resumable`), setting damaged newer ones aside.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import shutil
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import replace
@@ -41,13 +46,14 @@ from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from . import portable
+from . import files, portable
 from .config import Config, dump_config, load_config
+from .errors import ElflmError
 
 _STEP = re.compile(r"step_(\d+)")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(ElflmError, ValueError):
     """A checkpoint file or folder is missing, unreadable, of an unknown layout or does not fit
     the model; the message names the path and the problem."""
 
@@ -63,9 +69,13 @@ class TrainingCheckpoint:
     CONFIG = "config.yaml"
     STATE = "trainer_state.json"
     SHARDED = "sharded"  # the torch.distributed.checkpoint folder of an FSDP run
+    MANIFEST = "sha256.json"  # size and SHA-256 of every other file
+    DAMAGED = "damaged-"  # prefix of a damaged checkpoint set aside by resuming
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, verified: bool = False):
+        """``verified``: the files were checked already (e.g. by the main rank): reads skip it."""
         self.path = Path(path)
+        self._verified: set[str] = {""} if verified else set()
 
     def __repr__(self) -> str:
         return f"TrainingCheckpoint({str(self.path)!r})"
@@ -112,11 +122,17 @@ class TrainingCheckpoint:
         """Write ``run_dir/checkpoints/step_{step}`` (into a temporary folder, then renamed) and
         delete all but the last ``keep_last`` checkpoints (0: keep all). The local encoder files
         of ``config`` are copied in and recorded relative to the checkpoint."""
-        tmp, final = cls._staging(run_dir, step)
-        save_file(raw, str(tmp / cls.RAW))
-        save_file(ema, str(tmp / cls.EMA))
-        torch.save(optimizer, tmp / cls.OPTIMIZER)
-        return cls._publish(run_dir, tmp, final, config, state, keep_last)
+        need = tensor_bytes(raw) + tensor_bytes(ema) + tensor_bytes(optimizer)
+        tmp, final = cls._staging(run_dir, step, need)
+        try:
+            with files.resource_errors(final, need, tmp):
+                save_file(raw, str(tmp / cls.RAW))
+                save_file(ema, str(tmp / cls.EMA))
+                torch.save(optimizer, tmp / cls.OPTIMIZER)
+                return cls._publish(run_dir, tmp, final, config, state, keep_last)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def write_sharded(
@@ -127,24 +143,34 @@ class TrainingCheckpoint:
         ``run_dir/checkpoints/step_{step}/sharded``; the ``main`` rank then writes the config and
         state, renames the folder into place and prunes as :meth:`write`. Returns the checkpoint on
         the main rank, None on the others."""
-        tmp, final = cls._staging(run_dir, step) if main else (None, None)
+        tmp, final = cls._staging(run_dir, step, tensor_bytes(tensors)) if main else (None, None)
         if dist.is_initialized():
             shared = [tmp]
             dist.broadcast_object_list(shared, src=0)  # also the barrier: the folder exists
             tmp = shared[0]
-        with _single_process_quiet():
-            dcp.save(tensors, checkpoint_id=tmp / cls.SHARDED, no_dist=not dist.is_initialized())
-        if not main:
-            return None
-        return cls._publish(run_dir, tmp, final, config, state, keep_last)
+        try:
+            with files.resource_errors(final or tmp, None, tmp), _single_process_quiet():
+                dcp.save(tensors, checkpoint_id=tmp / cls.SHARDED, no_dist=not dist.is_initialized())
+                if not main:
+                    return None
+                return cls._publish(run_dir, tmp, final, config, state, keep_last)
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
-    def _staging(cls, run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    def _staging(cls, run_dir: str | Path, step: int, need: int) -> tuple[Path, Path]:
+        """A fresh temporary folder for step ``step`` and the final path; temporaries of earlier,
+        interrupted saves are removed (the run folder is the trainer's alone: it holds its lock)."""
         root = Path(run_dir) / cls.FOLDER
         root.mkdir(parents=True, exist_ok=True)
         final = root / f"step_{step:07d}"
+        for stray in root.glob(".tmp-*"):
+            shutil.rmtree(stray, ignore_errors=True)
+        files.clean_strays(final)
+        files.check_space(final, need)
         tmp = root / f".tmp-{final.name}"
-        shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         return tmp, final
 
@@ -152,18 +178,98 @@ class TrainingCheckpoint:
     def _publish(
         cls, run_dir: str | Path, tmp: Path, final: Path, config: Config, state: dict, keep_last: int
     ) -> TrainingCheckpoint:
+        """Complete ``tmp`` (config, state, manifest), flush it to disk, move it to ``final`` in one
+        step and prune to the last ``keep_last``; pruned folders are renamed away before removal."""
         dump_config(replace(config, encoder=portable.bundle_encoder(config.encoder, tmp)), tmp / cls.CONFIG)
-        _write_json(tmp / cls.STATE, state)
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        (tmp / cls.STATE).write_text(json.dumps(state, indent=1))
+        (tmp / cls.MANIFEST).write_text(json.dumps({"files": _hashes(tmp, skip=cls.MANIFEST)}, indent=1))
+        files.sync_tree(tmp)
+        files.publish(tmp, final)
         for old in cls.all(run_dir)[:-keep_last] if keep_last > 0 else []:
-            shutil.rmtree(old.path, ignore_errors=True)
+            gone = old.path.parent / f".tmp-pruned-{old.path.name}"
+            os.rename(old.path, gone)
+            shutil.rmtree(gone, ignore_errors=True)
         return cls(final)
+
+    # ------------------------------------------------------------------ integrity
+
+    def damage(self, name: str | None = None) -> str | None:
+        """What is wrong with the files of this checkpoint (only ``name``, a file or a folder of
+        it, when given) against ``sha256.json``: None when every file has its recorded size and
+        SHA-256, or when the checkpoint predates the manifest; else a short description."""
+        if not (self.path / self.STATE).is_file():
+            return f"incomplete: no {self.STATE}"
+        manifest = self.path / self.MANIFEST
+        if not manifest.is_file():
+            return None
+        try:
+            recorded = json.loads(manifest.read_text())["files"]
+            recorded = {str(k): (int(v["bytes"]), str(v["sha256"])) for k, v in recorded.items()}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            return f"{self.MANIFEST} is unreadable ({e})"
+        wanted = [k for k in recorded if name is None or k == name or k.startswith(name + "/")]
+        for rel in sorted(wanted):
+            size, digest = recorded[rel]
+            file = self.path / rel
+            if not file.is_file():
+                return f"{rel} is missing"
+            if file.stat().st_size != size:
+                return f"{rel} has {file.stat().st_size} bytes, {size} were written (truncated or damaged)"
+            if _sha256(file) != digest:
+                return f"{rel} does not match its recorded SHA-256 (damaged on disk)"
+        return None
+
+    def verify(self, name: str | None = None) -> None:
+        """Raise :class:`CheckpointError` naming the damaged file when :meth:`damage` finds one."""
+        key = name or ""
+        if key in self._verified or "" in self._verified:
+            return
+        problem = self.damage(name)
+        if problem is not None:
+            raise CheckpointError(f"cannot read training checkpoint {self.path}: {problem}")
+        self._verified.add(key)
+
+    @classmethod
+    def resumable(cls, path: str | Path, report=None) -> TrainingCheckpoint | None:
+        """The checkpoint to resume from for ``path``: a checkpoint folder must verify (else
+        :class:`CheckpointError`, naming the newest valid one of its run); for a run folder (or its
+        ``checkpoints/``) the newest checkpoint that verifies, with every newer damaged or partial
+        one renamed to ``damaged-step_…`` beside it and reported through ``report(message)``
+        (default: stderr). None when the run folder has no checkpoint at all."""
+        path = Path(path)
+        report = report or (lambda message: print(message, file=sys.stderr, flush=True))
+        if (path / cls.STATE).is_file() or _STEP.fullmatch(path.name):
+            problem = cls(path).damage()
+            if problem is None:
+                return cls(path, verified=True)
+            good = cls._newest_valid(path.parent.parent, below=path)
+            hint = f"; the newest valid checkpoint of the run is {good.path}" if good else ""
+            raise CheckpointError(f"cannot resume from {path}: the checkpoint is damaged: {problem}{hint}")
+        run = path.parent if path.name == cls.FOLDER else path
+        root = run / cls.FOLDER
+        folders = sorted((int(m.group(1)), p) for p in root.glob("step_*") if (m := _STEP.fullmatch(p.name)))
+        for _, folder in reversed(folders):
+            problem = cls(folder).damage()
+            if problem is None:
+                return cls(folder, verified=True)
+            aside = folder.parent / f"{cls.DAMAGED}{folder.name}"
+            files.publish(folder, aside)  # replaces an earlier damaged copy of the same step
+            report(f"warning: checkpoint {folder} is damaged ({problem}); set aside as {aside}")
+        if folders:
+            raise CheckpointError(f"no valid checkpoint in {root}: every one is damaged (set aside as {cls.DAMAGED}*)")
+        return None
+
+    @classmethod
+    def _newest_valid(cls, run_dir: Path, below: Path) -> TrainingCheckpoint | None:
+        for ckpt in reversed(cls.all(run_dir)):
+            if ckpt.path != below and ckpt.damage() is None:
+                return ckpt
+        return None
 
     # ------------------------------------------------------------------ reading
 
     def _read(self, name: str, read: Callable[[Path], object]):
+        self.verify(name)
         try:
             return read(self.path / name)
         except (Exception, CheckpointException) as e:  # missing, truncated or corrupted files raise many types
@@ -242,8 +348,30 @@ def _single_process_quiet():
         yield
 
 
-def _write_json(path: Path, obj) -> None:
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+def tensor_bytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (nested dicts, lists and tuples of tensors)."""
+    if torch.is_tensor(obj):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hashes(folder: Path, skip: str) -> dict[str, dict]:
+    """``{relative path: {"bytes", "sha256"}}`` of every file under ``folder`` except ``skip``."""
+    out = {}
+    for file in sorted(folder.rglob("*")):
+        rel = file.relative_to(folder).as_posix()
+        if file.is_file() and rel != skip:
+            out[rel] = {"bytes": file.stat().st_size, "sha256": _sha256(file)}
+    return out

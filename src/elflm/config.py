@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import functools
 import itertools
+import math
 import types
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -23,8 +24,11 @@ from typing import Literal, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
+from .errors import ElflmError
+from .files import write_text
 
-class ConfigError(ValueError):
+
+class ConfigError(ElflmError, ValueError):
     """A configuration value is missing, unknown, of the wrong type or impossible; ``key`` is the
     dotted name of the setting, when there is one."""
 
@@ -51,6 +55,9 @@ class ModelConfig:
     self_cond: bool = True
     dropout: float = 0.0
 
+    def __post_init__(self):
+        check_section("model", self)
+
 
 @dataclass
 class ObjectiveConfig:
@@ -75,6 +82,9 @@ class ObjectiveConfig:
     label_drop_prob: float = 0.0
     pad_token: Literal["pad", "eos"] = "pad"  # which id pads rows (eos for conditional tasks)
 
+    def __post_init__(self):
+        check_section("objective", self)
+
 
 @dataclass
 class DistillConfig:
@@ -84,12 +94,20 @@ class DistillConfig:
     with ``pd_teacher_steps`` Euler sub-steps over the span at sorted times drawn from
     ``pd_teacher_schedule``. Flow, branch and self-conditioning settings are the
     :class:`ObjectiveConfig`'s. Defaults: round 1 of the official curriculum (rounds 2-5: 1/8, 1/4,
-    1/2, 1 with 8, 16, 32, 64 sub-steps)."""
+    1/2, 1 with 8, 16, 32, 64 sub-steps).
+
+    ``teacher`` (official ``teacher_path``): what :meth:`ELF.from_pretrained` loads (a model folder,
+    training run, official checkpoint or Hub id), with its EMA weights unless ``teacher_use_ema`` is
+    false. The student starts from the teacher's weights, or from those of ``student_init``
+    (``student_init_from_checkpoint``: the previous round of a curriculum), read the same way."""
 
     pd_step_size: float = 0.0625
     pd_teacher_steps: int = 4
     pd_student_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
     pd_teacher_schedule: Literal["logit_normal", "uniform"] = "logit_normal"
+    teacher: str | None = None
+    teacher_use_ema: bool = True
+    student_init: str | None = None
 
     def __post_init__(self):
         if not 0 < self.pd_step_size <= 1:
@@ -126,6 +144,45 @@ class SampleConfig:
     t_final: float = 1.0
     num_samples: int = 1000
 
+    def __post_init__(self):
+        check_section("sample", self)
+
+
+def _entry(method: str, steps: list[int], gamma: float, w: float, cfg: float = 1) -> dict:
+    """One entry of the authors' sampling-config YAML (their field names)."""
+    return dict(
+        sampling_method=method,
+        num_sampling_steps=steps,
+        cfgs=[cfg],
+        sde_gamma=gamma,
+        self_cond_cfg_scales=[w],
+        time_schedule="logit_normal",
+    )
+
+
+# The authors' sampling-config files by name (their src/configs/sampling_configs/*.yml): ``uncond``
+# (ELF-B 32 SDE steps, ELF-M / L 64), ``cond`` (De-En, XSum) and ``fewstep`` (distilled students).
+SAMPLER_PRESETS: dict[str, list[dict]] = {
+    "uncond": [_entry("sde", [32], 1.5, 3.0), _entry("sde", [64], 1.0, 3.0)],
+    "cond": [_entry("ode", [64], 0.0, 1.0, cfg=2)],
+    "fewstep": [_entry("sde", [1, 2, 4, 8], 1.5, 2.5), _entry("sde", [16, 32], 2.0, 2.0)],
+}
+
+
+def sampler_preset(name: str, steps: int | None = None, base: SampleConfig | None = None) -> SampleConfig:
+    """The sampler setting of the authors' preset ``name`` (:data:`SAMPLER_PRESETS`) on top of
+    ``base`` (its noise scale, time-draw parameters, ``t_eps``): for ``steps`` sampler steps the
+    listed setting with that many steps, else the one with the nearest step count (the fewer on a
+    tie) run for ``steps``; without ``steps`` the preset's first setting."""
+    if name not in SAMPLER_PRESETS:
+        raise ConfigError(f"unknown sampler preset {name!r}; expected one of {', '.join(SAMPLER_PRESETS)}", "preset")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ConfigError(f"sampler preset {name!r}: steps={steps!r}, expected an integer >= 1", "sample.steps")
+    settings = sample_configs(SAMPLER_PRESETS[name], base, where=f"sampler preset {name!r}")
+    if steps is None:
+        return settings[0]
+    return replace(min(settings, key=lambda s: (abs(s.steps - steps), s.steps)), steps=steps)
+
 
 @dataclass
 class DataConfig:
@@ -147,6 +204,9 @@ class DataConfig:
     target_field: str = "target"  # ... and the text to generate
     num_workers: int = 0  # DataLoader worker processes (the order is the plan's whatever the number)
 
+    def __post_init__(self):
+        check_section("data", self)
+
     @property
     def conditional(self) -> bool:
         return self.max_input_length is not None
@@ -165,6 +225,9 @@ class EncoderConfig:
     tokenizer: str | None = None
     latent_mean: float | None = 0.0
     latent_std: float | None = 0.2
+
+    def __post_init__(self):
+        check_section("encoder", self)
 
     @property
     def tokenizer_name(self) -> str:
@@ -233,6 +296,11 @@ class TrainConfig:
     eval_steps: int | None = None  # sampler steps of the evaluation; null: sample.steps
     eval_batch_size: int = 32  # rows per sampler call and per judge batch
     eval_judge: str = "gpt2-large"  # Gen PPL judge of unconditional runs (elflm eval --judge)
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a step with a NaN / inf loss or gradient norm: stop, or skip it
+    allow_config_change: bool = False  # resume with changed optimizer / schedule / batch settings (printed)
+
+    def __post_init__(self):
+        check_section("train", self)
 
     @property
     def peak_lr(self) -> float:
@@ -288,7 +356,8 @@ _FROM_ENCODER = ("encoder_dim", "vocab_size")  # model keys a YAML may not set
 
 @dataclass
 class Config:
-    """A full run: ``model``, ``encoder``, ``data``, ``objective``, ``train``, ``sample``."""
+    """A full run: ``model``, ``encoder``, ``data``, ``objective``, ``train``, ``sample`` and, for
+    ``elflm distill``, ``distill``."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
@@ -296,6 +365,7 @@ class Config:
     objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
     def __post_init__(self):
         for name, cls in SECTIONS.items():
@@ -324,6 +394,7 @@ SECTIONS = {
     "objective": ObjectiveConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
+    "distill": DistillConfig,
 }
 
 
@@ -463,8 +534,19 @@ _SAME = {
     ],
     "sample": ["num_samples"],
 }
+# the ``distillation`` branch's fields -> our key (no official defaults: a training config has none)
+OFFICIAL_DISTILL = {
+    "pd_step_size": "distill.pd_step_size",
+    "pd_teacher_steps": "distill.pd_teacher_steps",
+    "pd_student_schedule": "distill.pd_student_schedule",
+    "pd_teacher_schedule": "distill.pd_teacher_schedule",
+    "teacher_path": "distill.teacher",
+    "teacher_use_ema": "distill.teacher_use_ema",
+    "student_init_from_checkpoint": "distill.student_init",
+}
 # official field -> our key
 OFFICIAL_KEYS = {
+    **OFFICIAL_DISTILL,
     **{k: f"{section}.{k}" for section, keys in _SAME.items() for k in keys},
     "model": "model.preset",
     "data_path": "data.train_path",
@@ -515,6 +597,7 @@ OFFICIAL_UNUSED = {
     "epoch_eval_num_sampling_steps": "the sample section",
     "epoch_eval_sde_gamma": "the sample section",
     "epoch_eval_self_cond_cfg_scale": "the sample section",
+    "initialize_student_from_teacher": "the student starts from the teacher, or from distill.student_init",
 }
 
 
@@ -541,9 +624,9 @@ def read_sampling_configs(path: str | Path) -> list[dict]:
     for one of our YAML files, its ``sample`` section (a mapping) as one entry in our names."""
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read a sampling config ({e})") from None
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read a sampling config ({' '.join(str(e).split())})") from None
     if isinstance(data, dict):
         data = data.get("sample", data)
         if not isinstance(data, dict):
@@ -568,7 +651,7 @@ def sample_configs(
         here = f"{where} entry {i + 1}"
         if entry and set(entry) <= set(hints):  # ours
             given = {k: _coerce(v, hints[k], f"sample.{k}") for k, v in entry.items()}
-            out.append(replace(base, **given))
+            out.append(_replaced(base, given, here))
             continue
         unknown = sorted(set(entry) - set(OFFICIAL_SAMPLING_DEFAULTS))
         if unknown:
@@ -592,10 +675,18 @@ def sample_configs(
                 cfg_scale=cfg_scale,
             )
             given = {k: _coerce(v, hints[k], f"{here}: {k}") for k, v in values.items()}
-            setting = replace(base, **given)
+            setting = _replaced(base, given, here)
             if setting not in out:
                 out.append(setting)
     return out
+
+
+def _replaced(base: SampleConfig, given: dict, where: str) -> SampleConfig:
+    """``base`` with the settings ``given``; a range error names ``where`` they come from."""
+    try:
+        return replace(base, **given)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}", e.key) from None
 
 
 def _official_value(key: str, value, raw: dict, source: Path | None):
@@ -631,7 +722,7 @@ def from_official(raw: dict, source: str | Path | None = None) -> tuple[dict, li
     ``sampling_configs_path`` is read relative to the working directory or the YAML's folders;
     its first setting becomes the ``sample`` section."""
     source = Path(source) if source is not None else None
-    known = set(OFFICIAL_DEFAULTS) | set(OFFICIAL_UNUSED) | {"precision", "compile"}
+    known = set(OFFICIAL_DEFAULTS) | set(OFFICIAL_UNUSED) | set(OFFICIAL_DISTILL) | {"precision", "compile"}
     report, out = [], {name: {} for name in SECTIONS}
     values = {**{k: v for k, v in OFFICIAL_DEFAULTS.items() if k in OFFICIAL_KEYS}, **raw}
     defaults = sorted(
@@ -752,7 +843,12 @@ def _coerce(value, tp, key: str):
         str: lambda v: isinstance(v, str),
     }.get(tp)
     if ok is not None and ok(value):
-        return tp(value)
+        out = tp(value)
+        if tp is float and not math.isfinite(out):
+            raise ConfigError(f"{key}: expected a finite number, got {value!r}", key)
+        if tp is int and not -INT_LIMIT < out < INT_LIMIT:
+            raise ConfigError(f"{key}: expected an integer in (-2**63, 2**63), got {value!r}", key)
+        return out
     if origin is tuple and isinstance(value, (list, tuple)) and len(value) == len(args):
         return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
     raise ConfigError(f"{key}: expected {_describe(tp)}, got {value!r}", key)
@@ -841,7 +937,8 @@ def to_dict(cfg: Config) -> dict:
 
 def apply_overrides(d: dict, overrides) -> dict:
     """A copy of the YAML dict ``d`` with dotted ``section.key=value`` overrides applied (values
-    parsed as YAML; kept as text for string settings). ``model=elf-m`` (or ``model.preset=``)
+    parsed as YAML; the text exactly as given for settings that take a string, such as paths:
+    ``#``, spaces and line breaks are kept). ``model=elf-m`` (or ``model.preset=``)
     replaces the model section by a preset. An override of a home key drops the stale copies of
     its mirrors."""
     d = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
@@ -858,13 +955,14 @@ def apply_overrides(d: dict, overrides) -> dict:
             raise _unknown(section, SECTIONS)
         if not dot or "." in name:
             raise ConfigError(f"override {item!r}: expected section.key=value with one dot", key)
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError:
-            value = text
         tp = _hints(SECTIONS[section]).get(name)
-        if value is not None and not isinstance(value, str) and str in _arms(tp):
-            value = text.strip()
+        if str in _arms(tp) and text.strip():  # a string setting (a path, a name) is taken literally
+            value = text
+        else:
+            try:
+                value = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError:
+                value = text
         current = d.get(section)
         d[section] = {"preset": current} if isinstance(current, str) else dict(current or {})
         d[section][name] = value
@@ -921,9 +1019,13 @@ def load_config(path: str | Path, overrides=(), log=None) -> Config:
             f"({', '.join(bundled_configs())})"
         )
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(f"cannot read config {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{path}: not a UTF-8 text file (byte {e.start}: {e.reason}); expected a YAML config"
+        ) from None
     try:
         raw = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as e:
@@ -947,18 +1049,100 @@ def load_config(path: str | Path, overrides=(), log=None) -> Config:
     except ConfigError as e:
         keys = [str(o).split("=", 1)[0].strip() for o in overrides]
         culprit = [o for o, k in zip(overrides, keys) if e.key and e.key in (k, "model.preset" if k == "model" else k)]
-        source = f"{path} (override {culprit[0]!r})" if culprit else str(path)
+        source = f"{path} (override {culprit[-1]!r})" if culprit else str(path)  # the last one is in effect
         raise ConfigError(f"{source}: {e}", e.key) from None
 
 
+# ------------------------------------------------------------------------------ resuming
+# train.* settings that do not change the optimisation: a resumed run may change them freely
+# (train.max_steps / train.epochs too, unless the cosine schedule decays over the run's length)
+RESUME_FREE = {
+    "train." + k
+    for k in (
+        "device",
+        "compile",
+        "activation_checkpointing",
+        "distributed",
+        "log_every",
+        "save_every",
+        "keep_last",
+        "output_dir",
+        "resume",
+        "logger",
+        "run_name",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_tags",
+        "preview_every",
+        "preview_samples",
+        "eval_every",
+        "eval_samples",
+        "eval_steps",
+        "eval_batch_size",
+        "eval_judge",
+        "on_nonfinite",
+        "allow_config_change",
+    )
+} | {"data.num_workers", "data.eval_path"}
+RESUME_REFUSED = ("model", "encoder", "data", "objective")  # sections that define the model and its data
+
+
+def config_changes(old: Config, new: Config) -> list[tuple[str, object, object]]:
+    """``(dotted key, old value, new value)`` of every setting that differs between two configs,
+    section by section; mirror copies (:data:`MIRRORS`) are left out (their home is listed)."""
+    a, b = to_dict(old), to_dict(new)
+    return [
+        (f"{name}.{k}", v, b[name][k])
+        for name in SECTIONS
+        for k, v in a[name].items()
+        if v != b[name][k] and f"{name}.{k}" not in MIRRORS
+    ]
+
+
+def resume_changes(saved: Config, current: Config, changes=None) -> tuple[list, list, list]:
+    """What resuming a run saved with ``saved`` under ``current`` changes, as three lists of
+    :func:`config_changes` entries (``changes``: those, already computed): ``refused`` (the model,
+    encoder, data or objective), ``optimisation`` (optimizer, schedule, batch, seed, precision:
+    allowed with ``train.allow_config_change``) and ``free`` (:data:`RESUME_FREE`, the sampler
+    defaults; the run's length unless the schedule is cosine)."""
+    changes = config_changes(saved, current) if changes is None else changes
+    length_free = saved.train.lr_schedule == current.train.lr_schedule == "constant"
+    refused, optimisation, free = [], [], []
+    for change in changes:
+        key = change[0]
+        if (
+            key in RESUME_FREE
+            or key.startswith("sample.")
+            or (length_free and key in ("train.max_steps", "train.epochs"))
+        ):
+            free.append(change)
+        elif key.split(".")[0] in RESUME_REFUSED:
+            refused.append(change)
+        else:
+            optimisation.append(change)
+    return refused, optimisation, free
+
+
+def format_changes(changes, limit: int = 8) -> str:
+    """``key: old → new`` of :func:`config_changes` entries, on one line."""
+    shown = lambda v: repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."  # noqa: E731
+    text = "; ".join(f"{k}: {shown(a)} → {shown(b)}" for k, a, b in changes[:limit])
+    return text + (f"; and {len(changes) - limit} more" if len(changes) > limit else "")
+
+
 def dump_config(cfg: Config, path: str | Path) -> None:
-    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config."""
+    """Write ``cfg`` as YAML that :func:`load_config` reads back to an equal Config (atomically:
+    :func:`elflm.files.write_text`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 # ------------------------------------------------------------------------------ validation
+INT_LIMIT = 2**63  # every integer setting lies in (-2**63, 2**63) (torch's int64); seeds in [0, 2**63)
+MAX_SAMPLER_STEPS = 100_000  # sample.steps: the time grid is allocated per row
+MAX_NUM_SAMPLES = 10_000_000  # sample.num_samples
+
 _POSITIVE_INT = [
     "model.hidden_size",
     "model.depth",
@@ -991,6 +1175,7 @@ _NON_NEGATIVE = [
     "sample.gamma",
     "sample.w",
     "sample.cfg_scale",
+    "sample.p_std",
 ]
 _POSITIVE = [
     "model.mlp_ratio",
@@ -1000,6 +1185,7 @@ _POSITIVE = [
     "objective.decoder_p_std",
     "train.blr",
     "train.clip",
+    "sample.noise_scale",
 ]
 _PROBABILITY = [
     "objective.decoder_prob",
@@ -1018,6 +1204,7 @@ _OPTIONAL_MIN = {
     "train.max_steps": 1,
     "train.eval_steps": 1,
 }
+_AT_MOST = {"sample.steps": MAX_SAMPLER_STEPS, "sample.num_samples": MAX_NUM_SAMPLES}
 
 
 def _need(ok: bool, key: str, value, expected: str) -> None:
@@ -1025,75 +1212,120 @@ def _need(ok: bool, key: str, value, expected: str) -> None:
         raise ConfigError(f"{key}={value!r}: expected {expected}", key)
 
 
+def _ranges(name: str, get) -> None:
+    """The one-key range checks of section ``name``; ``get(key)`` reads a dotted key."""
+    mine = lambda keys: [k for k in keys if k.startswith(name + ".")]  # noqa: E731
+    for key in mine(_POSITIVE_INT):
+        _need(get(key) >= 1, key, get(key), "an integer >= 1")
+    for key in mine(_NON_NEGATIVE):
+        _need(get(key) >= 0, key, get(key), "a value >= 0")
+    for key in mine(_POSITIVE):
+        _need(get(key) > 0, key, get(key), "a value > 0")
+    for key in mine(_PROBABILITY):
+        _need(0 <= get(key) <= 1, key, get(key), "a probability in [0, 1]")
+    for key in mine(_OPTIONAL_MIN):
+        low = _OPTIONAL_MIN[key]
+        _need(get(key) is None or get(key) >= low, key, get(key), f"null or a value >= {low}")
+    for key in mine(_AT_MOST):
+        _need(get(key) <= _AT_MOST[key], key, get(key), f"at most {_AT_MOST[key]:,}")
+
+
+def _relations(name: str, section) -> None:
+    """The checks between settings of one section."""
+    if name == "model":
+        m = section
+        _need(
+            m.hidden_size % m.num_heads == 0,
+            "model.hidden_size",
+            m.hidden_size,
+            f"a multiple of model.num_heads ({m.num_heads})",
+        )
+        _need(
+            m.hidden_size // m.num_heads % 2 == 0,
+            "model.num_heads",
+            m.num_heads,
+            "a head width hidden_size/num_heads that is even (RoPE rotates pairs); "
+            f"got {m.hidden_size / m.num_heads:g}",
+        )
+        _need(0 <= m.dropout < 1, "model.dropout", m.dropout, "a rate in [0, 1)")
+    elif name == "objective":
+        o = section
+        _need(0 < o.t_eps <= 1, "objective.t_eps", o.t_eps, "a value in (0, 1]")
+        _need(
+            o.self_cond_cfg_max >= o.self_cond_cfg_min,
+            "objective.self_cond_cfg_max",
+            o.self_cond_cfg_max,
+            f">= objective.self_cond_cfg_min ({o.self_cond_cfg_min})",
+        )
+    elif name == "data":
+        d = section
+        _need(
+            d.max_input_length is None or d.max_input_length < d.max_length,
+            "data.max_input_length",
+            d.max_input_length,
+            f"fewer tokens than data.max_length ({d.max_length}), leaving room for the target",
+        )
+    elif name == "encoder":
+        e = section
+        _need(e.latent_std is None or e.latent_std > 0, "encoder.latent_std", e.latent_std, "null (estimate) or > 0")
+        _need(bool(e.name_or_path), "encoder.name_or_path", e.name_or_path, "a model name or folder")
+    elif name == "train":
+        t = section
+        _need(0 <= t.seed < INT_LIMIT, "train.seed", t.seed, "an integer in [0, 2**63)")
+        _need(t.epochs > 0 or t.max_steps is not None, "train.epochs", t.epochs, "> 0, or train.max_steps set")
+        _need(t.lr is None or t.lr > 0, "train.lr", t.lr, "null (blr scaling) or > 0")
+        _need(0 <= t.muon_momentum < 1, "train.muon_momentum", t.muon_momentum, "a value in [0, 1)")
+        _need(
+            all(0 <= b < 1 for b in t.muon_adam_betas),
+            "train.muon_adam_betas",
+            t.muon_adam_betas,
+            "two values in [0, 1)",
+        )
+        per = (t.batch_size or 1) * (t.grad_accum_steps or 1)
+        _need(
+            t.global_batch_size % per == 0,
+            "train.global_batch_size",
+            t.global_batch_size,
+            f"a multiple of train.batch_size × train.grad_accum_steps ({per})",
+        )
+        trackers = [] if t.logger is None else [x.strip() for x in t.logger.split(",")]
+        _need(
+            all(x in TRACKERS for x in trackers),
+            "train.logger",
+            t.logger,
+            f"null or a comma-separated list of {', '.join(TRACKERS)}",
+        )
+        _need(bool(t.eval_judge.strip()), "train.eval_judge", t.eval_judge, "a judge (Hub id, folder, .gguf) or 'none'")
+    elif name == "sample":
+        s = section
+        _need(0 < s.t_eps <= 1, "sample.t_eps", s.t_eps, "a value in (0, 1]")
+        _need(0 < s.t_final <= 1, "sample.t_final", s.t_final, "a value in (0, 1]")
+
+
+def check_section(name: str, section) -> None:
+    """Check one section (``name`` in ``model``, ``encoder``, ``data``, ``objective``, ``train``,
+    ``sample``): every value of its declared type (a bool is not a number, a string is not a
+    number, floats finite, integers within int64), in its range, and consistent with the others
+    of the section; raises :class:`ConfigError` naming the dotted key, the value and what is
+    expected. The same number written another way is normalised in place (4 → 4.0 for a float,
+    2.0 → 2 for an integer, a list → a tuple). Every section dataclass calls it on creation."""
+    for k, tp in _hints(SECTIONS[name]).items():
+        key, v = f"{name}.{k}", getattr(section, k)
+        c = _coerce(v, tp, key)
+        if c != v and not (isinstance(v, list) and tuple(v) == c) or isinstance(v, str) != isinstance(c, str):
+            raise ConfigError(f"{key}: expected {_describe(tp)}, got {v!r}", key)
+        if c is not v:
+            setattr(section, k, c)
+    _ranges(name, lambda key: getattr(section, key.split(".")[1]))
+    _relations(name, section)
+
+
 def validate(cfg: Config) -> Config:
-    """Check types and value ranges; returns ``cfg`` or raises :class:`ConfigError`."""
-    for name, cls in SECTIONS.items():
-        section = getattr(cfg, name)
-        for k, tp in _hints(cls).items():
-            key, v = f"{name}.{k}", getattr(section, k)
-            if _coerce(v, tp, key) != v:
-                raise ConfigError(f"{key}: expected {_describe(tp)}, got {v!r}", key)
-    for key in _POSITIVE_INT:
-        _need(_get(cfg, key) >= 1, key, _get(cfg, key), "an integer >= 1")
-    for key in _NON_NEGATIVE:
-        _need(_get(cfg, key) >= 0, key, _get(cfg, key), "a value >= 0")
-    for key in _POSITIVE:
-        _need(_get(cfg, key) > 0, key, _get(cfg, key), "a value > 0")
-    for key in _PROBABILITY:
-        _need(0 <= _get(cfg, key) <= 1, key, _get(cfg, key), "a probability in [0, 1]")
-    for key, low in _OPTIONAL_MIN.items():
-        _need(_get(cfg, key) is None or _get(cfg, key) >= low, key, _get(cfg, key), f"null or a value >= {low}")
-    m, o, d, e, t, s = cfg.model, cfg.objective, cfg.data, cfg.encoder, cfg.train, cfg.sample
-    _need(
-        m.hidden_size % m.num_heads == 0,
-        "model.hidden_size",
-        m.hidden_size,
-        f"a multiple of model.num_heads ({m.num_heads})",
-    )
-    _need(
-        m.hidden_size // m.num_heads % 2 == 0,
-        "model.num_heads",
-        m.num_heads,
-        f"a head width hidden_size/num_heads that is even (RoPE rotates pairs); got {m.hidden_size / m.num_heads:g}",
-    )
-    _need(0 <= m.dropout < 1, "model.dropout", m.dropout, "a rate in [0, 1)")
-    _need(0 < o.t_eps <= 1, "objective.t_eps", o.t_eps, "a value in (0, 1]")
-    _need(
-        o.self_cond_cfg_max >= o.self_cond_cfg_min,
-        "objective.self_cond_cfg_max",
-        o.self_cond_cfg_max,
-        f">= objective.self_cond_cfg_min ({o.self_cond_cfg_min})",
-    )
-    _need(
-        d.max_input_length is None or d.max_input_length < d.max_length,
-        "data.max_input_length",
-        d.max_input_length,
-        f"fewer tokens than data.max_length ({d.max_length}), leaving room for the target",
-    )
-    _need(e.latent_std is None or e.latent_std > 0, "encoder.latent_std", e.latent_std, "null (estimate) or > 0")
-    _need(bool(e.name_or_path), "encoder.name_or_path", e.name_or_path, "a model name or folder")
-    _need(t.epochs > 0 or t.max_steps is not None, "train.epochs", t.epochs, "> 0, or train.max_steps set")
-    _need(t.lr is None or t.lr > 0, "train.lr", t.lr, "null (blr scaling) or > 0")
-    _need(0 <= t.muon_momentum < 1, "train.muon_momentum", t.muon_momentum, "a value in [0, 1)")
-    _need(
-        all(0 <= b < 1 for b in t.muon_adam_betas), "train.muon_adam_betas", t.muon_adam_betas, "two values in [0, 1)"
-    )
-    per = (t.batch_size or 1) * (t.grad_accum_steps or 1)
-    _need(
-        t.global_batch_size % per == 0,
-        "train.global_batch_size",
-        t.global_batch_size,
-        f"a multiple of train.batch_size × train.grad_accum_steps ({per})",
-    )
-    _need(0 < s.t_final <= 1, "sample.t_final", s.t_final, "a value in (0, 1]")
-    trackers = [] if t.logger is None else [x.strip() for x in t.logger.split(",")]
-    _need(
-        all(x in TRACKERS for x in trackers),
-        "train.logger",
-        t.logger,
-        f"null or a comma-separated list of {', '.join(TRACKERS)}",
-    )
-    _need(bool(t.eval_judge.strip()), "train.eval_judge", t.eval_judge, "a judge (Hub id, folder, .gguf) or 'none'")
+    """Check types and value ranges of every section (:func:`check_section`) and the settings that
+    involve several sections; returns ``cfg`` or raises :class:`ConfigError`."""
+    for name in SECTIONS:
+        check_section(name, getattr(cfg, name))
+    s, d = cfg.sample, cfg.data
     _need(
         s.cfg_scale == 1 or d.conditional,
         "sample.cfg_scale",
@@ -1126,11 +1358,14 @@ __all__ = [
     "OFFICIAL_KEYS",
     "OFFICIAL_DEFAULTS",
     "OFFICIAL_UNUSED",
+    "OFFICIAL_DISTILL",
+    "SAMPLER_PRESETS",
     "TRACKERS",
     "from_official",
     "is_official",
     "read_sampling_configs",
     "sample_configs",
+    "sampler_preset",
     "model_preset",
     "load_config",
     "dump_config",
@@ -1138,4 +1373,12 @@ __all__ = [
     "to_dict",
     "apply_overrides",
     "validate",
+    "check_section",
+    "config_changes",
+    "resume_changes",
+    "format_changes",
+    "RESUME_FREE",
+    "INT_LIMIT",
+    "MAX_SAMPLER_STEPS",
+    "MAX_NUM_SAMPLES",
 ]

@@ -7,21 +7,34 @@ Every random quantity of a step lives in :class:`Draws`; :func:`draw` makes them
 ``torch.Generator`` in the official call order (for a network with SC-CFG tokens, a CPU generator
 seeded s gives the official step's draws under ``torch.manual_seed(s)``, bit for bit).
 Time: t = 0 noise, t = 1 data.
+
+Runs: :class:`DistillTrainer` is the :class:`~elflm.train.Trainer` whose step is this objective
+(``elflm distill``: DDP / FSDP2, bf16, compile, EMA, checkpoints with exact resume, logging and
+evaluation as in training); :func:`run_curriculum` runs rounds of shrinking step counts, each
+student starting from the previous round's EMA weights, resumable at any moment.
 """
 
 from __future__ import annotations
 
+import json
+import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, fields, replace
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
-from . import flow
-from .config import DistillConfig, ObjectiveConfig
+from . import distributed, flow
+from .config import Config, ConfigError, DistillConfig, ModelConfig, ObjectiveConfig, validate
 from .data.rows import loss_mask
-from .model import model_config
+from .files import write_text
+from .model import ELF, model_config
 from .objective import encode_batch, masked_mean
+from .optim import EMA
+from .plan import flops_per_token
+from .train import Trainer
 
 MIN_SPAN = 1e-6  # floor of the span in the implied-x̂ ratio
 FALLBACK_SPAN = 1e-3  # rows with a shorter span take the teacher's last x̂ as target
@@ -253,8 +266,288 @@ def training_loss(
     return loss_from_latents(student, teacher, x0, batch, cfg, pd, d, skip_unused_rows, fused_ce)
 
 
-def logged_losses(out: PDLossOutput) -> dict[str, float]:
+def logged_losses(out: PDLossOutput) -> dict[str, torch.Tensor]:
     """The official logged parts: ``loss``, and the mean row loss of the CE rows (``ce_loss``) and of
-    the PD rows (``l2_loss``), each 0 when the step has no such row."""
-    part = lambda m: float(torch.where(m, out.rows, 0.0).sum() / m.sum().clamp(min=1))  # noqa: E731
-    return {"loss": float(out.loss.detach()), "ce_loss": part(out.ce), "l2_loss": part(~out.ce)}
+    the PD rows (``l2_loss``), each 0 when the step has no such row; 0-dim float64 tensors on the
+    loss's device (no host sync)."""
+    rows = out.rows.double()
+    part = lambda m: torch.where(m, rows, 0.0).sum() / m.sum().clamp(min=1)  # noqa: E731
+    return {"loss": out.loss.detach().double(), "ce_loss": part(out.ce), "l2_loss": part(~out.ce)}
+
+
+def pd_flops_per_token(m: ModelConfig, length: int, cfg: ObjectiveConfig, pd: DistillConfig) -> float:
+    """Expected model FLOPs per token of one PD step: the student's forward + backward (3 forwards;
+    the decode head on the CE rows) and, on the PD rows, the teacher's forwards (the self-cond seed on
+    a ``self_cond_prob`` share, then ``pd_teacher_steps``)."""
+    p = cfg.decoder_prob
+    student = 3 * (p * flops_per_token(m, length, True) + (1 - p) * flops_per_token(m, length, False))
+    teacher = (1 - p) * (cfg.self_cond_prob + pd.pd_teacher_steps) * flops_per_token(m, length, False)
+    return student + teacher
+
+
+# ------------------------------------------------------------------------------ runs
+
+_ARCHITECTURE = [
+    f.name for f in fields(ModelConfig) if f.name not in ("encoder_dim", "vocab_size", "max_length", "dropout")
+]
+_ENCODER_KEYS = (
+    "kind",
+    "latent_mean",
+    "latent_std",
+)  # noted when the config differs (paths may name one encoder twice)
+
+
+def require_teacher(pd: DistillConfig) -> None:
+    """Raise :class:`~elflm.config.ConfigError` when ``distill.teacher`` is not set."""
+    if not pd.teacher:
+        raise ConfigError(
+            "distill.teacher is not set: give the model to distil (--teacher PATH_OR_ID, or distill.teacher= in "
+            "the config: a model folder, training run, official checkpoint or Hub id)",
+            "distill.teacher",
+        )
+
+
+def load_teacher(pd: DistillConfig, which: str = "teacher") -> ELF:
+    """The network ``distill.teacher`` (``which="student_init"``: ``distill.student_init``) names,
+    on the CPU, without its encoder, with the EMA weights unless ``teacher_use_ema`` is false; its
+    settings in ``.pretrained``."""
+    require_teacher(pd)
+    name = getattr(pd, which)
+    try:
+        return ELF.from_pretrained(name, raw=not pd.teacher_use_ema, encoder=False)
+    except (OSError, ValueError) as e:
+        raise type(e)(f"distill.{which}={name!r}: {e}") from e
+
+
+def student_config(cfg: Config, teacher: ELF) -> tuple[Config, list[str]]:
+    """``cfg`` with the teacher's architecture (``model``, but the config's ``dropout`` and
+    ``data.max_length``) and embedding space (``encoder``, latent mean / std included): the student
+    keeps both, as officially. Also the lines naming what the config said otherwise."""
+    t, settings = teacher.config, teacher.pretrained
+    if cfg.data.max_length > t.max_length:
+        raise ConfigError(
+            f"data.max_length={cfg.data.max_length} exceeds the teacher's max_length {t.max_length}; "
+            f"set data.max_length <= {t.max_length}",
+            "data.max_length",
+        )
+    notes = [
+        f"model.{k}: the config says {getattr(cfg.model, k)!r}, the teacher has {getattr(t, k)!r}; "
+        "the student keeps the teacher's"
+        for k in _ARCHITECTURE
+        if getattr(cfg.model, k) != getattr(t, k)
+    ]
+    model = replace(cfg.model, **{k: getattr(t, k) for k in _ARCHITECTURE})
+    e, o = settings.encoder, settings.objective
+    encoder = replace(
+        e,
+        latent_mean=o.latent_mean if e.latent_mean is None else e.latent_mean,
+        latent_std=o.latent_std if e.latent_std is None else e.latent_std,
+    )
+    notes += [
+        f"encoder.{k}: the config says {getattr(cfg.encoder, k)!r}, the teacher's embedding space has "
+        f"{getattr(encoder, k)!r}; the student keeps the teacher's"
+        for k in _ENCODER_KEYS
+        if getattr(cfg.encoder, k) not in (None, getattr(encoder, k))
+    ]
+    return validate(replace(cfg, model=model, encoder=encoder)), notes
+
+
+def _check_same_network(got: ModelConfig, want: ModelConfig, what: str) -> None:
+    diff = [k for k in _ARCHITECTURE + ["encoder_dim", "vocab_size"] if getattr(got, k) != getattr(want, k)]
+    if diff:
+        raise ValueError(
+            f"{what} does not fit the student: "
+            + ", ".join(f"{k} {getattr(got, k)} vs {getattr(want, k)}" for k in diff)
+            + "; the teacher, the student and its encoder must share one architecture and embedding space"
+        )
+
+
+class DistillTrainer(Trainer):
+    """The :class:`~elflm.train.Trainer` of one PD round: the step is :func:`loss_from_latents` with
+    the frozen teacher ``cfg.distill.teacher`` (eval mode, EMA weights by default, on every process,
+    compiled with ``train.compile``), draws from ``(seed, step, micro-batch)``. The student has the
+    teacher's architecture and encoder (:func:`student_config`) and starts from the teacher's
+    weights, or those of ``distill.student_init``; its EMA starts from them too. Everything else
+    (DDP / FSDP2, bf16, checkpoints and exact resume, logging, evaluation, previews) is the
+    Trainer's; ``train.branch`` does not apply (rows choose their branch in one student forward)."""
+
+    def __init__(self, cfg: Config, device: str | None = None):
+        teacher = load_teacher(cfg.distill)
+        cfg, notes = student_config(cfg, teacher)
+        super().__init__(cfg, device)
+        if self.dist.main:
+            for line in notes:
+                print(f"distill: {line}", file=sys.stderr)
+        _check_same_network(teacher.config, self.model_config, f"the teacher {cfg.distill.teacher}")
+        self.teacher = freeze_teacher(teacher.to(self.dist.device))
+        if cfg.train.compile:
+            self.teacher.compile_blocks()
+        start = teacher
+        if cfg.distill.student_init:
+            start = load_teacher(cfg.distill, "student_init")
+            _check_same_network(start.config, self.model_config, f"distill.student_init={cfg.distill.student_init}")
+        distributed.load_full_state_dict(self.net, start.state_dict())
+        self.ema = EMA(self.net, decay=cfg.train.ema_decay)
+
+    def flops_per_token(self, length: int) -> float:
+        return pd_flops_per_token(self.model_config, length, self.cfg.objective, self.cfg.distill)
+
+    def micro_loss(self, batch: dict, j: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The PD loss of micro-batch ``j`` of the current step (draws from ``(seed, step, j)``) and
+        its logged parts (:func:`logged_losses`)."""
+        cfg, d = self.cfg, self.dist
+        B, L = batch["input_ids"].shape
+        gen = flow.seeded(cfg.train.seed, self.step, j, device=d.device)
+        draws = draw(cfg.objective, cfg.distill, B, L, self.model_config.encoder_dim, generator=gen, device=d.device)
+        out = training_loss(self.model, self.teacher, self.encoder, batch, cfg.objective, cfg.distill, draws)
+        return out.loss, logged_losses(out)
+
+
+def distill(cfg: Config, device: str | None = None, progress: bool = True) -> DistillTrainer:
+    """One PD round (``elflm distill``): build a :class:`DistillTrainer` from ``cfg`` and run it to
+    the end; returns the trainer."""
+    trainer = DistillTrainer(cfg, device)
+    try:
+        trainer.fit(progress=progress)
+    finally:
+        distributed.teardown()
+    return trainer
+
+
+AUTHORS_CURRICULUM = (16, 8, 4, 2, 1)  # student steps per round (scripts/progressive_distillation.sh)
+TEACHER_RESOLUTION = 64  # the teacher's Euler sub-step, pd_step_size / pd_teacher_steps, is 1/64 in every round
+STATE = "curriculum.json"  # in train.output_dir: the plan and the rounds done
+
+
+@dataclass(frozen=True)
+class Round:
+    """Round ``index`` (from 1) of a curriculum: an N = ``steps``-step student (``pd_step_size`` 1/N)
+    taught with ``teacher_steps`` Euler sub-steps per student step."""
+
+    index: int
+    steps: int
+    teacher_steps: int
+
+    def folder(self, output_dir: str | Path) -> Path:
+        """The round's run folder, named as officially: ``round<k>_<N>step``."""
+        return Path(output_dir) / f"round{self.index}_{self.steps}step"
+
+
+def curriculum_rounds(steps: Sequence[int] = AUTHORS_CURRICULUM, resolution: int = TEACHER_RESOLUTION) -> list[Round]:
+    """The rounds of a curriculum of student step counts ``steps`` (strictly decreasing, each
+    dividing ``resolution``): round k has ``pd_teacher_steps = resolution / N_k``, so that the teacher's
+    Euler sub-step, ``pd_step_size / pd_teacher_steps = 1/resolution``, is the same in every round
+    (the authors: 16, 8, 4, 2, 1 at 64, i.e. 4, 8, 16, 32, 64 sub-steps; their script calls this
+    ``pd_step_size * pd_teacher_steps = 1/64``, which its own table contradicts)."""
+    shown = ",".join(map(str, steps))
+    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
+        raise ValueError(f"teacher resolution {resolution!r}: expected an integer >= 1 (the authors: 64)")
+    if not steps or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in steps):
+        raise ValueError(f"curriculum {shown!r}: expected student step counts >= 1, e.g. 16,8,4,2,1")
+    if any(a <= b for a, b in zip(steps, steps[1:])):
+        raise ValueError(f"curriculum {shown}: the step counts must shrink from round to round, e.g. 16,8,4,2,1")
+    bad = [n for n in steps if resolution % n]
+    if bad:
+        raise ValueError(
+            f"curriculum {shown}: {', '.join(map(str, bad))} does not divide the teacher resolution {resolution} "
+            "(each round's pd_teacher_steps is resolution / steps); choose divisors or another resolution"
+        )
+    return [Round(k, n, resolution // n) for k, n in enumerate(steps, 1)]
+
+
+def round_config(cfg: Config, rnd: Round, previous: Path | None) -> Config:
+    """The config of round ``rnd``: ``pd_step_size`` 1/N and its ``pd_teacher_steps``, the run folder
+    :meth:`Round.folder` under ``cfg.train.output_dir`` resumed when it has a checkpoint, the student
+    from ``previous`` (the last round's folder; round 1: ``distill.student_init`` or the teacher) and
+    ``sample.steps`` N (the student's default sampler)."""
+    pd = replace(
+        cfg.distill,
+        pd_step_size=1.0 / rnd.steps,
+        pd_teacher_steps=rnd.teacher_steps,
+        student_init=str(previous) if previous is not None else cfg.distill.student_init,
+    )
+    train = replace(cfg.train, output_dir=str(rnd.folder(cfg.train.output_dir)), resume="auto")
+    return validate(replace(cfg, distill=pd, train=train, sample=replace(cfg.sample, steps=rnd.steps)))
+
+
+def _read_state(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(
+            f"{path}: cannot read the curriculum state ({e}); remove it to start the curriculum over"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("done"), int):
+        raise ValueError(f"{path}: not a curriculum state; remove it to start the curriculum over")
+    return state
+
+
+def run_curriculum(
+    cfg: Config,
+    steps: Sequence[int] = AUTHORS_CURRICULUM,
+    resolution: int = TEACHER_RESOLUTION,
+    *,
+    device: str | None = None,
+    progress: bool = True,
+) -> list[Path]:
+    """Progressive distillation in rounds (:func:`curriculum_rounds`), each a :class:`DistillTrainer`
+    run (:func:`round_config`) in its folder under ``train.output_dir``; returns the round folders
+    (the last holds the final student). Every round trains ``train.max_steps`` steps (or
+    ``train.epochs``).
+
+    ``train.output_dir/curriculum.json`` records the plan and the rounds done (written after a
+    round's last checkpoint), so a curriculum stopped at any moment resumes where it stopped when
+    called again with the same plan: finished rounds are skipped, the current one resumes from its
+    latest checkpoint. Under ``torchrun`` every process runs the rounds; rank 0 writes."""
+    rounds = curriculum_rounds(list(steps), resolution)
+    if cfg.train.resume not in (None, "auto"):
+        raise ValueError(
+            f"train.resume={cfg.train.resume!r}: a curriculum resumes from its own state "
+            f"({Path(cfg.train.output_dir) / STATE}); drop train.resume (--resume)"
+        )
+    require_teacher(cfg.distill)
+    out = Path(cfg.train.output_dir)
+    state_file = out / STATE
+    plan = {
+        "rounds": [r.steps for r in rounds],
+        "teacher_steps": [r.teacher_steps for r in rounds],
+        "teacher": cfg.distill.teacher,
+        "student_init": cfg.distill.student_init,
+    }
+    state = _read_state(state_file)
+    if state is not None and {k: state.get(k) for k in plan} != plan:
+        raise ValueError(
+            f"{state_file}: this folder holds another curriculum ({ {k: state.get(k) for k in plan} }); this call "
+            f"asks for {plan}. Use another train.output_dir, or the same --curriculum / teacher to resume it"
+        )
+    done = state["done"] if state is not None else 0
+    d = distributed.setup(device or cfg.train.device, group=cfg.train.distributed == "fsdp")
+    folders, previous = [], None
+    try:
+        for rnd in rounds:
+            folders.append(rnd.folder(out))
+            if rnd.index <= done:
+                previous = folders[-1]
+                continue
+            rcfg = round_config(cfg, rnd, previous)
+            if d.main:
+                start = previous or cfg.distill.student_init or f"the teacher {cfg.distill.teacher}"
+                print(
+                    f"curriculum round {rnd.index}/{len(rounds)}: {rnd.steps}-step student (pd_step_size "
+                    f"1/{rnd.steps}, {rnd.teacher_steps} teacher sub-steps) from {start} -> {folders[-1]}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+            trainer = DistillTrainer(rcfg, device)
+            trainer.fit(progress=progress)
+            del trainer
+            distributed.barrier(d)  # the round's last checkpoint is written before anyone reads it
+            if d.main:
+                out.mkdir(parents=True, exist_ok=True)
+                write_text(state_file, json.dumps({**plan, "done": rnd.index}, indent=1) + "\n")
+            previous = folders[-1]
+    finally:
+        distributed.teardown()
+    return folders

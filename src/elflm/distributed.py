@@ -38,6 +38,8 @@ def resolve_device(name: str | torch.device = "auto") -> torch.device:
         raise ValueError(f"device {str(name)!r}: expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device}: CUDA is not available here; use cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"device {device}: this machine has {torch.cuda.device_count()} GPU(s), cuda:0 … cuda:N-1")
     return device
 
 
@@ -57,6 +59,12 @@ def setup(device: str = "auto", group: bool = False) -> Dist:
     if (world > 1 or group and launched) and not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", rank=rank, world_size=world)
     return Dist(rank, world, local, dev)
+
+
+def barrier(d: Dist) -> None:
+    """Wait until every process got here (no-op on one process)."""
+    if d.world > 1 and dist.is_initialized():
+        dist.barrier()
 
 
 def teardown() -> None:

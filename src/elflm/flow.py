@@ -3,14 +3,28 @@ draw comes from. Time: t = 0 pure noise, t = 1 clean data."""
 
 from __future__ import annotations
 
+import numbers
+
 import numpy as np
 import torch
+
+SEED_LIMIT = 2**63  # seeds (and stream counters) are integers in [0, 2**63)
+
+
+def check_seed(seed, name: str = "seed") -> int:
+    """``seed`` as an ``int`` if it is an integer (not a bool) in [0, 2**63), else a ``ValueError``
+    naming ``name``."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or not 0 <= seed < SEED_LIMIT:
+        raise ValueError(f"{name} must be an integer in [0, 2**63), got {seed!r}")
+    return int(seed)
 
 
 def seeded(seed: int, *counters: int, device=None) -> torch.Generator:
     """A generator (on ``device``, default CPU) whose state is a pure function of
     ``(seed, *counters)``: independent, reproducible streams, e.g. one per (run, step, micro-batch)
-    in training or per (run, row) in sampling."""
+    in training or per (run, row) in sampling. Seed and counters are integers in [0, 2**63)."""
+    seed = check_seed(seed)
+    counters = tuple(check_seed(c, "a stream counter (row index, step)") for c in counters)
     state = int(np.random.SeedSequence([seed, *counters]).generate_state(1, dtype=np.uint64)[0] >> 1)
     return torch.Generator(device=device or "cpu").manual_seed(state)
 

@@ -35,9 +35,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import SampleConfig
+from .config import MAX_NUM_SAMPLES, SampleConfig
 from .data.rows import encoder_attention_mask
 from .distributed import Dist, gather_objects
+from .errors import check_int
+from .flow import check_seed
 from .model import model_config
 from .sampling import Known, Sampler, mask_after_eos, used_settings
 
@@ -297,11 +299,18 @@ def generate_rows(
     sees every step of this process's calls. ``dist``: under ``torchrun`` every rank calls this
     with the same rows, runs its share of the calls (the module docstring) and returns all records."""
     mcfg = model_config(model)
-    length = length or mcfg.max_length
-    if not 0 < length <= mcfg.max_length:
-        raise ValueError(f"length must be in [1, {mcfg.max_length}] (the model's max_length), got {length}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    length = mcfg.max_length if length is None else check_int("length", length, 1, mcfg.max_length)
+    batch_size = check_int("batch_size", batch_size, 1)
+    if max_input_length is not None:
+        max_input_length = check_int("max_input_length", max_input_length, 1)
+    if pad_token not in ("pad", "eos"):
+        raise ValueError(f"pad_token must be 'pad' or 'eos', got {pad_token!r}")
+    bad = next((r for r in rows if not isinstance(r, Row)), None)
+    if bad is not None:
+        raise ValueError(f"rows must be Row objects, got a {type(bad).__name__}")
+    for r in rows:
+        check_int("Row.index", r.index, 0)
+        check_seed(r.seed, f"the seed of row {r.index}")
     if any(r.conditional for r in rows) and (max_input_length is None or not 0 < max_input_length < length):
         raise ValueError(
             f"conditional generation needs 0 < max_input_length < length ({length}), got {max_input_length}"
@@ -363,7 +372,17 @@ def generate(
     repeats the rows for each seed (records seed by seed). Returns one record per sample:
     ``index``, ``seed``, ``text``, ``ids``, ``source`` (conditional), the sampler settings used and
     ``length`` (see :func:`generate_rows` for the other arguments)."""
-    seeds = [seed] if isinstance(seed, int) else list(seed)
+    seeds = [check_seed(s) for s in ([seed] if isinstance(seed, int) else _sequence("seed", seed))]
+    if num_samples is not None:
+        num_samples = check_int("num_samples", num_samples, 1, MAX_NUM_SAMPLES)
+    if sources is not None:
+        sources = _sequence("sources", sources)
+        bad = next((s for s in sources if not isinstance(s, str)), None)
+        if bad is not None:
+            raise ValueError(f"sources must be strings (one condition each), got a {type(bad).__name__}")
+    count = len(seeds) * (len(sources) if sources is not None else num_samples or 0)
+    if count > MAX_NUM_SAMPLES:
+        raise ValueError(f"{count:,} samples asked for ({len(seeds)} seeds): at most {MAX_NUM_SAMPLES:,} per call")
     if sources is not None:
         rows = [Row(k, s, source=src) for s in seeds for k, src in enumerate(sources)]
     else:
@@ -385,3 +404,10 @@ def generate(
         callback=callback,
         dist=dist,
     )
+
+
+def _sequence(name: str, value) -> list:
+    """``value`` as a list when it is a list, tuple or range (not a string), else a ``ValueError``."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple, range)):
+        raise ValueError(f"{name} must be a list, got {type(value).__name__}")
+    return list(value)

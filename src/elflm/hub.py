@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import functools
 import os
+import pickle
 import re
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from .errors import ElflmError
 
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)*")  # legacy ids (t5-small), org/repo, org/repo/file
@@ -25,8 +28,9 @@ PROBE_TIMEOUT = 3.0  # seconds for the one reachability probe of the endpoint
 _OFFLINE_WHY = "offline mode is on (HF_HUB_OFFLINE=1)"
 
 
-class HubError(OSError):
-    """A Hub repository or file could not be had; the message says why and how to work offline."""
+class HubError(ElflmError, OSError):
+    """A Hub repository or file could not be had, or a Hugging Face folder (local or downloaded)
+    could not be loaded; the message says why and how to go on (e.g. how to work offline)."""
 
 
 def is_hub_id(name) -> bool:
@@ -167,18 +171,41 @@ def resolve_file(path, what: str, *, cache_dir=None, offline: bool | None = None
 
 
 def load_hf(load: Callable, name_or_path, what: str):
-    """``load(name_or_path, local_files_only=...)`` (an HF ``from_pretrained``) for a local folder
-    or a Hub id. Without the Hub (:func:`unavailable`) only the cache is asked; a failure becomes a
-    :class:`HubError` that says how to work offline."""
+    """``load(name_or_path, local_files_only=..., trust_remote_code=False)`` (an HF
+    ``from_pretrained``) for a local folder or a Hub id: code shipped with a folder is never run
+    (and never asked about). Without the Hub (:func:`unavailable`) only the cache is asked; a
+    missing repository becomes a :class:`HubError` that says how to work offline, and any other
+    failure (a damaged folder, a pickle that ``torch.load(weights_only=True)`` refuses, custom code)
+    a :class:`HubError` naming the folder or id."""
     _check_name(name_or_path, what)
-    if _is_local(name_or_path):
-        return load(str(Path(str(name_or_path)).expanduser()), local_files_only=True)
-    why = unavailable()
+    local = _is_local(name_or_path)
+    name = str(Path(str(name_or_path)).expanduser()) if local else str(name_or_path)
+    why = None if local else unavailable()
     try:
-        return load(str(name_or_path), local_files_only=why is not None)
+        return load(name, local_files_only=local or why is not None, trust_remote_code=False)
     except OSError as e:
+        if local:
+            raise HubError(f"cannot load the {what} from {name}: {_load_failure(e)}") from e
         why = why or f"the Hub did not provide it ({type(e).__name__}: {e})"
-        raise offline_error(f"the {what} {str(name_or_path)!r}", why, repo=str(name_or_path)) from e
+        raise offline_error(f"the {what} {name!r}", why, repo=name) from e
+    except Exception as e:  # transformers raises many types for a folder it cannot load
+        raise HubError(f"cannot load the {what} from {name}: {_load_failure(e)}") from e
+
+
+def _load_failure(e: Exception) -> str:
+    """Why an HF folder did not load, in one phrase with what to do."""
+    text = " ".join(str(e).split())
+    if isinstance(e, pickle.UnpicklingError) or "weights_only" in text:
+        return (
+            "its weights are a pickle that torch.load(weights_only=True) refuses (unpickling it could run code); "
+            "convert them to safetensors with a tool you trust, or use another copy of the model"
+        )
+    if "trust_remote_code" in text or "custom code" in text:
+        return (
+            "it needs its own Python code to load (auto_map), which elflm never runs (trust_remote_code=False); "
+            "use a model whose type transformers knows"
+        )
+    return f"{type(e).__name__}: {text[:300]}{'…' if len(text) > 300 else ''}"
 
 
 def require_hub(what: str, later: str | None = None) -> None:

@@ -23,13 +23,16 @@ from pathlib import Path
 
 import torch
 
-from .config import SampleConfig
+from .config import MAX_NUM_SAMPLES, SampleConfig
+from .errors import check_int
+from .flow import check_seed
 from .generate import Row, Template, generate_rows, pad_id, source_ids
 from .model import model_config
 
 Segment = str | int
 """A template segment: a ``str`` is known text, an ``int`` n is a gap of n tokens."""
 
+MAX_GAP = 1_000_000  # tokens in one gap (a row is far shorter; the row's budget is checked too)
 _MARKER = re.compile(r"\[MASK([^\[\]]*)(\]?)")
 _GAP = re.compile(r":\s*(\d+)\s*")
 
@@ -42,17 +45,24 @@ def parse_template(text: str) -> list[Segment]:
     out: list[Segment] = []
     pos = 0
     for m in _MARKER.finditer(text):
-        where = f"{m.group(0)!r} at character {m.start()}"
+        marker = m.group(0) if len(m.group(0)) <= 30 else m.group(0)[:27] + "..."
+        where = f"{marker!r} at character {m.start()}"
         if not m.group(2):
             raise ValueError(f"unclosed gap marker {where}: expected [MASK:n] with a length n >= 1")
         g = _GAP.fullmatch(m.group(1))
         if g is None:
             raise ValueError(f"malformed gap marker {where}: expected [MASK:n] with an integer length n >= 1")
-        if int(g.group(1)) < 1:
+        digits = g.group(1).lstrip("0") or "0"
+        if len(digits) > len(str(MAX_GAP)) or int(digits) > MAX_GAP:
+            shown = digits if len(digits) <= 24 else digits[:20] + "…"
+            raise ValueError(
+                f"gap [MASK:{shown}] at character {m.start()} is too long: a gap is at most {MAX_GAP} tokens"
+            )
+        if int(digits) < 1:
             raise ValueError(f"empty gap {where}: a gap length must be >= 1")
         if m.start() > pos:
             out.append(text[pos : m.start()])
-        out.append(int(g.group(1)))
+        out.append(int(digits))
         pos = m.end()
     if pos < len(text):
         out.append(text[pos:])
@@ -70,6 +80,8 @@ def segments_from_json(obj) -> list[Segment]:
         elif isinstance(item, dict) and set(item) == {"gap"} and type(item["gap"]) is int:
             if item["gap"] < 1:
                 raise ValueError(f"segment {k}: a gap length must be >= 1, got {item['gap']}")
+            if item["gap"] > MAX_GAP:
+                raise ValueError(f"segment {k}: a gap length must be at most {MAX_GAP}, got {item['gap']}")
             out.append(item["gap"])
         else:
             raise ValueError(f'segment {k}: expected {{"text": "<string>"}} or {{"gap": <integer >= 1>}}, got {item!r}')
@@ -88,27 +100,33 @@ def segment_ids(tokenizer, text: str, glued: bool) -> list[int]:
 def build_template(segments: list[Segment], tokenizer, pad: int, max_length: int | None = None) -> Template:
     """Tokenise ``segments`` (no special tokens) into a :class:`Template`; at least one gap is
     required and the total must fit in ``max_length`` tokens."""
-    ids: list[int] = []
-    known: list[bool] = []
+    pieces: list[int | list[int]] = []  # a gap length or the ids of a text; sizes checked before any list is built
     for seg in segments:
         if isinstance(seg, bool) or not isinstance(seg, (str, int)):
             raise ValueError(f"a segment is a str (known text) or an int (gap length), got {seg!r}")
         if isinstance(seg, int):
             if seg < 1:
                 raise ValueError(f"a gap length must be >= 1, got {seg}")
-            ids += [pad] * seg
-            known += [False] * seg
+            if seg > MAX_GAP:
+                raise ValueError(f"a gap length must be at most {MAX_GAP}, got {seg}")
+            pieces.append(seg)
         else:
-            piece = segment_ids(tokenizer, seg, glued=bool(known) and not known[-1])
-            ids += piece
-            known += [True] * len(piece)
-    if all(known):
+            last = next((p for p in reversed(pieces) if p), None)  # the last gap or non-empty text
+            pieces.append(segment_ids(tokenizer, seg, glued=isinstance(last, int)))
+    gaps = sum(p for p in pieces if isinstance(p, int))
+    total = gaps + sum(len(p) for p in pieces if isinstance(p, list))
+    if not gaps:
         raise ValueError('the template has no gap: add [MASK:n] (or {"gap": n}) where tokens should be generated')
-    if max_length is not None and len(ids) > max_length:
+    if max_length is not None and total > max_length:
         raise ValueError(
-            f"the template is {len(ids)} tokens ({sum(known)} known + {len(ids) - sum(known)} in gaps), "
+            f"the template is {total} tokens ({total - gaps} known + {gaps} in gaps), "
             f"more than the {max_length} available; shorten the text or the gaps"
         )
+    ids: list[int] = []
+    known: list[bool] = []
+    for p in pieces:
+        ids += [pad] * p if isinstance(p, int) else p
+        known += [False] * p if isinstance(p, int) else [True] * len(p)
     return Template(torch.tensor(ids, dtype=torch.long), torch.tensor(known, dtype=torch.bool))
 
 
@@ -244,8 +262,8 @@ def continue_prompt(
 
 
 def _sample(model, encoder, t, cfg, num_samples, source, seed, length, max_input_length, pad_token, kw) -> list[dict]:
-    if num_samples < 1:
-        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    num_samples = check_int("num_samples", num_samples, 1, MAX_NUM_SAMPLES)
+    seed = check_seed(seed)
     rows = [Row(k, seed, source, t) for k in range(num_samples)]
     if source is not None:
         length = length or model_config(model).max_length

@@ -12,6 +12,7 @@ absolute to one machine.
 
 from __future__ import annotations
 
+import filecmp
 import os
 import re
 import shutil
@@ -86,3 +87,21 @@ def resolve_encoder(enc: EncoderConfig, folder: str | Path) -> EncoderConfig:
         return str(folder / str(value))
 
     return replace(enc, **{f: resolve(getattr(enc, f)) for f in PATH_FIELDS})
+
+
+def same_files(a, b) -> bool:
+    """Whether two encoder settings name the same thing: equal values, or two local files or
+    folders with the same content (the same relative file names, byte for byte), e.g. an encoder
+    folder and its copy inside a checkpoint."""
+    if a == b:
+        return True
+    if not (is_local(a) and is_local(b)):
+        return False
+    pa, pb = Path(str(a)).expanduser(), Path(str(b)).expanduser()
+    if pa.is_file() and pb.is_file():
+        return filecmp.cmp(pa, pb, shallow=False)
+    if not (pa.is_dir() and pb.is_dir()):
+        return False
+    files = lambda root: sorted(str(f.relative_to(root)) for f in root.rglob("*") if f.is_file())  # noqa: E731
+    names = files(pa)
+    return names == files(pb) and all(filecmp.cmp(pa / n, pb / n, shallow=False) for n in names)

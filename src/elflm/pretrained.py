@@ -21,7 +21,7 @@ and, when not in our format, converted once into a cache folder.
 from __future__ import annotations
 
 import json
-import shutil
+import os
 import tempfile
 import warnings
 from dataclasses import asdict, fields, replace
@@ -31,10 +31,12 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from . import formats, hub, portable
-from .checkpoint import CheckpointError, TrainingCheckpoint
-from .config import SECTIONS, ModelConfig, Settings
+from . import files, formats, hub, portable
+from .checkpoint import CheckpointError, TrainingCheckpoint, tensor_bytes
+from .config import SECTIONS, ConfigError, ModelConfig, Settings
+from .distributed import resolve_device
 from .encoder import TextEncoder, build_encoder, load_tokenizer
+from .errors import check_int
 from .formats import Weights, lightning, official
 from .formats.t5_encoder import t5_from_state_dict
 from .version import __version__
@@ -52,13 +54,19 @@ _SETTINGS = {f.name: SECTIONS[f.name] for f in fields(Settings) if f.name in SEC
 # --------------------------------------------------------------------------- reading
 
 
-def _dataclass_from(cls, values: dict, where: str):
+def _dataclass_from(cls, values: dict, where: str, section: str):
+    """``cls(**values)`` of the ``section`` mapping of a config file ``where``; every error a
+    :class:`CheckpointError` naming the file and the key."""
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{where}: {section!r} must be a mapping of settings, got {type(values).__name__}")
     names = {f.name for f in fields(cls)}
-    unknown = sorted(set(values) - names)
+    unknown = sorted(map(str, set(values) - names))
     if unknown:
         raise CheckpointError(f"{where}: unknown {cls.__name__} field(s) {unknown}")
     try:
         return cls(**values)
+    except ConfigError as e:
+        raise CheckpointError(f"{where}: {e} (the file is damaged or was edited by hand)") from None
     except TypeError as e:
         raise CheckpointError(f"{where}: bad {cls.__name__} ({e})") from e
 
@@ -83,15 +91,21 @@ def read_config(directory: str | Path) -> tuple[ModelConfig, Settings]:
         raise CheckpointError(f"{file}: cannot read config ({e})") from e
     if not isinstance(cfg, dict) or cfg.get("format") != "elflm" or "model" not in cfg:
         raise CheckpointError(f'{file}: not an elflm config (expected "format": "elflm" and a "model" section)')
-    if cfg.get("version", 0) > FORMAT_VERSION:
+    version = cfg.get("version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f'{file}: "version" must be an integer, got {version!r}')
+    if version > FORMAT_VERSION:
         raise CheckpointError(
             f"{file}: written by a newer elflm (format version {cfg['version']} > {FORMAT_VERSION}); upgrade elflm"
         )
     where = str(file)
-    sections = {name: _dataclass_from(cls, cfg.get(name) or {}, where) for name, cls in _SETTINGS.items()}
+    sections = {name: _dataclass_from(cls, cfg.get(name) or {}, where, name) for name, cls in _SETTINGS.items()}
     sections["encoder"] = portable.resolve_encoder(sections["encoder"], directory)
     sections["data"] = replace(sections["data"], tokenizer=sections["encoder"].tokenizer_name)
-    return _dataclass_from(ModelConfig, cfg["model"], where), Settings(**sections, source=cfg.get("source") or {})
+    source = cfg.get("source") or {}
+    if not isinstance(source, dict):
+        raise CheckpointError(f'{file}: "source" must be a mapping, got {type(source).__name__}')
+    return _dataclass_from(ModelConfig, cfg["model"], where, "model"), Settings(**sections, source=source)
 
 
 def _read_folder(path: Path, which: str) -> tuple[ModelConfig, Settings, Weights]:
@@ -109,7 +123,7 @@ def _read_training(ckpt: TrainingCheckpoint, which: str) -> tuple[ModelConfig, S
     where = str(ckpt.path / ckpt.STATE)
     if not isinstance(state, dict) or not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{where}: no model_config in the training state")
-    model_cfg = _dataclass_from(ModelConfig, state["model_config"], where)
+    model_cfg = _dataclass_from(ModelConfig, state["model_config"], where, "model_config")
     step = state.get("step")
     settings = Settings.from_config(ckpt.config(), {"format": "elflm-train", "path": ckpt.path.name, "step": step})
     ema = ckpt.ema() if which != "raw" else None
@@ -230,6 +244,12 @@ def _check_state_dict(model: torch.nn.Module, sd: dict[str, torch.Tensor], where
         problems.append(f"shape mismatch (file != model) {shapes[:6]}")
     if problems:
         raise CheckpointError(f"{where}: weights do not fit the model config: " + "; ".join(problems))
+    broken = [k for k, v in sd.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(
+            f"{where}: {len(broken)} of {len(sd)} weight tensors hold NaN or infinite values ({', '.join(broken[:3])}"
+            f"{', …' if len(broken) > 3 else ''}): the run diverged or the file is damaged; use an earlier checkpoint"
+        )
 
 
 def _cpu(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -367,7 +387,17 @@ class PretrainedModel:
         ``TextEncoder``, or encoder weights to use instead (the authors' pickle or an HF encoder
         folder / Hub id); ``tokenizer`` replaces its tokenizer folder / Hub id. ``config`` /
         ``max_length`` complete foreign checkpoints (:func:`read_checkpoint`);
-        ``revision``, ``cache_dir``, ``offline`` apply to Hub downloads."""
+        ``revision``, ``cache_dir``, ``offline`` apply to Hub downloads. A bad argument is a
+        ``ValueError`` naming it."""
+        if not isinstance(name_or_path, (str, os.PathLike)) or not str(name_or_path).strip():
+            raise ValueError(f"name_or_path must be a folder, file or Hub id, got {name_or_path!r}")
+        if not isinstance(raw, bool):
+            raise ValueError(f"raw must be True or False, got {raw!r}")
+        if max_length is not None:
+            max_length = check_int("max_length", max_length, 1)
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"dtype must be a floating torch.dtype (e.g. torch.float64), got {dtype!r}")
+        device = None if device is None else resolve_device(device)
         path = Path(name_or_path).expanduser()
         if not path.exists() and hub.is_hub_id(str(name_or_path)):
             path = cls._hub_folder(
@@ -417,6 +447,7 @@ class PretrainedModel:
         settings: Settings | None = None,
         encoder="auto",
         metrics: dict | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Write the model (its current weights, normally the EMA weights) as a model folder that
         loads from anywhere: ``model.safetensors``, ``config.json``, ``README.md`` (the model card,
@@ -425,9 +456,21 @@ class PretrainedModel:
         (``.pretrained``). ``encoder``: a :class:`~elflm.encoder.TextEncoder` to save as
         ``encoder/``; ``"auto"`` saves the attached ``.encoder`` when the settings name a local
         encoder or tokenizer; ``False`` saves none. Local files the encoder settings still name are
-        copied into ``encoder/`` (:func:`elflm.portable.bundle_encoder`); Hub ids stay Hub ids."""
+        copied into ``encoder/`` (:func:`elflm.portable.bundle_encoder`); Hub ids stay Hub ids.
+
+        The folder is written all-or-nothing (:func:`elflm.files.staged_folder`): beside
+        ``directory``, then moved into place in one step. An existing non-empty ``directory`` is
+        replaced as a whole with ``overwrite=True`` and refused otherwise
+        (:class:`~elflm.files.OutputExistsError`)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        need = tensor_bytes(self.state_dict()) + tensor_bytes(raw_state_dict or {})
+        with files.staged_folder(directory, overwrite=overwrite, need=need) as tmp:
+            self._write_folder(tmp, directory.absolute().name, raw_state_dict, settings, encoder, metrics)
+        return directory
+
+    def _write_folder(self, directory: Path, name: str, raw_state_dict, settings, encoder, metrics) -> None:
+        """The files of :meth:`save_pretrained` into the (new, empty) folder ``directory``; ``name``
+        titles the model card."""
         settings = settings or getattr(self, "pretrained", None) or Settings()
         enc_cfg = settings.encoder
         local = any(portable.is_local(getattr(enc_cfg, f)) for f in portable.PATH_FIELDS) or enc_cfg.weights == "random"
@@ -436,12 +479,13 @@ class PretrainedModel:
         if encoder is not None and encoder is not False:
             path = str(encoder.save_pretrained(directory / ENCODER_DIR).absolute())
             tokenizer = path if encoder.tokenizer is not None else enc_cfg.tokenizer_name
-            name = path if portable.is_local(enc_cfg.name_or_path) else enc_cfg.name_or_path  # a Hub name stays
-            enc_cfg = replace(enc_cfg, name_or_path=name, weights=path, tokenizer=tokenizer)
+            name_or_path = path if portable.is_local(enc_cfg.name_or_path) else enc_cfg.name_or_path  # Hub names stay
+            enc_cfg = replace(enc_cfg, name_or_path=name_or_path, weights=path, tokenizer=tokenizer)
         enc_cfg = portable.bundle_encoder(enc_cfg, directory)
-        save_file(_cpu(self.state_dict()), str(directory / WEIGHTS), metadata={"format": "pt"})
         if raw_state_dict is not None:
             _check_state_dict(self, raw_state_dict, "raw_state_dict")
+        save_file(_cpu(self.state_dict()), str(directory / WEIGHTS), metadata={"format": "pt"})
+        if raw_state_dict is not None:
             save_file(_cpu(raw_state_dict), str(directory / RAW_WEIGHTS), metadata={"format": "pt"})
         train_path = settings.data.train_path
         data = replace(
@@ -455,12 +499,11 @@ class PretrainedModel:
             "format": "elflm",
             "version": FORMAT_VERSION,
             "model": asdict(self.config),
-            **{name: asdict(getattr(saved, name)) for name in _SETTINGS},
+            **{section: asdict(getattr(saved, section)) for section in _SETTINGS},
             "source": saved.source,
         }
         (directory / CONFIG).write_text(json.dumps(config, indent=2) + "\n")
-        (directory / CARD).write_text(model_card(self.config, saved, metrics, directory.absolute().name))
-        return directory
+        (directory / CARD).write_text(model_card(self.config, saved, metrics, name))
 
     def push_to_hub(
         self,
@@ -492,6 +535,7 @@ class PretrainedModel:
         raw: bool = False,
         encoder: str | Path | None = None,
         tokenizer: str | Path | None = None,
+        overwrite: bool = False,
     ) -> Path:
         """Convert a checkpoint (format detected, or forced with ``format``) into a model folder
         ``output`` that loads from anywhere: ``model.safetensors`` holds the EMA weights (the raw
@@ -500,7 +544,9 @@ class PretrainedModel:
         the source names; when it is local (a pickle beside the checkpoint, the T5 weights inside a
         Lightning checkpoint, a folder) it is converted and saved in ``encoder/``; a Hub id stays a
         Hub id. ``tokenizer`` (HF folder or Hub id; default: the config's, ``t5-small``) is saved
-        with it when local."""
+        with it when local. ``output`` is written all-or-nothing; an existing one is replaced only
+        with ``overwrite`` (:meth:`save_pretrained`), and refused before anything is read otherwise."""
+        files.check_overwrite(output, overwrite, "output", folder=True)
         model_cfg, settings, weights = read_checkpoint(src, format, config, max_length, which="both" if raw else "ema")
         if raw and (weights.raw is None or weights.ema is None):
             raise CheckpointError(f"{src}: raw=True needs both EMA and raw weights in the source")
@@ -517,7 +563,9 @@ class PretrainedModel:
         if enc is not None:
             check_tokenizer(enc, tok)
         raw_sd = weights.raw if raw else None
-        return model.save_pretrained(output, raw_state_dict=raw_sd, settings=settings, encoder=enc or False)
+        return model.save_pretrained(
+            output, raw_state_dict=raw_sd, settings=settings, encoder=enc or False, overwrite=overwrite
+        )
 
     @classmethod
     def _hub_folder(
@@ -541,25 +589,16 @@ class PretrainedModel:
         if fmt == "elflm":
             return resolved
         out = hub.cache_root() / "converted" / ("models--" + repo_id.replace("/", "--")) / snapshot.name
-        if (out / CONFIG).is_file() and (not raw or (out / RAW_WEIGHTS).is_file()):
-            return out
-        if config is None and official.find_config(resolved) is None:
-            config = official.published_config(repo_id)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{snapshot.name}-", dir=out.parent))
-        try:
-            cls.convert(resolved, tmp, config=config, max_length=max_length, raw=raw)
-            settings_file = json.loads((tmp / CONFIG).read_text())
-            settings_file["source"]["hub"] = {"repo_id": repo_id, "commit": snapshot.name}
-            (tmp / CONFIG).write_text(json.dumps(settings_file, indent=2) + "\n")
-            shutil.rmtree(out, ignore_errors=True)  # an older conversion without the raw weights
-            try:
-                tmp.rename(out)
-            except OSError:  # another process finished the same conversion first
-                if not (out / CONFIG).is_file():
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        with files.locked(out, wait=True):  # one process converts, the others wait and use its folder
+            if (out / CONFIG).is_file() and (not raw or (out / RAW_WEIGHTS).is_file()):
+                return out
+            if config is None and official.find_config(resolved) is None:
+                config = official.published_config(repo_id)
+            with files.staged_folder(out, overwrite=True) as tmp:  # replaces a conversion without raw weights
+                cls.convert(resolved, tmp, config=config, max_length=max_length, raw=raw, overwrite=True)
+                settings_file = json.loads((tmp / CONFIG).read_text())
+                settings_file["source"]["hub"] = {"repo_id": repo_id, "commit": snapshot.name}
+                (tmp / CONFIG).write_text(json.dumps(settings_file, indent=2) + "\n")
         return out
 
     @classmethod
@@ -593,7 +632,7 @@ class PretrainedModel:
             if metrics is not None or not (resolved / CARD).is_file():
                 model_cfg, settings = read_config(resolved)
                 name = repo_id.split("/")[-1]
-                (resolved / CARD).write_text(model_card(model_cfg, settings, metrics, name))
+                files.write_text(resolved / CARD, model_card(model_cfg, settings, metrics, name))
             return upload(resolved)
         with tempfile.TemporaryDirectory() as tmp:
             folder = cls.convert(path, Path(tmp) / repo_id.split("/")[-1], config=config, max_length=max_length)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shlex
 import shutil
 import time
@@ -31,13 +32,14 @@ from pathlib import Path
 
 import torch
 
+from . import files
 from .checkpoint import TrainingCheckpoint
 from .config import config_path, load_config
 from .data import PackedDataset, prepare
 from .distributed import resolve_device
 from .encoder import load_tokenizer
 from .evaluate import generative_perplexity, load_judge
-from .files import write_jsonl, write_text
+from .files import write_atomic, write_jsonl, write_text
 from .generate import generate
 from .model import ELF
 from .train import Trainer, train
@@ -113,7 +115,7 @@ def speech_files() -> list[Path]:
 def _write_if_changed(path: Path, text: str) -> None:
     """Write ``text`` unless the file already holds it (so ``elflm prepare`` can reuse its work)."""
     if not path.is_file() or path.read_text(encoding="utf-8") != text:
-        path.write_text(text, encoding="utf-8")
+        write_text(path, text)
 
 
 def split_corpus(files: list[Path], folder: Path) -> dict:
@@ -199,8 +201,7 @@ def plot_losses(metrics_jsonl: Path, png: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
-    return png
+    return write_atomic(png, lambda f: fig.savefig(f, dpi=120, format="png"), binary=True)
 
 
 def format_table(rows: dict[str, dict], judge: str) -> str:
@@ -237,8 +238,12 @@ def run_quickstart(
     (measured as they run). ``steps``: train exactly that many steps instead (no timing).
     ``num_samples`` per model; ``num_references`` held-out rows; ``judge``: ``"smollm2"``, any
     judge :func:`elflm.evaluate.load_judge` takes, or None (no Gen PPL). ``overrides``: dotted
-    config overrides (``model.depth=6``). ``overwrite``: replace the run of an earlier quickstart
-    in ``output`` (the prepared data are reused when unchanged)."""
+    config overrides (``model.depth=6``). ``overwrite``: replace an earlier quickstart in ``output``.
+
+    The folder is complete once ``metrics.json`` is written (last). An earlier quickstart is moved
+    aside while the new one runs and removed only when it is complete; on an error or an
+    interruption the partial new folder is removed and the earlier one put back (after a kill -9,
+    by the next quickstart into the same folder). The folder is locked meanwhile."""
     start = time.perf_counter()
     if steps is not None and steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
@@ -248,18 +253,96 @@ def run_quickstart(
         )
     check_packages(required_packages(judge is not None))
     out = Path(output).resolve()
-    run_dir, untrained_dir = out / "run", out / "untrained"
-    if (run_dir.exists() or untrained_dir.exists()) and not overwrite:
-        raise ValueError(
-            f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder"
-        )
-    for d in (run_dir, untrained_dir):
-        shutil.rmtree(d, ignore_errors=True)
     config = config_path(config or "quickstart")
     if not config.is_file():
         raise FileNotFoundError(
             f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)"
         )
+    with files.locked(out):
+        previous = _make_room(out, overwrite)
+        try:
+            result = _run(
+                out,
+                start,
+                config,
+                minutes=minutes,
+                steps=steps,
+                num_samples=num_samples,
+                num_references=num_references,
+                judge=judge,
+                overrides=overrides,
+                device=device,
+                seed=seed,
+                progress=progress,
+            )
+        except BaseException:
+            shutil.rmtree(out, ignore_errors=True)
+            if previous is not None:
+                os.rename(previous, out)
+            raise
+        if previous is not None:
+            shutil.rmtree(previous, ignore_errors=True)
+    return result
+
+
+COMPLETE = "metrics.json"  # written last: the folder holds a complete quickstart
+
+
+def _make_room(out: Path, overwrite: bool) -> Path | None:
+    """Prepare ``out`` for a new quickstart: put back an earlier one that a killed run had moved
+    aside, refuse a complete one without ``overwrite``, and move what is there aside (returned)."""
+    for path, kind in files.dead_temporaries(out):
+        if kind == "old" and not (out / COMPLETE).is_file():
+            files.publish(path, out)  # the killed run's partial folder goes, the earlier one is back
+    files.clean_strays(out)
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return None
+    if not out.is_dir():
+        raise files.OutputExistsError(f"--output {out} is a file; expected a folder")
+    if (out / COMPLETE).is_file() and not overwrite:
+        raise files.OutputExistsError(
+            f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder"
+        )
+    if not (out / COMPLETE).is_file() and not overwrite and not {p.name for p in out.iterdir()} <= PRODUCTS:
+        raise files.OutputExistsError(
+            f"--output {out} holds other files than a quickstart; pass --overwrite to replace the folder, "
+            "or --output another folder"
+        )
+    previous = files.temporary_path(out, "old")
+    os.rename(out, previous)
+    return previous
+
+
+PRODUCTS = {
+    "corpus",
+    "data",
+    "run",
+    "untrained",
+    "samples.jsonl",
+    "samples-untrained.jsonl",
+    "loss.png",
+    "commands.sh",
+    COMPLETE,
+}
+
+
+def _run(
+    out: Path,
+    start: float,
+    config: Path,
+    *,
+    minutes: float,
+    steps: int | None,
+    num_samples: int,
+    num_references: int,
+    judge: str | None,
+    overrides,
+    device: str | None,
+    seed: int,
+    progress: bool,
+) -> dict:
+    """The quickstart's steps into the new folder ``out`` (see :func:`run_quickstart`)."""
+    run_dir, untrained_dir = out / "run", out / "untrained"
     commands: list[str] = []
     enc_dir = encoder_folder()
     print(f"elflm quickstart → {out}\nencoder: all-MiniLM-L6-v2 ({enc_dir})")
@@ -438,8 +521,8 @@ def run_quickstart(
         "loss_curve": str(curve),
         "table": rows,
     }
-    write_text(out / "metrics.json", json.dumps(result, indent=1))
     write_text(out / "commands.sh", "# the quickstart as ordinary elflm commands\n" + "\n".join(commands) + "\n")
+    write_text(out / COMPLETE, json.dumps(result, indent=1))
     print(f"\n{format_table(rows, str(judge) if judge else 'no judge')}\n")
     print(f"trained {steps} steps in {train_s / 60:.1f} min; the quickstart took {total_s / 60:.1f} min")
     print(f"everything is in {out} (checkpoint, samples, metrics.json, loss.png, commands.sh)")

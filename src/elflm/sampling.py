@@ -16,14 +16,14 @@ t = 1 data.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
 
 from . import flow
-from .config import SampleConfig
+from .config import ConfigError, SampleConfig, check_section
+from .errors import check_int
 from .model import model_config
 
 PRECISIONS = ("fp32", "bf16", "fp64")
@@ -88,26 +88,11 @@ STEPS: dict[str, Callable] = {"ode": ode_step, "sde": sde_step}
 
 
 def check_settings(cfg: SampleConfig) -> SampleConfig:
-    """Raise ``ValueError`` naming a sampler setting of the wrong type or out of range."""
-
-    def number(key, low, high=math.inf, integer=False):
-        v = getattr(cfg, key)
-        if isinstance(v, bool) or not isinstance(v, int if integer else (int, float)):
-            raise ValueError(f"sampler setting {key} must be {'an integer' if integer else 'a number'}, got {v!r}")
-        if not (low <= v <= high) or (not integer and not math.isfinite(v)):
-            raise ValueError(f"sampler setting {key} must be a finite value in [{low}, {high}], got {v!r}")
-
-    if cfg.method not in STEPS:
-        raise ValueError(f"unknown sampling method {cfg.method!r}; expected one of {sorted(STEPS)}")
-    if cfg.grid not in ("uniform", "logit_normal"):
-        raise ValueError(f"unknown time grid {cfg.grid!r}; expected 'uniform' or 'logit_normal'")
-    number("steps", 1, integer=True)
-    for key in ("gamma", "w", "cfg_scale", "p_std"):
-        number(key, 0)
-    number("noise_scale", 0)
-    number("p_mean", -math.inf)
-    number("t_eps", 0, 1)
-    number("t_final", 0, 1)
+    """``cfg`` if it is a valid :class:`~elflm.config.SampleConfig` (also after an in-place edit),
+    else a :class:`~elflm.config.ConfigError` naming the setting (:func:`~elflm.config.check_section`)."""
+    if not isinstance(cfg, SampleConfig):
+        raise ConfigError(f"sampler settings: expected a SampleConfig, got {type(cfg).__name__}", "sample")
+    check_section("sample", cfg)
     return cfg
 
 
@@ -221,6 +206,7 @@ class Sampler:
     ) -> State:
         """The state of rows ``rows`` (global indices) of ``length`` tokens of a run seeded with
         ``seed`` (one seed, or one per row): every draw from the row's own stream (:class:`RowNoise`)."""
+        check_int("length", length, 1, self.mcfg.max_length)
         seeds = [seed] * len(rows) if isinstance(seed, int) else list(seed)
         if len(seeds) != len(rows) or not rows:
             raise ValueError(

@@ -15,20 +15,30 @@ Results do not depend on batching: sample k of a request is row k of the run see
 request's ``seed`` (random when not given), so it equals row k of ``elflm sample --seed`` with the
 same settings. fastapi, uvicorn and pydantic are imported when the app is built
 (``pip install 'elflm[serve]'``).
+
+Stopping (SIGINT / SIGTERM): uvicorn stops accepting requests and gives those in flight
+:data:`SHUTDOWN_GRACE_S` seconds; then the batcher stops, and a sampler call still running in its
+worker thread ends at its next step (its clients get no answer), so the process ends promptly.
 """
 
 import asyncio
+import json
+import math
 import os
+import threading
 import time
 from collections import deque
 from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from . import infill
-from .config import SampleConfig
+from .config import ConfigError, SampleConfig
+from .errors import check_int
 from .generate import Row, pad_id, sample_rows
 from .model import model_config
 from .sampling import Sampler, used_settings
+
+SHUTDOWN_GRACE_S = 2  # seconds the server gives requests in flight when it is told to stop
 
 
 @dataclass
@@ -41,12 +51,16 @@ class Limits:
     max_segments: int = 256  # items of a segment list
     max_batch: int = 32  # rows per sampler call
     max_queue: int = 1024  # requests waiting; more get 503
+    max_body_bytes: int = 256 * 1024  # request body; larger ones get 413 before they are parsed
     batch_wait_ms: float = 5.0  # how long the batcher waits for company
 
     def __post_init__(self):
         for k, v in asdict(self).items():
-            if not v > 0 and not (k == "batch_wait_ms" and v == 0):
-                raise ValueError(f"server limit {k} must be > 0, got {v}")
+            if k == "batch_wait_ms":
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < math.inf:
+                    raise ValueError(f"server limit {k} must be a finite number >= 0, got {v!r}")
+            else:
+                check_int(f"server limit {k}", v, 1, 2**63 - 1)
         if self.max_samples > self.max_batch:
             raise ValueError(
                 f"max_samples ({self.max_samples}) must not exceed max_batch ({self.max_batch}): "
@@ -69,18 +83,21 @@ def request_models(limits: Limits, max_length: int):
     """The pydantic request / response models with this server's bounds."""
     from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+    # strict: JSON true is not 1, "2" is not 2, 2.5 is not an integer; no NaN or infinity
+    strict = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
+
     class TextSegment(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = strict
         text: str = Field(max_length=limits.max_chars, description="known text, tokenised on its own")
 
     class GapSegment(BaseModel):
-        model_config = ConfigDict(extra="forbid")
+        model_config = strict
         gap: int = Field(ge=1, le=max_length, description="number of tokens to generate here")
 
     class GenerateRequest(BaseModel):
         """At most one of ``prompt``, ``template``, ``segments``; none = unconditional."""
 
-        model_config = ConfigDict(extra="forbid")
+        model_config = strict
         prompt: str | None = Field(
             None,
             min_length=1,
@@ -166,6 +183,10 @@ class QueueFull(RuntimeError):
     pass
 
 
+class Stopping(RuntimeError):
+    """The server is stopping: a sampler call in progress ends at its next step."""
+
+
 class Batcher:
     """Holds the model; turns requests into :class:`Job` s and serves them in batched sampler calls."""
 
@@ -179,18 +200,23 @@ class Batcher:
         self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
         self.arrived: asyncio.Event | None = None
+        self.stopping = threading.Event()  # set when the server stops: ends a sampler call in its thread
         self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
 
     # -- requests -------------------------------------------------------------------------------
 
     def job(self, req, text_segment_cls) -> Job:
-        """Validate ``req`` against the model and build its rows; ValueError says what is wrong."""
+        """Validate ``req`` against the model and build its rows; ValueError says what is wrong.
+        Every size is checked before anything of that size is built."""
         over = {
             k: getattr(req, k)
             for k in ("method", "steps", "grid", "w", "gamma", "cfg_scale")
             if getattr(req, k) is not None
         }
-        cfg = replace(self.defaults, **over)
+        try:
+            cfg = replace(self.defaults, **over)  # the sampler settings' own checks, as the CLI's
+        except ConfigError as e:
+            raise ValueError(f"{(e.key or 'sample').removeprefix('sample.')}: {e}") from None
         L = req.length or self.max_length
         enc = self.encoder
         if req.source is not None:
@@ -286,7 +312,12 @@ class Batcher:
             length=call[0].length,
             max_input_length=self.max_in,
             pad_token=self.pad_token,
+            callback=self._check_stopping,
         )
+
+    def _check_stopping(self, *_) -> None:
+        if self.stopping.is_set():
+            raise Stopping("the server is stopping")
 
     async def _serve(self, call: list[Job]) -> None:
         start = time.perf_counter()
@@ -350,6 +381,60 @@ def _sample(record: dict) -> dict:
     return {"text": record["text"], "ids": record["ids"], **{k: record.get(k, v) for k, v in whole.items()}}
 
 
+class BodyLimit:
+    """ASGI middleware: a request body larger than ``max_bytes`` (declared or sent) is answered 413
+    before the app parses any of it; a smaller one is read whole and handed on."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
+            return await self._too_large(send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # the client went away
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._too_large(send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body, given = b"".join(chunks), False
+
+        async def replay():
+            nonlocal given
+            if not given:
+                given = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        return await self.app(scope, replay, send)
+
+    async def _too_large(self, send) -> None:
+        detail = f"the request body is larger than {self.max_bytes} bytes (the server's --max-body-bytes)"
+        payload = json.dumps({"detail": detail}).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": payload})
+
+
+def invalid_request(errors: list[dict], limit: int = 5) -> str:
+    """pydantic's errors of a request as one line naming each field and what it should be; the
+    values themselves are never repeated (a field name is cut to 60 characters)."""
+    parts = []
+    for e in errors[:limit]:
+        loc = ".".join(str(x)[:60] for x in e.get("loc", ()) if x != "body") or "body"
+        parts.append(f"{loc}: {e.get('msg', 'invalid value')}")
+    more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
+    return "; ".join(parts)[:2000] + more
+
+
 def create_app(model, encoder, settings, limits: Limits | None = None, precision: str = "fp32", compiled: bool = False):
     """The FastAPI app serving ``model`` / ``encoder`` with the checkpoint ``settings``;
     ``precision`` / ``compiled``: the :class:`~elflm.sampling.Sampler`'s."""
@@ -357,6 +442,7 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
     from contextlib import asynccontextmanager
 
     from fastapi import FastAPI, Request
+    from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
 
     limits = limits or Limits()
@@ -368,10 +454,12 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
+        batcher.stopping.clear()
         task = asyncio.create_task(batcher.run())
         try:
             yield
         finally:
+            batcher.stopping.set()
             task.cancel()
             try:
                 await task
@@ -385,10 +473,19 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         description="Embedded Language Flows: unconditional, prompted, infilling and conditional generation.",
     )
     app.state.batcher = batcher
+    app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        return JSONResponse(status_code=422, content={"detail": invalid_request(list(exc.errors()))})
 
     @app.exception_handler(ValueError)
     async def _bad_value(request: Request, exc: ValueError):
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+        return JSONResponse(status_code=422, content={"detail": " ".join(str(exc).split())[:2000]})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception):  # logged by the server with its traceback
+        return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__})"})
 
     @app.exception_handler(QueueFull)
     async def _busy(request: Request, exc: QueueFull):
@@ -398,7 +495,8 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         "/generate",
         response_model=GenerateResponse,
         responses={
-            422: {"description": "invalid request (the detail says what was expected)"},
+            413: {"description": "request body larger than the server's limit"},
+            422: {"description": "invalid request (the detail names each field and what was expected)"},
             503: {"description": "queue full"},
         },
     )

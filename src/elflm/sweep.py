@@ -10,11 +10,18 @@ plots (Gen PPL vs entropy, Gen PPL vs steps, BLEU vs steps) drawn with matplotli
 (``pip install 'elflm[plots]'``). Under ``torchrun`` every rank runs the sweep: sampling and the
 judge are shared over the ranks (:mod:`elflm.generate`, :mod:`elflm.evaluate`) and rank 0 writes
 the files, the same as one process writes.
+
+Every file is written all-or-nothing (:mod:`elflm.files`). ``sweep.json`` records what makes the
+folder one sweep (checkpoint, seed, samples or conditions, length, precision, references, judge):
+a folder holding the same sweep resumes (the grid may grow); one holding another sweep or other
+files is replaced only with ``overwrite`` (the new sweep is written beside it and moved into place
+once complete), and refused otherwise.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import itertools
 import json
@@ -25,12 +32,13 @@ from pathlib import Path
 from . import evaluate as ev
 from .config import SampleConfig
 from .distributed import Dist, gather_objects
-from .files import write_jsonl, write_text
+from .files import OutputExistsError, write_atomic, write_jsonl, write_text
 from .generate import generate
 from .model import model_config
 from .sampling import used_settings
 
 PLOTS_EXTRA = "pip install 'elflm[plots]'"
+IDENTITY = "sweep.json"  # what makes a sweep folder the same sweep (resumable)
 AXES = ("method", "steps", "gamma", "w", "cfg_scale")
 METRICS = ("gen_ppl", "entropy", "num_empty", "bleu", "rouge1", "rouge2", "rougeL")
 
@@ -73,6 +81,67 @@ def setting_name(cfg: SampleConfig) -> str:
     num = lambda x: f"{x:g}"
     gamma = f"-gamma{num(cfg.gamma)}" if cfg.method != "ode" else ""
     return f"{cfg.method}-steps{cfg.steps}{gamma}-w{num(cfg.w)}-cfg{num(cfg.cfg_scale)}-{cfg.grid}"
+
+
+# ----------------------------------------------------------------------------- the folder
+
+
+def _digest(texts: list[str] | None) -> str | None:
+    return None if texts is None else hashlib.sha256(json.dumps(texts).encode()).hexdigest()
+
+
+def sweep_identity(
+    *,
+    checkpoint: str,
+    raw: bool,
+    precision: str,
+    seed: int,
+    length: int | None,
+    max_input_length: int | None,
+    num_samples: int | None,
+    sources: list[str] | None,
+    references: list[str] | None,
+    judge: str | None,
+) -> dict:
+    """What makes a sweep folder one sweep (``sweep.json``): everything but the grid of settings."""
+    return {
+        "checkpoint": checkpoint,
+        "raw": raw,
+        "precision": precision,
+        "seed": seed,
+        "length": length,
+        "max_input_length": max_input_length,
+        "num_samples": num_samples,
+        "sources_sha256": _digest(sources),
+        "references_sha256": _digest(references),
+        "judge": judge,
+    }
+
+
+def folder_mode(output_dir: str | Path, identity: dict, overwrite: bool) -> str:
+    """How to write the sweep ``identity`` into ``output_dir``: ``new`` (absent or empty),
+    ``resume`` (it holds the same sweep) or ``replace`` (another sweep or other files, with
+    ``overwrite``); without ``overwrite`` the last case raises :class:`~elflm.files.OutputExistsError`."""
+    out = Path(output_dir)
+    if not out.is_dir() or not any(p for p in out.iterdir() if not p.name.startswith(".")):
+        return "new"
+    try:
+        recorded = json.loads((out / IDENTITY).read_text())
+    except (OSError, ValueError):
+        recorded = None
+    if recorded == identity:
+        return "resume"
+    if overwrite:
+        return "replace"
+    if isinstance(recorded, dict):
+        diff = ", ".join(f"{k} {recorded.get(k)!r} → {v!r}" for k, v in identity.items() if recorded.get(k) != v)
+        what = f"another sweep ({diff})"
+    else:
+        what = f"files that are not a sweep of this version (no {IDENTITY})"
+    raise OutputExistsError(
+        f"--output-dir {out} holds {what}; pass --overwrite to replace it (once the new sweep is complete), "
+        "or choose another folder"
+    )
 
 
 # ----------------------------------------------------------------------------- running
@@ -279,8 +348,7 @@ def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
                 )
         ax.set(xlabel="entropy (nats)", ylabel="Gen PPL", yscale="log", title=f"Gen PPL vs entropy (along {along})")
         ax.legend(fontsize=8)
-        written.append(out / "ppl_vs_entropy.png")
-        fig.savefig(written[-1], dpi=120)
+        written.append(write_atomic(out / "ppl_vs_entropy.png", lambda f: fig.savefig(f, dpi=120, format="png"), True))
     for metric, title in (("gen_ppl", "Gen PPL"), ("bleu", "BLEU")):
         if not any(r.get(metric) is not None for r in rows):
             continue
@@ -297,6 +365,6 @@ def plot_sweep(rows: list[dict], output_dir: str | Path) -> list[Path]:
         ax.set_xticks(steps, [str(s) for s in steps])
         ax.xaxis.set_minor_locator(NullLocator())
         ax.legend(fontsize=8)
-        written.append(out / f"{'ppl' if metric == 'gen_ppl' else metric}_vs_steps.png")
-        fig.savefig(written[-1], dpi=120)
+        name = f"{'ppl' if metric == 'gen_ppl' else metric}_vs_steps.png"
+        written.append(write_atomic(out / name, lambda f, fig=fig: fig.savefig(f, dpi=120, format="png"), True))
     return written

@@ -17,12 +17,14 @@ The console and ``metrics.jsonl`` are always on; ``train.logger`` adds the other
 from __future__ import annotations
 
 import json
+import math
 import secrets
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from . import files
 from .config import Config, to_dict
 
 INSTALL = "pip install 'elflm[track]'"
@@ -51,9 +53,12 @@ def format_record(rec: dict) -> str:
         return f"step {rec['step']} " + " ".join(f"{k} {fmt(v)}" for k, v in rec.items() if k != "step")
     mfu = f" mfu {rec['mfu']:.1%}" if rec.get("mfu") is not None else ""
     mem = f" mem {rec['max_memory_gb']:.1f}GB" if "max_memory_gb" in rec else ""
+    skipped = f" skipped {rec['skipped']}" if rec.get("skipped") else ""
+    if rec["loss"] is None:  # every step of the window skipped (train.on_nonfinite: skip)
+        return f"step {rec['step']} every step skipped (non-finite){skipped} lr {rec['lr']:.2e}"
     return (
         f"step {rec['step']} loss {rec['loss']:.4f} (l2 {rec['l2_loss']:.4f} ce {rec['ce_loss']:.4f}) "
-        f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}"
+        f"gnorm {rec['grad_norm']:.3f} lr {rec['lr']:.2e} tok/s {rec['tokens_per_s']:.0f}{mfu}{mem}{skipped}"
     )
 
 
@@ -65,15 +70,30 @@ class Console(Tracker):
 
 
 class JsonLines(Tracker):
-    """Appends each record to a JSONL file (``metrics.jsonl``)."""
+    """Appends each record to a JSONL file (``metrics.jsonl``). ``start``: the step the run starts
+    from; the records of later steps a killed run left behind (and a half-written last line) are
+    cut first, so that a resumed run's file reads as an uninterrupted run's."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, start: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        if start is not None and self.path.is_file():
+            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines() if _step_of(line) <= start]
+            files.write_text(self.path, "".join(line + "\n" for line in kept))
+        else:
+            files.drop_partial_line(self.path)
 
     def log(self, record: dict) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        files.append_line(self.path, json.dumps(record))
+
+
+def _step_of(line: str) -> float:
+    """The ``step`` of a ``metrics.jsonl`` line; infinity for a line that is not a record."""
+    try:
+        step = json.loads(line).get("step")
+    except (ValueError, AttributeError):
+        return math.inf
+    return step if isinstance(step, int) else math.inf
 
 
 def _scalars(record: dict) -> dict[str, float]:
@@ -175,12 +195,13 @@ class Trackers(Tracker):
             t.close()
 
 
-def open_trackers(cfg: Config, output_dir: str | Path) -> Trackers:
-    """The trackers of a run: the console, ``output_dir/metrics.jsonl`` and those
-    ``cfg.train.logger`` names (``tensorboard`` → ``output_dir/tb``, ``wandb``)."""
+def open_trackers(cfg: Config, output_dir: str | Path, start: int | None = None) -> Trackers:
+    """The trackers of a run: the console, ``output_dir/metrics.jsonl`` (cut back to the records
+    up to step ``start``, the step the run starts from, when given) and those ``cfg.train.logger``
+    names (``tensorboard`` → ``output_dir/tb``, ``wandb``)."""
     out, t = Path(output_dir), cfg.train
     names = [] if t.logger is None else [n.strip() for n in t.logger.split(",")]
-    trackers: list[Tracker] = [Console(), JsonLines(out / "metrics.jsonl")]
+    trackers: list[Tracker] = [Console(), JsonLines(out / "metrics.jsonl", start)]
     if "tensorboard" in names:
         trackers.append(TensorBoard(out / "tb"))
     if "wandb" in names:

@@ -18,6 +18,7 @@ import torch
 
 from . import sampling
 from .config import SampleConfig
+from .files import write_atomic, write_text
 
 
 @dataclass
@@ -147,10 +148,8 @@ def render_html(traj: Trajectory, title: str = "ELF sampling trajectory") -> str
 
 
 def write_html(traj: Trajectory, path: str | Path, title: str = "ELF sampling trajectory") -> Path:
-    """Write :func:`render_html` to ``path`` (UTF-8)."""
-    path = Path(path)
-    path.write_text(render_html(traj, title), encoding="utf-8")
-    return path
+    """Write :func:`render_html` to ``path`` (UTF-8, atomically)."""
+    return write_text(path, render_html(traj, title))
 
 
 def require_matplotlib(hint: str = "pip install 'elflm[plots]'") -> None:
@@ -194,7 +193,7 @@ def write_png(traj: Trajectory, path: str | Path, sample: int = 0, width: int = 
         ax_txt.text(0, k, line, fontsize=7, family="monospace", va="center")
     fig.suptitle(f"x̂ decoded at each of {N} steps (t = 0 noise → t = 1 data)", fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    try:
+        return write_atomic(path, lambda f: fig.savefig(f, dpi=110, format="png"), binary=True)
+    finally:
+        plt.close(fig)

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import DataError
+
 FORMAT = "elflm-packed"
 FORMAT_VERSION = 1
 META = "meta.json"
@@ -34,13 +36,69 @@ def read_meta(path: str | Path) -> dict:
             f"{path} is not a complete prepared dataset: {META} is missing (an interrupted `elflm prepare` "
             "leaves no meta.json; run the same command again to resume)"
         )
-    meta = json.loads((path / META).read_text())
+    file = path / META
+    redo = f"prepare the data again (`elflm prepare ... -o {path} --overwrite`)"
+    try:
+        meta = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{file}: not valid JSON ({' '.join(str(e).split())}); the file is damaged: {redo}") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{file}: expected a JSON object, got {type(meta).__name__}; the file is damaged: {redo}")
     if meta.get("format") != FORMAT or meta.get("version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path / META}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
+        raise DataError(
+            f"{file}: expected format {FORMAT!r} version {FORMAT_VERSION}, "
             f"got {meta.get('format')!r} {meta.get('version')!r}"
         )
+    for key, ok, expected in _META_FIELDS:
+        if key not in meta or not ok(meta[key]):
+            got = "nothing" if key not in meta else repr(meta[key])[:80]
+            raise DataError(f"{file}: {key!r} must be {expected}, got {got}; the file is damaged: {redo}")
+    if meta["max_input_length"] is not None and not meta["max_input_length"] < meta["max_length"]:
+        raise DataError(f"{file}: 'max_input_length' must be below 'max_length'; the file is damaged: {redo}")
+    for k, shard in enumerate(meta["shards"]):
+        for key, ok, expected in _SHARD_FIELDS:
+            if not isinstance(shard, dict) or key not in shard or not ok(shard[key]):
+                raise DataError(f"{file}: shards[{k}].{key} must be {expected}; the file is damaged: {redo}")
+    if sum(shard["rows"] for shard in meta["shards"]) != meta["rows"]:
+        raise DataError(f"{file}: the shards' rows do not add up to 'rows' ({meta['rows']}): {redo}")
     return meta
+
+
+def _count(v, low: int = 0) -> bool:
+    return type(v) is int and v >= low
+
+
+def _file_name(v) -> bool:  # a file of the folder itself (no path that leads elsewhere)
+    return isinstance(v, str) and v not in ("", ".", "..") and Path(v).name == v and "\\" not in v
+
+
+# what reading the rows and checking them against a config rely on: key, check, what it must be
+_META_FIELDS = [
+    ("conditional", lambda v: isinstance(v, bool), "true or false"),
+    ("max_length", lambda v: _count(v, 1), "an integer >= 1"),
+    ("max_input_length", lambda v: v is None or _count(v, 1), "null or an integer >= 1"),
+    ("dtype", lambda v: v in ("uint16", "int32"), "'uint16' or 'int32'"),
+    ("pad_id", _count, "an integer >= 0"),
+    ("eos_id", lambda v: v is None or _count(v), "null or an integer >= 0"),
+    ("pad_token", lambda v: v in ("pad", "eos"), "'pad' or 'eos'"),
+    ("rows", _count, "an integer >= 0"),
+    ("shards", lambda v: isinstance(v, list), "a list of shards"),
+    (
+        "tokenizer",
+        lambda v: (
+            isinstance(v, dict)
+            and isinstance(v.get("name_or_path"), str)
+            and isinstance(v.get("class"), str)
+            and _count(v.get("size"), 1)
+        ),
+        "an object with name_or_path, class and size",
+    ),
+]
+_SHARD_FIELDS = [
+    ("ids", _file_name, "a file name in the folder"),
+    ("lengths", _file_name, "a file name in the folder"),
+    ("rows", _count, "an integer >= 0"),
+]
 
 
 def vocab_fingerprint(tokenizer) -> str:
@@ -139,7 +197,10 @@ class PackedDataset(torch.utils.data.Dataset):
                 size = f.stat().st_size if f.is_file() else None
                 if size != expected:
                     found = "no file" if size is None else size
-                    raise ValueError(f"{f}: expected {expected} bytes ({shape} {dt}), found {found}")
+                    raise DataError(
+                        f"{f}: expected {expected} bytes ({shape} {dt}), found {found}; the dataset is incomplete "
+                        f"or damaged: prepare it again (`elflm prepare ... -o {self.path} --overwrite`)"
+                    )
             self._ids.append(np.memmap(files[0][0], dtype=dtype, mode="r", shape=(n, L)))
             self._lengths.append(np.memmap(files[1][0], dtype=np.dtype("<i4"), mode="r", shape=(n, 2)))
             counts.append(n)

@@ -8,7 +8,12 @@
 3. tokenise: the records, grouped into chunks, in a pool of worker processes; every chunk is saved
    atomically under ``OUTPUT/.prepare-work``, so a killed run resumes where it stopped, and the
    result does not depend on the number of workers;
-4. pack: the chunks, in input order, into row shards, then ``meta.json`` (the completion marker).
+4. pack: the chunks, in input order, into row shards and ``meta.json`` in a folder beside
+   ``OUTPUT``, which then replaces it in one step (:func:`elflm.files.staged_folder`): a reader
+   sees the previous dataset or the complete new one, never a mix.
+
+The output folder is locked while prepare runs (a second prepare into it is refused); the worker
+processes end with the command, whatever ends it.
 
 Rows follow the official row rule (:mod:`elflm.data.rows`). Unconditional text is packed
 (``concat``): the token stream of all documents, in input order, is cut into rows of
@@ -30,6 +35,7 @@ import json
 import math
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -45,8 +51,9 @@ from tqdm.auto import tqdm
 
 # the module, not its names: elflm.encoder imports the mask rules from .rows, so while it is first
 # imported this package is loaded before encoder's own names exist
-from .. import hub
+from .. import files, hub, interrupts
 from ..encoder import load_tokenizer
+from ..errors import DataError
 from ..version import __version__
 from .dataset import FORMAT, FORMAT_VERSION, META, PackedDataset, check_dataset, read_meta, vocab_fingerprint
 from .readers import chunks, hf_columns, records, resolve_sources, source_fingerprint
@@ -131,18 +138,22 @@ def prepare(
     }
     out = Path(output)
     _validate(asked, workers, out)
-    plan = _plan(inputs, tokenizer, asked)
-    meta = _prepared_meta(plan, out, overwrite, keep_work, progress)
-    if meta is not None:
-        return meta
-    work = _work_folder(plan, out, overwrite, progress)
-    counts: Counter = Counter()
-    stats = _tokenise(plan, work, workers, counts, progress)
-    if stats.chunks == 0:
-        raise ValueError(f"no documents found in {', '.join(str(i) for i in inputs)} (empty corpus)")
-    meta = _pack(plan, out, work, stats.chunks, counts)
-    if not keep_work:
-        shutil.rmtree(work)
+    with files.locked(out):
+        _check_output(out, overwrite)
+        plan = _plan(inputs, tokenizer, asked)
+        meta = _prepared_meta(plan, out, overwrite, keep_work, progress)
+        if meta is not None:
+            return meta
+        work = _work_folder(plan, out, progress)
+        counts: Counter = Counter()
+        stats = _tokenise(plan, work, workers, counts, progress)
+        if stats.chunks == 0:
+            raise ValueError(f"no documents found in {', '.join(str(i) for i in inputs)} (empty corpus)")
+        need = _pack_bytes(plan, work, stats.chunks)
+        with files.staged_folder(out, overwrite=True, need=need) as staged:
+            meta = _pack(plan, staged, work, stats.chunks, counts)
+            if keep_work:
+                os.rename(work, staged / WORK)
     if progress:
         _print_summary(meta, out, stats, workers)
     return meta
@@ -192,24 +203,30 @@ def _prepare_cached(cfg, encoder, given: str, progress: bool) -> Path:
     out = hub.cache_root() / "data" / f"{Path(source).name}-{digest}"
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if not distributed or torch.distributed.get_rank() == 0:
-        if progress:
-            print(f"preparing {given} with the tokenizer {cfg.encoder.tokenizer_name} into {out}")
-        prepare(
-            given,
-            out,
-            tokenizer=cfg.encoder.tokenizer_name,
-            max_length=d.max_length,
-            max_input_length=d.max_input_length,
-            format="hf" if hub.is_hub_id(given) else "auto",
-            text_field=d.text_field,
-            source_field=d.source_field,
-            target_field=d.target_field,
-            pad_token=d.pad_token,
-            progress=progress,
-        )
+        with files.locked(out, wait=True):  # another run preparing the same data: wait, then reuse it
+            _prepare_into(cfg, given, out, progress)
     if distributed:
         torch.distributed.barrier()
     return out
+
+
+def _prepare_into(cfg, given: str, out: Path, progress: bool) -> None:
+    d = cfg.data
+    if progress:
+        print(f"preparing {given} with the tokenizer {cfg.encoder.tokenizer_name} into {out}")
+    prepare(
+        given,
+        out,
+        tokenizer=cfg.encoder.tokenizer_name,
+        max_length=d.max_length,
+        max_input_length=d.max_input_length,
+        format="hf" if hub.is_hub_id(given) else "auto",
+        text_field=d.text_field,
+        source_field=d.source_field,
+        target_field=d.target_field,
+        pad_token=d.pad_token,
+        progress=progress,
+    )
 
 
 # ----------------------------------------------------------------------------- validate
@@ -352,7 +369,12 @@ def _prepared_meta(plan: _Plan, out: Path, overwrite: bool, keep_work: bool, pro
     none (or ``overwrite`` replaces another one)."""
     if not (out / META).is_file():
         return None
-    meta = read_meta(out)
+    try:
+        meta = read_meta(out)
+    except DataError:
+        if overwrite:  # a damaged dataset is replaced like any other
+            return None
+        raise
     recorded = (meta["options"], meta["sources"], meta["tokenizer"])
     if recorded == (plan.options, plan.source_info, plan.tokenizer_info):
         if not keep_work:  # left behind by a run stopped between meta.json and the clean-up
@@ -361,18 +383,30 @@ def _prepared_meta(plan: _Plan, out: Path, overwrite: bool, keep_work: bool, pro
             print(f"{out} is already prepared with these options ({meta['rows']} rows); nothing to do")
         return meta
     if not overwrite:
-        raise ValueError(
-            f"{out} already holds a prepared dataset made from other inputs or options; pass --overwrite to replace it"
+        raise files.OutputExistsError(
+            f"{out} already holds a prepared dataset made from other inputs or options; pass --overwrite to replace it "
+            "(the new one replaces it once complete)"
         )
     return None
 
 
-def _work_folder(plan: _Plan, out: Path, overwrite: bool, progress: bool) -> Path:
-    """``out/.prepare-work`` with the chunks a run with the same plan saved (all cleared on
-    ``overwrite``, or when the plan differs), without half-written files."""
-    if overwrite:
-        _remove_outputs(out)
-        shutil.rmtree(out / WORK, ignore_errors=True)
+def _check_output(out: Path, overwrite: bool) -> None:
+    """Refuse, without ``overwrite``, an output folder that holds anything but a prepared dataset
+    and the work of an interrupted prepare (it would be replaced as a whole)."""
+    if overwrite or not out.is_dir():
+        return
+    ours = re.compile(rf"{re.escape(META)}|{WORK}|(ids|lengths)-\d+\.bin(\.tmp)?|\..*\.(lock|tmp-.*)", re.S)
+    other = sorted(p.name for p in out.iterdir() if not ours.fullmatch(p.name))
+    if other:
+        raise files.OutputExistsError(
+            f"--output {out} holds files that are not a prepared dataset ({', '.join(other[:5])}); pass --overwrite "
+            "to replace the whole folder, or choose another folder"
+        )
+
+
+def _work_folder(plan: _Plan, out: Path, progress: bool) -> Path:
+    """``out/.prepare-work`` with the chunks a run with the same plan saved (all cleared when
+    the plan differs), without half-written files."""
     work = out / WORK
     work.mkdir(parents=True, exist_ok=True)
     chunk_plan = plan.chunk_plan()
@@ -382,21 +416,22 @@ def _work_folder(plan: _Plan, out: Path, overwrite: bool, progress: bool) -> Pat
             print(f"{work}: chunks from a run with other inputs or options; starting over")
         shutil.rmtree(work)
         work.mkdir()
-    for stray in work.glob("*.tmp"):
+    for stray in [*work.glob(".chunk-*"), *work.glob("*.tmp")]:  # temporaries of chunks a killed run was writing
         stray.unlink()
-    _write_json(plan_file, chunk_plan)
+    files.write_json(plan_file, chunk_plan)
     return work
 
 
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1) + "\n")
-    os.replace(tmp, path)
-
-
-def _remove_outputs(out: Path) -> None:
-    for f in itertools.chain(out.glob("ids-*.bin*"), out.glob("lengths-*.bin*"), out.glob(META + "*")):
-        f.unlink()
+def _pack_bytes(plan: _Plan, work: Path, n_chunks: int) -> int:
+    """About the bytes the shards of ``n_chunks`` saved chunks take (ids and lengths)."""
+    ids = records = 0
+    for k in range(n_chunks):
+        with np.load(_chunk_path(work, k), allow_pickle=False) as z:
+            ids += int(z["lens"].sum() + (z["src_lens"].sum() if "src_lens" in z else 0))
+            records += len(z["lens"])
+    L, size = plan.options["max_length"], plan.dtype.itemsize
+    rows = records if plan.options["packing"] == "rows" else ids // L + 1
+    return max(ids, rows * L) * size + rows * 8
 
 
 def _chunk_path(work: Path, k: int) -> Path:
@@ -408,7 +443,8 @@ def _chunk_path(work: Path, k: int) -> Path:
 _WORKER: dict = {}
 
 
-def _worker_init(tokenizer: str) -> None:
+def _worker_init(tokenizer: str, parent: int) -> None:
+    interrupts.worker_setup(parent)  # Ctrl-C and the end of the parent end the workers quietly
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # parallelism comes from the worker processes
     _WORKER["tokenizer"] = load_tokenizer(tokenizer)
 
@@ -458,10 +494,7 @@ def _tokenise_chunk(job) -> int:
     """Tokenise one chunk and write it atomically to ``path``; returns its number of ids."""
     kind, items, spec, path = job
     arrays = _encode(kind, items, spec)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(tmp, path)
+    files.write_atomic(path, lambda f: np.savez(f, **arrays), binary=True)
     return int(arrays["lens"].sum() + (arrays["src_lens"].sum() if "src_lens" in arrays else 0))
 
 
@@ -518,7 +551,7 @@ def _tokenise(plan: _Plan, work: Path, workers: int, counts: Counter, progress: 
                 done(_tokenise_chunk(job))
         else:
             ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
-            initargs = (plan.tokenizer_info["name_or_path"],)
+            initargs = (plan.tokenizer_info["name_or_path"], os.getpid())
             with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=initargs) as pool:
                 pending = set()
                 try:
@@ -658,11 +691,10 @@ class _Packer:
 
 
 def _pack(plan: _Plan, out: Path, work: Path, n_chunks: int, counts: Counter) -> dict:
-    """Pack the ``n_chunks`` saved chunks into row shards in ``out``, then write ``meta.json`` (the
-    completion marker); returns the metadata. ``counts`` gains the packing counts."""
+    """Pack the ``n_chunks`` saved chunks into row shards in the new folder ``out``, then write
+    ``meta.json``; returns the metadata. ``counts`` gains the packing counts."""
     o, L = plan.options, plan.options["max_length"]
     eos_id = plan.tokenizer_info["eos_id"]
-    _remove_outputs(out)
     writer = _ShardWriter(out, L, plan.dtype, o["shard_rows"])
     sep = eos_id if o["separator"] == "eos" else None
     packer = _Packer(writer, L, plan.pad_id, o["packing"], sep, o["max_input_length"], counts)
@@ -672,7 +704,6 @@ def _pack(plan: _Plan, out: Path, work: Path, n_chunks: int, counts: Counter) ->
     packer.finish()
     shards = writer.close()
     if counts["rows"] == 0:
-        _remove_outputs(out)
         raise ValueError("the inputs hold no tokens (empty corpus): every document is empty")
     meta = {
         "format": FORMAT,
@@ -694,7 +725,7 @@ def _pack(plan: _Plan, out: Path, work: Path, n_chunks: int, counts: Counter) ->
         "options": o,
         "elflm_version": __version__,
     }
-    _write_json(out / META, meta)
+    files.write_json(out / META, meta)
     return meta
 
 

@@ -18,6 +18,7 @@ import itertools
 import json
 from collections import Counter
 from collections.abc import Iterable, Iterator
+from inspect import signature
 from pathlib import Path
 
 import numpy as np
@@ -74,8 +75,12 @@ def load_hf_dataset(name: str, split: str | None = None):
         why = hub.unavailable()
         if why is not None and not datasets.config.HF_HUB_OFFLINE:  # datasets would retry the network
             raise hub.offline_error(f"the dataset {name!r}", why, repo=f"{name} --repo-type dataset")
+        # no dataset loading script is ever run (datasets >= 4 has none; older versions are told so)
+        scripts = (
+            {"trust_remote_code": False} if "trust_remote_code" in signature(datasets.load_dataset).parameters else {}
+        )
         try:
-            ds = datasets.load_dataset(name)
+            ds = datasets.load_dataset(name, **scripts)
         except (OSError, ConnectionError) as e:
             why = why or f"{type(e).__name__}: {e}"
             raise hub.offline_error(f"the dataset {name!r}", why, repo=f"{name} --repo-type dataset") from e

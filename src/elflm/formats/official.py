@@ -11,6 +11,7 @@ import yaml
 from ..checkpoint import CheckpointError
 from ..config import (
     OFFICIAL_DEFAULTS,
+    SAMPLER_PRESETS,
     DataConfig,
     EncoderConfig,
     ObjectiveConfig,
@@ -20,25 +21,8 @@ from ..config import (
 )
 
 # First entries of the official uncond / cond sampling config files.
-SAMPLING = {
-    "uncond": dict(
-        sampling_method="sde",
-        num_sampling_steps=[32],
-        cfgs=[1],
-        sde_gamma=1.5,
-        self_cond_cfg_scales=[3],
-        time_schedule="logit_normal",
-    ),
-    "cond": dict(
-        sampling_method="ode",
-        num_sampling_steps=[64],
-        cfgs=[2],
-        sde_gamma=0.0,
-        self_cond_cfg_scales=[1],
-        time_schedule="logit_normal",
-    ),
-}
-_SDE64 = {**SAMPLING["uncond"], "num_sampling_steps": [64], "sde_gamma": 1.0}  # ELF-M / ELF-L defaults
+SAMPLING = {"uncond": SAMPLER_PRESETS["uncond"][0], "cond": SAMPLER_PRESETS["cond"][0]}
+_SDE64 = SAMPLER_PRESETS["uncond"][1]  # ELF-M / ELF-L defaults
 _CONDITIONAL = dict(pad_token="eos", decoder_noise_scale=1.0, label_drop_prob=0.1)
 ENCODER = "embedded-language-flows/t5_small_encoder_jax/t5_small_encoder_jax.pkl"
 # Settings of the published models (their training YAMLs), for Hub snapshots without a config.
@@ -48,6 +32,8 @@ _PUBLISHED = {
     "ELF-L-owt": dict(max_length=1024, sampling_configs=[_SDE64]),
     "ELF-B-de-en": dict(max_length=128, max_input_length=64, **_CONDITIONAL),
     "ELF-B-xsum": dict(max_length=1088, max_input_length=1024, **_CONDITIONAL),
+    # the progressive-distillation student (distillation branch, distill_curriculum_ELF-B.yml)
+    "ELF-B-PD-owt": dict(max_length=1024, sampling_configs=SAMPLER_PRESETS["fewstep"]),
 }
 _PUBLISHED_COMMON = dict(
     encoder_model_name="t5-small",

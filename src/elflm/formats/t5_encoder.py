@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..errors import ElflmError
 from ..hub import resolve_file
 
 
-class EncoderFileError(ValueError):
+class EncoderFileError(ElflmError, ValueError):
     """An encoder weights file exists but cannot be used (unsafe, truncated, wrong layout)."""
 
 

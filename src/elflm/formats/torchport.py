@@ -1,6 +1,9 @@
-"""The authors' PyTorch port (the ``pytorch_elf`` branch): a ``torch.save`` dict with ``params``
-(the module ``state_dict``), ``ema_params1``, ``step`` … (golden README §7), read with
-``torch.load(weights_only=True)``; and its parameter names mapped to ours."""
+"""The authors' PyTorch port (the ``pytorch_elf`` branch, and the ``distillation`` branch that
+writes the same payload, e.g. ``embedded-language-flows/ELF-B-PD-owt-torch``): a ``torch.save``
+dict with ``params`` (the module ``state_dict``), ``ema_params1``, ``opt_state``, ``lr_scheduler``,
+``step``, ``epoch``, ``dropout_rng``, ``grad_accum_buffers`` (golden README §7), in a file
+``checkpoint_<step>`` (no extension) of the run folder; read with ``torch.load(weights_only=True)``
+and its parameter names mapped to ours."""
 
 from __future__ import annotations
 
@@ -12,12 +15,24 @@ import torch
 from ..checkpoint import CheckpointError
 from .flax import DECODE_HEAD
 
+WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # what torch.compile and DDP put before the names
+
+
+def unwrapped_name(name: str) -> str:
+    """``name`` without the ``torch.compile`` / DDP wrapper prefixes (the ``distillation`` branch
+    strips ``_orig_mod.`` from the files it loads)."""
+    while name.startswith(WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
 
 def port_params_to_state_dict(params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map a ``pytorch_elf`` ``state_dict`` to ours: identical names except the decode head,
-    whose bare ``proj_kernel`` (H, C) / ``unembed_kernel`` (C, V) become transposed Linear weights."""
+    """Map a ``pytorch_elf`` ``state_dict`` to ours: identical names (wrapper prefixes removed)
+    except the decode head, whose bare ``proj_kernel`` (H, C) / ``unembed_kernel`` (C, V) become
+    transposed Linear weights."""
     out = {}
     for name, value in params.items():
+        name = unwrapped_name(name)
         if name in DECODE_HEAD:
             ours, transpose = DECODE_HEAD[name], name.endswith("_kernel")
             out[ours] = value.t().contiguous() if transpose else value
