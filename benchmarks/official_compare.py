@@ -237,7 +237,11 @@ class TorchPortWorker(Worker):
             time_schedule="logit_normal",
             sde_gamma=SAMPLER["gamma"],
         )
-        self.generate, self.decode, self.mask_after_eos = _generate_samples_single_batch, _dlm_decode_batch, mask_after_eos
+        self.generate, self.decode, self.mask_after_eos = (
+            _generate_samples_single_batch,
+            _dlm_decode_batch,
+            mask_after_eos,
+        )
         self.grid = get_sampling_steps
         self.sample_steps, self.gen = a.steps, torch.Generator().manual_seed(0)
 
@@ -286,7 +290,7 @@ class ElflmWorker(Worker):
                 "model": {"hidden_size": hidden, "depth": depth, "num_heads": heads, "bottleneck_dim": bottleneck},
                 "encoder": {"kind": "t5", "name_or_path": str(t5), "weights": "random"},
                 "data": {"train_path": str(tmp / "data"), "max_length": L},
-                "objective": {k: v for k, v in OBJECTIVE.items()},
+                "objective": dict(OBJECTIVE),
                 "train": {
                     "global_batch_size": B,
                     "max_steps": 10**6,
@@ -347,7 +351,10 @@ class Proc:
             env["XLA_FLAGS"] = f"--xla_cpu_multi_thread_eigen=true intra_op_parallelism_threads={a.threads}"
             env["JAX_PLATFORMS"] = "cpu"
         cmd = [python, str(HERE), *argv, "--worker", impl, "--size", size]
-        self.impl, self.p = impl, subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+        self.impl, self.p = (
+            impl,
+            subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env),
+        )
         self.info = self.read()
 
     def read(self) -> dict:

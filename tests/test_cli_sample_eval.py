@@ -317,7 +317,10 @@ def bad_inputs(tmp: Path, models) -> dict:
         "input + num-samples": (["--checkpoint", c, "--input", str(tmp / "ok.txt"), "--num-samples", "2"], "not both"),
         "nothing to sample": (["--checkpoint", u], "give --num-samples N"),
         "cfg without input": (["--checkpoint", c, "--num-samples", "1", "--cfg-scale", "2"], "applies to conditional"),
-        "too long": (["--checkpoint", u, "--num-samples", "1", "--length", "99"], "length must be an integer in [1, 24]"),
+        "too long": (
+            ["--checkpoint", u, "--num-samples", "1", "--length", "99"],
+            "length must be an integer in [1, 24]",
+        ),
         "output folder missing": (
             ["--checkpoint", u, "--num-samples", "1", "-o", str(tmp / "no/x.jsonl")],
             "does not exist",
@@ -326,8 +329,14 @@ def bad_inputs(tmp: Path, models) -> dict:
             ["--checkpoint", c, "--input", str(tmp / "ok.txt"), "--max-input-length", "30"],
             "max_input_length < length",
         ),
-        "steps 0": (["--checkpoint", u, "--num-samples", "1", "--steps", "0"], "expected an integer in [1, 2**63), got '0'"),
-        "batch 0": (["--checkpoint", u, "--num-samples", "1", "--batch-size", "0"], "expected an integer in [1, 2**63)"),
+        "steps 0": (
+            ["--checkpoint", u, "--num-samples", "1", "--steps", "0"],
+            "expected an integer in [1, 2**63), got '0'",
+        ),
+        "batch 0": (
+            ["--checkpoint", u, "--num-samples", "1", "--batch-size", "0"],
+            "expected an integer in [1, 2**63)",
+        ),
         "negative gamma": (["--checkpoint", u, "--num-samples", "1", "--gamma", "-1"], "expected a finite number >= 0"),
         "unknown method": (["--checkpoint", u, "--num-samples", "1", "--method", "heun"], "invalid choice: 'heun'"),
         "unknown precision": (["--checkpoint", u, "--num-samples", "1", "--precision", "fp16"], "invalid choice"),
