@@ -411,7 +411,7 @@ def table(results: dict, tasks: list[str]) -> str:
         "|---|---|" + "---|" * len(tasks),
     ]
     ratio_lines = [
-        "| size | " + " | ".join(f"{t}: elflm ÷ faster official" for t in tasks) + " | load (1 min) |",
+        "| size | " + " | ".join(f"{t}: speed-up" for t in tasks) + " | load (1 min) |",
         "|---|" + "---|" * (len(tasks) + 1),
     ]
     for size, r in results.items():
