@@ -3,6 +3,7 @@ encoder, corpus and judge; install messages for missing packages; the corpus spl
 calibration on a real (tiny) trainer."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,60 @@ def test_untrained_checkpoint_is_the_runs_initialisation(run):
 def test_rerun_needs_overwrite(run, capsys):
     assert main(["quickstart", "--steps", "1", "--output", str(run), "--judge", "none"]) == 2
     assert "--overwrite" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distill_after_the_quickstart(run, capsys):
+    """``--distill`` on the shortened run: rounds 2, 1 of 2 steps each, the teacher and the students
+    sampled at the students' step counts and scored, commands written, a rerun needs --overwrite, a
+    failed rerun puts the earlier distillation back."""
+    args = ["quickstart", "--distill", "--output", str(run), "--steps", "2", "--num-samples", "2", "--no-progress"]
+    args += ["--curriculum", "2,1", "--teacher-resolution", "2", "--device", "cpu"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    metrics = json.loads((run / "distill/metrics.json").read_text())
+    assert metrics["curriculum"] == [2, 1] and metrics["steps_per_round"] == 2 and metrics["teacher_resolution"] == 2
+    table = metrics["table"]
+    assert list(table) == [
+        "held-out data (from the quickstart)",
+        "teacher, 32 steps",
+        "teacher, 2 steps",
+        "teacher, 1 step",
+        "student, 2 steps (round 1)",
+        "student, 1 step (round 2)",
+    ]
+    for name, row in table.items():
+        assert row["gen_ppl"] is None or row["gen_ppl"] > 1, name
+        if name.startswith(("teacher", "student")):
+            assert row["count"] == 2 and row["steps"] == int(name.split(", ")[1].split(" ")[0])
+    for steps, folder in zip((2, 1), metrics["students"]):
+        assert (Path(folder) / "checkpoints/step_0000002/ema.safetensors").is_file()
+        rows = [json.loads(x) for x in (run / f"distill/samples-student-{steps}.jsonl").read_text().splitlines()]
+        assert [r["steps"] for r in rows] == [steps, steps]
+    assert "1 step: student Gen PPL" in out and "teacher, 32 steps" in out
+    commands = (run / "distill/commands.sh").read_text()
+    for part in (
+        "elflm distill --teacher",
+        "--curriculum 2,1 --teacher-resolution 2",
+        "train.max_steps=2",
+        "elflm eval",
+    ):
+        assert part in commands, part
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite", "train.no_such_key=1"]) == 2  # fails after the earlier one was moved aside
+    assert "no_such_key" in capsys.readouterr().err
+    assert json.loads((run / "distill/metrics.json").read_text()) == metrics  # ... and is back
+
+
+def test_distill_needs_a_quickstart_run(tmp_path, capsys):
+    assert main(["quickstart", "--distill", "--output", str(tmp_path), "--judge", "none"]) == 2
+    assert "holds no finished quickstart run to distil" in capsys.readouterr().err
+    assert main(["quickstart", "--curriculum", "4,1", "--output", str(tmp_path)]) == 2
+    assert "--curriculum and --teacher-resolution belong to --distill" in capsys.readouterr().err
+    assert main(["quickstart", "--distill", "--config", "x.yaml", "--output", str(tmp_path)]) == 2
+    assert "--distill takes the quickstart run's own config" in capsys.readouterr().err
+    assert main(["quickstart", "--distill", "--curriculum", "3,1", "--output", str(tmp_path), "--judge", "none"]) == 2
+    assert "3 does not divide the teacher resolution 16" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

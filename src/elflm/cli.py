@@ -1148,7 +1148,12 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--minutes", type=non_negative, default=10.0, help="wall-clock budget of the whole quickstart (default 10)"
     )
-    p.add_argument("--steps", type=positive_int, default=None, help="train exactly this many steps (ignores --minutes)")
+    p.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help="train exactly this many steps (with --distill: per round; ignores --minutes)",
+    )
     p.add_argument("--num-samples", type=sample_count, default=64, help="samples per model (default 64)")
     p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
     p.add_argument(
@@ -1159,13 +1164,54 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=seed_value, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace an earlier quickstart run in --output")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    d = p.add_argument_group("distillation (after a quickstart run)")
+    d.add_argument(
+        "--distill",
+        action="store_true",
+        help="distil the trained model of --output into few-step students within --minutes and score teacher "
+        "and students at the students' step counts (the overrides apply to the distillation config)",
+    )
+    d.add_argument(
+        "--curriculum",
+        type=listing(int, 1),
+        default=None,
+        metavar="LIST",
+        help=f"--distill: the students' step counts (default {','.join(map(str, quickstart.DISTILL_CURRICULUM))})",
+    )
+    d.add_argument(
+        "--teacher-resolution",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"--distill: teacher sub-steps of 1/N (default {quickstart.DISTILL_RESOLUTION})",
+    )
 
 
 def _run_quickstart(a) -> int:
+    if not a.distill and (a.curriculum or a.teacher_resolution):
+        raise ValueError("--curriculum and --teacher-resolution belong to --distill")
+    if a.distill and a.config:
+        raise ValueError("--config: --distill takes the quickstart run's own config (give overrides instead)")
     if a.no_progress:  # also transformers' weight-loading and GGUF-conversion bars
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if a.distill:
+        quickstart.run_distill(
+            a.output,
+            minutes=a.minutes,
+            steps=a.steps,
+            curriculum=tuple(a.curriculum or quickstart.DISTILL_CURRICULUM),
+            resolution=a.teacher_resolution or quickstart.DISTILL_RESOLUTION,
+            num_samples=a.num_samples,
+            judge=None if str(a.judge).lower() == "none" else a.judge,
+            overrides=a.overrides,
+            device=a.device,
+            seed=a.seed,
+            overwrite=a.overwrite,
+            progress=not a.no_progress,
+        )
+        return 0
     quickstart.run_quickstart(
         a.output,
         minutes=a.minutes,

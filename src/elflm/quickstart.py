@@ -16,18 +16,21 @@ ones, with ``configs/quickstart.yaml`` (each printed as the equivalent command l
    held-out data / trained / untrained / word-frequency baseline (Gen PPL and entropy under the
    judge; the baseline draws tokens independently with the data's frequencies).
 
-Everything is written to one output folder.
+Everything is written to one output folder. ``elflm quickstart --distill`` then distils the trained
+model into few-step students (:func:`run_distill`: ``elflm distill --curriculum`` with the run as
+teacher) and scores the teacher and the students at the students' step counts.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
 import shlex
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -36,6 +39,7 @@ from . import files
 from .checkpoint import TrainingCheckpoint
 from .config import config_path, load_config
 from .data import PackedDataset, prepare
+from .distill import DistillTrainer, curriculum_rounds, round_config, run_curriculum
 from .distributed import resolve_device
 from .encoder import load_tokenizer
 from .evaluate import generative_perplexity, load_judge
@@ -160,6 +164,40 @@ def show(argv: list[str], log: list[str]) -> None:
     print(f"\n$ {line}", flush=True)
 
 
+def sample_checkpoint(
+    ckpt: Path,
+    path: Path,
+    num_samples: int,
+    batch: int,
+    seed: int,
+    device: str,
+    commands: list[str],
+    progress: bool,
+    steps: int | None = None,
+) -> tuple[list[dict], float]:
+    """``elflm sample`` of a checkpoint with its own sampler settings (``steps``: that many steps)
+    into the JSONL ``path``; returns the records and the seconds taken."""
+    argv = ["elflm", "sample", "--checkpoint", str(ckpt), "--num-samples", str(num_samples)]
+    argv += ["--batch-size", str(batch), "--seed", str(seed), "--device", device, "-o", str(path)]
+    show(argv + (["--steps", str(steps)] if steps is not None else []), commands)
+    t0 = time.perf_counter()
+    model = ELF.from_pretrained(ckpt, device=resolve_device(device))
+    encoder, settings = model.encoder, model.pretrained
+    cfg = settings.sample if steps is None else replace(settings.sample, steps=steps)
+    records = generate(
+        model,
+        encoder,
+        cfg,
+        num_samples=num_samples,
+        batch_size=batch,
+        seed=seed,
+        pad_token=settings.data.pad_token,
+        progress=progress,
+    )
+    write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
+    return records, time.perf_counter() - t0
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -258,23 +296,38 @@ def run_quickstart(
         raise FileNotFoundError(
             f"quickstart config {config} not found; pass --config (configs/quickstart.yaml of the elflm source)"
         )
+    with replacing(out, overwrite, "a quickstart run", PRODUCTS):
+        return _run(
+            out,
+            start,
+            config,
+            minutes=minutes,
+            steps=steps,
+            num_samples=num_samples,
+            num_references=num_references,
+            judge=judge,
+            overrides=overrides,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+
+
+COMPLETE = "metrics.json"  # written last: the folder holds a complete quickstart
+
+
+@contextlib.contextmanager
+def replacing(out: Path, overwrite: bool, what: str, products: set[str] | None):
+    """Write a new ``out`` folder (complete once its ``metrics.json`` is written, last) under its
+    lock: an earlier complete one (``what``, e.g. "a quickstart run") needs ``overwrite``, is moved
+    aside meanwhile and removed only when the new one completes; on an error or an interruption the
+    partial new folder is removed and the earlier one put back (after a kill -9, by the next call).
+    ``products``: the names a partial folder may hold to be replaced without ``overwrite`` (None:
+    any)."""
     with files.locked(out):
-        previous = _make_room(out, overwrite)
+        previous = _make_room(out, overwrite, what, products)
         try:
-            result = _run(
-                out,
-                start,
-                config,
-                minutes=minutes,
-                steps=steps,
-                num_samples=num_samples,
-                num_references=num_references,
-                judge=judge,
-                overrides=overrides,
-                device=device,
-                seed=seed,
-                progress=progress,
-            )
+            yield
         except BaseException:
             shutil.rmtree(out, ignore_errors=True)
             if previous is not None:
@@ -282,14 +335,10 @@ def run_quickstart(
             raise
         if previous is not None:
             shutil.rmtree(previous, ignore_errors=True)
-    return result
 
 
-COMPLETE = "metrics.json"  # written last: the folder holds a complete quickstart
-
-
-def _make_room(out: Path, overwrite: bool) -> Path | None:
-    """Prepare ``out`` for a new quickstart: put back an earlier one that a killed run had moved
+def _make_room(out: Path, overwrite: bool, what: str, products: set[str] | None) -> Path | None:
+    """Prepare ``out`` for :func:`replacing`: put back an earlier folder that a killed run had moved
     aside, refuse a complete one without ``overwrite``, and move what is there aside (returned)."""
     for path, kind in files.dead_temporaries(out):
         if kind == "old" and not (out / COMPLETE).is_file():
@@ -301,11 +350,12 @@ def _make_room(out: Path, overwrite: bool) -> Path | None:
         raise files.OutputExistsError(f"--output {out} is a file; expected a folder")
     if (out / COMPLETE).is_file() and not overwrite:
         raise files.OutputExistsError(
-            f"{out} already holds a quickstart run; pass --overwrite to replace it, or --output another folder"
+            f"{out} already holds {what}; pass --overwrite to replace it, or --output another folder"
         )
-    if not (out / COMPLETE).is_file() and not overwrite and not {p.name for p in out.iterdir()} <= PRODUCTS:
+    names = {p.name for p in out.iterdir()}
+    if not (out / COMPLETE).is_file() and not overwrite and products is not None and not names <= products:
         raise files.OutputExistsError(
-            f"--output {out} holds other files than a quickstart; pass --overwrite to replace the folder, "
+            f"--output {out} holds other files than {what}; pass --overwrite to replace the folder, "
             "or --output another folder"
         )
     previous = files.temporary_path(out, "old")
@@ -322,6 +372,7 @@ PRODUCTS = {
     "samples-untrained.jsonl",
     "loss.png",
     "commands.sh",
+    "distill",
     COMPLETE,
 }
 
@@ -415,40 +466,7 @@ def _run(
     dev, batch = device or cfg.train.device, min(num_samples, 64)
 
     def sample(ckpt: Path, path: Path) -> tuple[list[dict], float]:
-        show(
-            [
-                "elflm",
-                "sample",
-                "--checkpoint",
-                str(ckpt),
-                "--num-samples",
-                str(num_samples),
-                "--batch-size",
-                str(batch),
-                "--seed",
-                str(seed),
-                "--device",
-                dev,
-                "-o",
-                str(path),
-            ],
-            commands,
-        )
-        t0 = time.perf_counter()
-        model = ELF.from_pretrained(ckpt, device=resolve_device(dev))
-        encoder, settings = model.encoder, model.pretrained
-        records = generate(
-            model,
-            encoder,
-            settings.sample,
-            num_samples=num_samples,
-            batch_size=batch,
-            seed=seed,
-            pad_token=settings.data.pad_token,
-            progress=progress,
-        )
-        write_jsonl(path, [{**r, "precision": "fp32", "checkpoint": str(ckpt)} for r in records])
-        return records, time.perf_counter() - t0
+        return sample_checkpoint(ckpt, path, num_samples, batch, seed, dev, commands, progress)
 
     untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl")
     scores, eval_s, judge_model = {}, 0.0, None
@@ -526,4 +544,209 @@ def _run(
     print(f"\n{format_table(rows, str(judge) if judge else 'no judge')}\n")
     print(f"trained {steps} steps in {train_s / 60:.1f} min; the quickstart took {total_s / 60:.1f} min")
     print(f"everything is in {out} (checkpoint, samples, metrics.json, loss.png, commands.sh)")
+    return result
+
+
+# ----------------------------------------------------------------------------- distillation
+
+DISTILL_CURRICULUM = (4, 1)  # a 4-step student, then a 1-step student from it
+DISTILL_RESOLUTION = 16  # the teacher's Euler sub-step, 1/16 of the time span (the authors: 1/64)
+# on top of the quickstart run's config (docs/distillation.md): the authors' lr and constant schedule,
+# the quickstart's EMA
+DISTILL_SETTINGS = [
+    "train.lr=2e-3",
+    "train.lr_schedule=constant",
+    "train.warmup_steps=10",
+    "train.ema_decay=0.98",
+    "train.log_every=10",
+    "train.save_every=0",
+    "train.keep_last=1",
+    "train.preview_every=0",
+    "train.eval_every=0",
+]
+
+
+def steps_text(n: int) -> str:
+    """``1 step``, ``4 steps``."""
+    return f"{n} step" + ("s" if n != 1 else "")
+
+
+def step_seconds(trainer, steps: int = 4) -> float:
+    """Mean seconds of ``trainer``'s training steps after the first (which warms up). The steps
+    change its weights: time a trainer that is thrown away."""
+    trainer.train_step()
+    t0 = time.perf_counter()
+    for _ in range(steps - 1):
+        trainer.train_step()
+    return (time.perf_counter() - t0) / (steps - 1)
+
+
+def run_distill(
+    output: str | Path = "elflm-quickstart",
+    *,
+    minutes: float = 10.0,
+    steps: int | None = None,
+    curriculum: tuple[int, ...] = DISTILL_CURRICULUM,
+    resolution: int = DISTILL_RESOLUTION,
+    num_samples: int = 64,
+    judge: str | None = "smollm2",
+    overrides: list[str] = (),
+    device: str | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> dict:
+    """``elflm quickstart --distill``: distil the model of a finished quickstart in ``output`` (its
+    ``run/``, the teacher) with ``elflm distill --curriculum`` (rounds ``curriculum``, teacher
+    sub-steps of 1/``resolution``), then score, under ``judge``, the teacher at its own step count
+    and at each student's, and each student at its own: one sampler (the teacher's settings, the
+    step count changed), ``num_samples`` each. ``minutes``: wall-clock budget of it all; the rounds
+    train the same number of steps, what sampling and scoring leave (``steps``: exactly that many per
+    round). ``overrides``: dotted overrides of the distillation config. Writes ``output/distill``
+    (round folders, samples, ``metrics.json``, ``commands.sh``); returns the metrics."""
+    start = time.perf_counter()
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if minutes <= 0 or num_samples < 1:
+        raise ValueError(f"minutes and num_samples must be positive, got {minutes}, {num_samples}")
+    rounds = curriculum_rounds(list(curriculum), resolution)
+    check_packages([JUDGE, GGUF, ACCELERATE] if judge is not None else [])
+    out = Path(output).resolve()
+    teacher, dist_dir = out / "run", out / "distill"
+    if not (out / COMPLETE).is_file() or TrainingCheckpoint.latest(teacher) is None:
+        raise ValueError(
+            f"{out} holds no finished quickstart run to distil ({COMPLETE} and {teacher} with a checkpoint); "
+            f"run `elflm quickstart --output {out}` first"
+        )
+    with files.locked(out), replacing(dist_dir, overwrite, "a distillation", None):
+        dist_dir.mkdir(parents=True)
+        return _distill(
+            dist_dir,
+            teacher,
+            start,
+            minutes=minutes,
+            steps=steps,
+            rounds=rounds,
+            resolution=resolution,
+            num_samples=num_samples,
+            judge=judge,
+            overrides=overrides,
+            device=device,
+            seed=seed,
+            progress=progress,
+        )
+
+
+def _distill(
+    dist_dir: Path,
+    teacher: Path,
+    start: float,
+    *,
+    minutes: float,
+    steps: int | None,
+    rounds: list,
+    resolution: int,
+    num_samples: int,
+    judge: str | None,
+    overrides,
+    device: str | None,
+    seed: int,
+    progress: bool,
+) -> dict:
+    """The steps of :func:`run_distill` into the new folder ``dist_dir``."""
+    out = dist_dir.parent
+    config = teacher / "config.yaml"  # the teacher's run config, local paths filled in
+    fixed = [*DISTILL_SETTINGS, f"train.output_dir={dist_dir}", f"train.seed={seed}"]
+    fixed += [*([f"train.device={device}"] if device else []), *overrides]
+    cfg = load_config(config, [*fixed, f"distill.teacher={teacher}"])
+    commands: list[str] = []
+    dev, batch = device or cfg.train.device, min(num_samples, 64)
+    print(f"elflm quickstart --distill → {dist_dir}\nteacher: {teacher}")
+
+    judge_model = judge_tok = None
+    if judge is not None:
+        print(f"\nloading the judge {judge}")
+        judge_model, judge_tok = load_judge(judge, device=resolve_device(dev))
+    scores: dict[str, dict] = {}
+
+    def score(name: str, ckpt: Path, file: str, n: int) -> float:
+        t0 = time.perf_counter()
+        records, _ = sample_checkpoint(ckpt, dist_dir / file, num_samples, batch, seed, dev, commands, progress, n)
+        scores[name] = {"count": num_samples, "steps": n}
+        if judge_model is not None:
+            texts = [r["text"] for r in records]
+            r = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
+            scores[name].update(gen_ppl=r["gen_ppl"], entropy=r["entropy"], num_empty=r["num_empty"])
+            show(["elflm", "eval", str(dist_dir / file), "--judge", str(judge)], commands)
+        return time.perf_counter() - t0
+
+    # 1. the teacher at its own steps and at the students'
+    own = cfg.sample.steps
+    eval_s = max(
+        score(f"teacher, {steps_text(n)}", teacher, f"samples-teacher-{n}.jsonl", n)
+        for n in [own] + [r.steps for r in rounds if r.steps != own]
+    )
+
+    # 2. the step time of each round, then the rounds
+    if steps is None:
+        per_step = 0.0
+        for rnd in rounds:
+            rcfg = round_config(cfg, rnd, None)
+            trainer = DistillTrainer(replace(rcfg, train=replace(rcfg.train, output_dir=str(dist_dir / "timing"))))
+            per_step += step_seconds(trainer)
+            del trainer
+        left = minutes * 60 - (time.perf_counter() - start) - eval_s * len(rounds) - 10 * len(rounds)
+        steps = max(1, int(left / per_step))
+        print(f"\none step of every round takes {per_step:.2f} s here → train.max_steps={steps} per round")
+    fixed.append(f"train.max_steps={steps}")
+    argv = ["elflm", "distill", "--teacher", str(teacher), "--config", str(config)]
+    argv += ["--curriculum", ",".join(str(r.steps) for r in rounds), "--teacher-resolution", str(resolution)]
+    show([*argv, *fixed], commands)
+    t0 = time.perf_counter()
+    folders = run_curriculum(
+        load_config(config, [*fixed, f"distill.teacher={teacher}"]),
+        [r.steps for r in rounds],
+        resolution,
+        device=device,
+        progress=progress,
+    )
+    distill_s = time.perf_counter() - t0
+
+    # 3. the students at their steps, the table
+    for rnd, folder in zip(rounds, folders):
+        name = f"student, {steps_text(rnd.steps)} (round {rnd.index})"
+        score(name, folder, f"samples-student-{rnd.steps}.jsonl", rnd.steps)
+    rows = dict(scores)
+    heldout = out / "metrics.json"
+    if heldout.is_file():
+        earlier = json.loads(heldout.read_text())
+        if earlier.get("judge") == judge and "held-out data" in earlier.get("table", {}):
+            rows = {"held-out data (from the quickstart)": earlier["table"]["held-out data"], **rows}
+    total_s = time.perf_counter() - start
+    result = {
+        "output": str(dist_dir),
+        "teacher": str(teacher),
+        "curriculum": [r.steps for r in rounds],
+        "teacher_resolution": resolution,
+        "steps_per_round": steps,
+        "overrides": fixed,
+        "judge": judge,
+        "distill_seconds": distill_s,
+        "total_seconds": total_s,
+        "students": [str(f) for f in folders],
+        "table": rows,
+    }
+    write_text(dist_dir / "commands.sh", "# the distillation as ordinary elflm commands\n" + "\n".join(commands) + "\n")
+    write_text(dist_dir / COMPLETE, json.dumps(result, indent=1))
+    print(f"\n{format_table(rows, str(judge) if judge else 'no judge')}\n")
+    if judge_model is not None:
+        for rnd in rounds:
+            s = scores[f"student, {steps_text(rnd.steps)} (round {rnd.index})"]
+            t = scores[f"teacher, {steps_text(rnd.steps)}"]
+            print(
+                f"{steps_text(rnd.steps)}: student Gen PPL {s['gen_ppl']:.1f} (entropy {s['entropy']:.2f}) vs teacher "
+                f"{t['gen_ppl']:.1f} ({t['entropy']:.2f})"
+            )
+    print(f"distilled {len(rounds)} rounds × {steps} steps in {distill_s / 60:.1f} min; {total_s / 60:.1f} min in all")
+    print(f"everything is in {dist_dir} (round folders, samples, metrics.json, commands.sh)")
     return result
