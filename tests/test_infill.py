@@ -302,6 +302,7 @@ def test_cli_infill_and_prompt(folders, tmp_path, capsys):
                 "12",
                 "-o",
                 str(out),
+                "--overwrite",
             ]
         )
         == 0
@@ -313,7 +314,20 @@ def test_cli_infill_and_prompt(folders, tmp_path, capsys):
         json.dumps({"template": "Das [MASK:2] Haus.", "source": "The house"}) + "\n" + json.dumps("Ein [MASK:3]") + "\n"
     )
     assert (
-        main(["sample", "--checkpoint", str(folders[1]), "--infill-file", str(f), "--length", "32", "-o", str(out)])
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(folders[1]),
+                "--infill-file",
+                str(f),
+                "--length",
+                "32",
+                "-o",
+                str(out),
+                "--overwrite",
+            ]
+        )
         == 0
     )
     recs = [json.loads(line) for line in out.read_text().splitlines()]

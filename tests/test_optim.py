@@ -9,7 +9,7 @@ import torch
 
 from elflm import optim as optim_module
 from elflm.formats.flax import flax_params_to_state_dict
-from elflm.optim import EMA, Muon, build_optimizer, clip_grad_norm_, lr_at, newton_schulz, peak_lr
+from elflm.optim import EMA, Muon, build_optimizer, clip_grad_norm_, gram_matrix, lr_at, newton_schulz, peak_lr
 
 from conftest import load_npz, skip_unless
 from golden_utils import TINY, assert_close, tree
@@ -193,6 +193,15 @@ def test_gram_newton_schulz_equals_the_plain_iteration(shape):
     assert gram.dtype == torch.float32
     assert (gram.double() - exact).abs().max() <= max(4 * (plain.double() - exact).abs().max(), 1e-5)
     assert torch.equal(newton_schulz(x), newton_schulz(x, gram=max(shape) >= 16 * k))
+
+
+@pytest.mark.parametrize("k, panels", [(1, 4), (3, 4), (10, 4), (13, 4), (16, 1), (16, 16)])
+def test_gram_matrix_is_the_full_product(k, panels):
+    """The upper-triangle panels, mirrored, give ``x @ x.mT`` for any k (also not a multiple of the
+    panel count, or fewer rows than panels)."""
+    x = torch.randn(k, 37, dtype=torch.float64, generator=torch.Generator().manual_seed(k))
+    g = gram_matrix(x, panels)
+    assert (g - x @ x.mT).abs().max() < 1e-12
 
 
 def test_optimizer_and_ema_api():

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from elflm.checkpoint import CheckpointError, TrainingCheckpoint
+from elflm.config import ConfigError
 from elflm.train import Trainer, train
 
 from train_fixtures import cli, final_weights, make_corpus, make_tiny_t5, max_diff, tiny_run_config, write_config
@@ -116,8 +117,8 @@ def test_sharded_resume_from_one_process_on_two(env, runs, tmp_path):
 
 def test_sharded_checkpoint_of_another_model_is_refused(env, runs, tmp_path):
     cfg = tiny_run_config(tmp_path / "x", env["data"], env["enc"], {**OVER, "model.depth": 3})
-    with pytest.raises(CheckpointError, match="do not fit this model"):
-        Trainer(cfg).load(runs / "fsdp2")
+    with pytest.raises(ConfigError, match="changes what the checkpoint was trained as: model.depth: 2 → 3"):
+        Trainer(cfg).load(runs / "fsdp2")  # refused from its config.yaml, before a shard is read
     shard = TrainingCheckpoint.latest(runs / "fsdp2").path / TrainingCheckpoint.SHARDED / "__1_0.distcp"
     data = shard.read_bytes()
     try:

@@ -2,6 +2,7 @@
 loss curve and clear errors. Real tokenizer, real prepared data, real torch.distributed (gloo)."""
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,9 +61,17 @@ def test_pinned_loss_curve(env, tmp_path):
 LOSS_CURVE = Path(__file__).parent / "assets" / "loss_curve_tiny.json"
 
 
+def logged(run: Path) -> list[dict]:
+    """The records of a run's metrics.jsonl without the timings."""
+    recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if k not in ("tokens_per_s", "mfu", "max_memory_gb")} for r in recs]
+
+
 def test_resume_after_kill_is_bit_identical(env, tmp_path):
-    """3 steps, SIGKILL, resume for 3 more == 6 uninterrupted steps, bit for bit."""
-    over = {"train.max_steps": 6, "train.save_every": 3}
+    """3 steps, SIGKILL, resume for 3 more == 6 uninterrupted steps, bit for bit; metrics.jsonl
+    too, line for line, with a log window (2 steps) that the checkpoint interval (3) cuts in two
+    and records of later steps the killed run left behind."""
+    over = {"train.max_steps": 6, "train.save_every": 3, "train.log_every": 2}
     straight = tiny_run_config(tmp_path / "a", env["data"], env["enc"], over)
     run(straight)
     cfg_b = tiny_run_config(tmp_path / "b", env["data"], env["enc"], over)
@@ -84,10 +93,10 @@ def test_resume_after_kill_is_bit_identical(env, tmp_path):
     proc.wait()
     for c in TrainingCheckpoint.all(tmp_path / "b"):  # as if it died right after step 3's checkpoint
         if c.path.name != "step_0000003":
-            import shutil
-
             shutil.rmtree(c.path)
     assert TrainingCheckpoint.latest(tmp_path / "b").path.name == "step_0000003"
+    with open(tmp_path / "b/metrics.jsonl", "a") as f:  # records after the checkpoint, the last one half-written
+        f.write('{"step": 4, "loss": 1.0}\n{"step": 5, "lo')
     r = cli("-m", "elflm.cli", "train", "--config", str(path), "--no-progress", "--resume")
     assert r.returncode == 0, r.stderr
     a, b = final_weights(tmp_path / "a"), final_weights(tmp_path / "b")
@@ -97,6 +106,8 @@ def test_resume_after_kill_is_bit_identical(env, tmp_path):
     for k, s in opt_a["state"].items():
         for n, v in s.items():
             assert torch.equal(v, opt_b["state"][k][n]), (k, n)
+    assert [r["step"] for r in logged(tmp_path / "a")] == [2, 4, 6]
+    assert logged(tmp_path / "b") == logged(tmp_path / "a")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

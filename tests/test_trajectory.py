@@ -142,6 +142,7 @@ def test_cli_trajectory(tiny, tmp_path):
                 str(tmp_path / "o.jsonl"),
                 "--trajectory",
                 str(page),
+                "--overwrite",
             ]
         )
         == 0

@@ -98,6 +98,26 @@ class TrainingCheckpoint:
         return done[-1] if done else None
 
     @classmethod
+    def start_over(cls, run_dir: str | Path, overwrite: bool) -> None:
+        """Make ``run_dir`` ready for a run from step 0: when it holds checkpoints of an earlier run
+        they need ``overwrite`` (else :class:`~elflm.files.OutputExistsError` naming the newest and
+        how to go on), and are then removed (``checkpoints/`` renamed away in one step first)."""
+        root = Path(run_dir) / cls.FOLDER
+        files.clean_strays(root)  # what a kill during an earlier removal left
+        if not root.is_dir() or not any(root.iterdir()):
+            return
+        if not overwrite:
+            last = cls.latest(run_dir)
+            newest = f" (the newest: step {last.path.name.removeprefix('step_').lstrip('0') or 0})" if last else ""
+            raise files.OutputExistsError(
+                f"train.output_dir {run_dir} holds the checkpoints of an earlier run{newest}: continue it with "
+                "--resume, or pass --overwrite to start over (its checkpoints are removed), or choose another folder"
+            )
+        gone = files.temporary_path(root)
+        os.rename(root, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+
+    @classmethod
     def find(cls, path: str | Path) -> TrainingCheckpoint | None:
         """The checkpoint ``path`` names: a checkpoint folder, or the newest one of a run folder
         or of its ``checkpoints/`` folder; None when there is none."""

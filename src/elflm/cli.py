@@ -26,6 +26,7 @@ from . import distributed, evaluate, files, infill, interrupts, pretrained, quic
 from .checkpoint import TrainingCheckpoint
 from .config import (
     MAX_NUM_SAMPLES,
+    MAX_WORKERS,
     SAMPLER_PRESETS,
     SampleConfig,
     load_config,
@@ -93,6 +94,14 @@ def sample_count(text: str) -> int:
     value = positive_int(text)
     if value > MAX_NUM_SAMPLES:
         raise argparse.ArgumentTypeError(f"expected at most {MAX_NUM_SAMPLES:,} samples, got {shown(text)}")
+    return value
+
+
+def worker_count(text: str) -> int:
+    """argparse type: a number of worker processes, an integer in [1, MAX_WORKERS]."""
+    value = positive_int(text)
+    if value > MAX_WORKERS:
+        raise argparse.ArgumentTypeError(f"expected at most {MAX_WORKERS} worker processes, got {shown(text)}")
     return value
 
 
@@ -382,7 +391,7 @@ def _prepare_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--shard-rows", type=positive_int, default=None, help="rows per shard (default: 512 MiB of ids)")
     p.add_argument(
-        "--workers", type=positive_int, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
+        "--workers", type=worker_count, default=None, help="tokenisation processes (default: the CPU count, at most 16)"
     )
     p.add_argument(
         "--chunk-size",
@@ -452,8 +461,22 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
         "changes to the model, encoder, data or objective are always refused)",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
+        "(they are removed; refused otherwise)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def start_run(cfg, overwrite: bool) -> None:
+    """A run from step 0 (no ``train.resume``) into a folder with an earlier run's checkpoints
+    needs ``--overwrite`` (:meth:`TrainingCheckpoint.start_over`); under torchrun rank 0 checks."""
+    if not cfg.train.resume and os.environ.get("RANK", "0") == "0":
+        with files.locked(cfg.train.output_dir):
+            TrainingCheckpoint.start_over(cfg.train.output_dir, overwrite)
 
 
 def _run_train(a) -> int:
@@ -462,7 +485,9 @@ def _run_train(a) -> int:
     overrides = list(a.overrides) + ([f"train.resume={a.resume}"] if a.resume else [])
     overrides += ["train.allow_config_change=true"] if a.allow_config_change else []
     log = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    train(load_config(a.config, overrides, log=log), device=a.device, progress=not a.no_progress)
+    cfg = load_config(a.config, overrides, log=log)
+    start_run(cfg, a.overwrite)
+    train(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
 
@@ -507,6 +532,12 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
     )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
+        "(they are removed; refused otherwise)",
+    )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -527,6 +558,7 @@ def _run_distill(a) -> int:
         folders = run_curriculum(cfg, a.curriculum, resolution, device=a.device, progress=not a.no_progress)
         print(f"curriculum done: the {a.curriculum[-1]}-step student is {folders[-1]}", file=sys.stderr)
     else:
+        start_run(cfg, a.overwrite)
         distill(cfg, device=a.device, progress=not a.no_progress)
     return 0
 
@@ -661,7 +693,14 @@ def _sample_args(p: argparse.ArgumentParser) -> None:
 
 
 def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple[list[Row], list[dict]]:
-    """The rows ``elflm sample`` was asked for and the extra fields of each record."""
+    """The rows ``elflm sample`` was asked for (one seed's) and the extra fields of each record;
+    their number times the seeds' is checked before any row is built."""
+    seeds = len(a.seeds or [a.seed])
+
+    def bounded(count: int, what: str) -> None:
+        if count * seeds > MAX_NUM_SAMPLES:
+            raise ValueError(f"{count * seeds:,} samples asked for ({what} × seeds): at most {MAX_NUM_SAMPLES:,}")
+
     if not _templated(a):
         if a.input:
             if max_in is None:
@@ -670,20 +709,18 @@ def _sample_rows(a, model, encoder, max_in: int | None, pad_token: str) -> tuple
                     "or pass --max-input-length N to hold the inputs fixed as conditions"
                 )
             sources, refs = read_conditions(a.input, a.source_field, a.reference_field)
+            bounded(len(sources), "conditions")
             warn_truncated(encoder, sources, max_in)
             extras = [{} for _ in sources] if refs is None else [{"reference": r} for r in refs]
             return [Row(k, a.seed, s) for k, s in enumerate(sources)], extras
+        bounded(a.num_samples, "--num-samples")
         return [Row(k, a.seed) for k in range(a.num_samples)], [{} for _ in range(a.num_samples)]
     n = a.num_samples or 1
     if a.infill_file:
         items = infill.read_templates(a.infill_file)
     else:
         items = [{"template": a.infill if a.infill is not None else a.prompt, "source": None}]
-    total = len(items) * n * len(a.seeds or [a.seed])
-    if total > MAX_NUM_SAMPLES:
-        raise ValueError(
-            f"{total:,} samples asked for (templates × --num-samples × seeds): at most {MAX_NUM_SAMPLES:,}"
-        )
+    bounded(len(items) * n, "templates × --num-samples")
     option = "--prompt" if a.prompt is not None else "--infill" if a.infill is not None else a.infill_file
     if any(item["source"] is not None for item in items) and max_in is None:
         raise ValueError(
@@ -741,11 +778,6 @@ def _run_sample(a) -> int:
         max_in = a.max_input_length or settings.data.max_input_length
         rows, extras = _sample_rows(a, model, encoder, max_in, settings.data.pad_token)
         seeds = a.seeds or [a.seed]
-        if len(rows) * len(seeds) > MAX_NUM_SAMPLES:
-            raise ValueError(
-                f"{len(rows) * len(seeds):,} samples asked for ({len(rows):,} × {len(seeds)} seeds): "
-                f"at most {MAX_NUM_SAMPLES:,}"
-            )
         rows = [replace(r, seed=s) for s in seeds for r in rows]
         extras = [x for _ in seeds for x in extras]
         recorder = trajectory.Trajectory(model, encoder.tokenizer, cfg) if recorder_paths else None
@@ -1122,7 +1154,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
 
 
 def _run_serve(a) -> int:
-    uvicorn = serve.require_serve()
+    serve.require_serve()
     limits = serve.Limits(
         max_samples=a.max_samples,
         max_steps=a.max_steps,
@@ -1132,10 +1164,13 @@ def _run_serve(a) -> int:
         max_body_bytes=a.max_body_bytes,
         batch_wait_ms=a.batch_wait_ms,
     )
-    model, encoder, settings = load_model(a)
-    settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
-    app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
-    uvicorn.run(app, host=a.host, port=a.port, log_level="info", timeout_graceful_shutdown=serve.SHUTDOWN_GRACE_S)
+    with serve.listen(a.host, a.port) as sock:  # a bad address or a busy port fails before the model loads
+        model, encoder, settings = load_model(a)
+        settings.sample = sampler_config(settings.sample, a)  # the defaults of the requests
+        app = serve.create_app(model, encoder, settings, limits, precision=a.precision, compiled=a.compile)
+        host, port = sock.getsockname()[:2]
+        print(f"elflm serve: listening on http://{f'[{host}]' if ':' in host else host}:{port}", file=sys.stderr)
+        serve.run_server(app, sock)
     return 0
 
 
@@ -1305,8 +1340,16 @@ def _train_state(a) -> str:
     last = TrainingCheckpoint.latest(out)
     if last is None:
         return f"no checkpoint was written to {out} yet: the same command starts the run over"
-    again = shlex.join(["elflm", "train", "--config", a.config, *a.overrides, "--resume"])
+    teacher = ["--teacher", a.teacher] if getattr(a, "teacher", None) else []
+    again = shlex.join(["elflm", a.command, "--config", a.config, *teacher, *a.overrides, "--resume"])
     return f"the last checkpoint is {last.path} (step {last.state()['step']}); continue with: {again}"
+
+
+def _distill_state(a) -> str:
+    if not a.curriculum:
+        return _train_state(a)
+    out = load_config(a.config, a.overrides).train.output_dir
+    return f"the finished rounds and the current round's checkpoints are kept in {out}: the same command resumes"
 
 
 def _prepare_state(a) -> str:
@@ -1333,6 +1376,7 @@ def _sweep_state(a) -> str:
 STATES = {
     "prepare": _prepare_state,
     "train": _train_state,
+    "distill": _distill_state,
     "plan": lambda a: "nothing was written",
     "sample": _sample_state,
     "eval": lambda a: "nothing was written",

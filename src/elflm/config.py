@@ -1146,6 +1146,9 @@ def dump_config(cfg: Config, path: str | Path) -> None:
 INT_LIMIT = 2**63  # every integer setting lies in (-2**63, 2**63) (torch's int64); seeds in [0, 2**63)
 MAX_SAMPLER_STEPS = 100_000  # sample.steps: the time grid is allocated per row
 MAX_NUM_SAMPLES = 10_000_000  # sample.num_samples
+MAX_WORKERS = 256  # worker processes one setting may start (data.num_workers; elflm prepare --workers)
+MAX_GUIDANCE = 100.0  # sample.w, sample.cfg_scale (the authors use 1-3)
+MAX_CHURN = 100.0  # sample.gamma (the authors use 0-2)
 
 _POSITIVE_INT = [
     "model.hidden_size",
@@ -1208,7 +1211,23 @@ _OPTIONAL_MIN = {
     "train.max_steps": 1,
     "train.eval_steps": 1,
 }
-_AT_MOST = {"sample.steps": MAX_SAMPLER_STEPS, "sample.num_samples": MAX_NUM_SAMPLES}
+_AT_MOST = {  # sizes bounded before anything is built (ELF-L: depth 32, hidden 1280)
+    "model.depth": 1024,
+    "model.max_length": 2**20,
+    "model.hidden_size": 65536,
+    "model.bottleneck_dim": 65536,
+    "model.mlp_ratio": 64,
+    "model.num_time_tokens": 1024,
+    "model.num_self_cond_cfg_tokens": 1024,
+    "model.num_mode_tokens": 1024,
+    "data.max_length": 2**20,
+    "data.num_workers": MAX_WORKERS,
+    "sample.steps": MAX_SAMPLER_STEPS,
+    "sample.num_samples": MAX_NUM_SAMPLES,
+    "sample.w": MAX_GUIDANCE,
+    "sample.cfg_scale": MAX_GUIDANCE,
+    "sample.gamma": MAX_CHURN,
+}
 
 
 def _need(ok: bool, key: str, value, expected: str) -> None:
@@ -1385,4 +1404,7 @@ __all__ = [
     "INT_LIMIT",
     "MAX_SAMPLER_STEPS",
     "MAX_NUM_SAMPLES",
+    "MAX_WORKERS",
+    "MAX_GUIDANCE",
+    "MAX_CHURN",
 ]

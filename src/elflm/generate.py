@@ -372,7 +372,7 @@ def generate(
     repeats the rows for each seed (records seed by seed). Returns one record per sample:
     ``index``, ``seed``, ``text``, ``ids``, ``source`` (conditional), the sampler settings used and
     ``length`` (see :func:`generate_rows` for the other arguments)."""
-    seeds = [check_seed(s) for s in ([seed] if isinstance(seed, int) else _sequence("seed", seed))]
+    seeds = [check_seed(s) for s in (list(seed) if isinstance(seed, (list, tuple, range)) else [seed])]
     if num_samples is not None:
         num_samples = check_int("num_samples", num_samples, 1, MAX_NUM_SAMPLES)
     if sources is not None:

@@ -562,6 +562,8 @@ class PretrainedModel:
         enc = file_encoder(e.weights, tok) if portable.is_local(e.weights) else None
         if enc is not None:
             check_tokenizer(enc, tok)
+        elif encoder is not None and portable.is_local(e.weights):
+            build_text_encoder(settings)  # a local encoder given here must load now, not at first use
         raw_sd = weights.raw if raw else None
         return model.save_pretrained(
             output, raw_state_dict=raw_sd, settings=settings, encoder=enc or False, overwrite=overwrite

@@ -16,15 +16,17 @@ request's ``seed`` (random when not given), so it equals row k of ``elflm sample
 same settings. fastapi, uvicorn and pydantic are imported when the app is built
 (``pip install 'elflm[serve]'``).
 
-Stopping (SIGINT / SIGTERM): uvicorn stops accepting requests and gives those in flight
-:data:`SHUTDOWN_GRACE_S` seconds; then the batcher stops, and a sampler call still running in its
-worker thread ends at its next step (its clients get no answer), so the process ends promptly.
+Stopping (SIGINT / SIGTERM, :func:`run_server`): uvicorn stops accepting connections; the
+sampler call in progress ends at its next step and it and the requests still waiting are answered
+503 ("the server is stopping"), all within :data:`SHUTDOWN_GRACE_S` seconds; then the signal is
+raised again for the caller (``elflm serve`` prints one line and exits 128 + the signal).
 """
 
 import asyncio
 import json
 import math
 import os
+import socket
 import threading
 import time
 from collections import deque
@@ -32,7 +34,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from . import infill
-from .config import ConfigError, SampleConfig
+from .config import MAX_CHURN, MAX_GUIDANCE, ConfigError, SampleConfig
 from .errors import check_int
 from .generate import Row, pad_id, sample_rows
 from .model import model_config
@@ -66,6 +68,32 @@ class Limits:
                 f"max_samples ({self.max_samples}) must not exceed max_batch ({self.max_batch}): "
                 "a request's samples share one sampler call"
             )
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host``:``port`` (``port`` 0: any free one) for the server, bound
+    before the model loads; an ``OSError`` naming the address and the fix when it cannot be."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as e:
+        raise OSError(
+            f"--host {host!r} is not an address of this machine ({getattr(e, 'strerror', None) or e}); "
+            "use 127.0.0.1 (this machine only), 0.0.0.0 (every interface) or a local host name"
+        ) from e
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as e:
+        sock.close()
+        raise OSError(
+            f"cannot listen on {host}:{port} ({e.strerror or e}); choose another --port (0: any free one) or --host"
+        ) from e
+    sock.set_inheritable(True)
+    return sock
 
 
 def require_serve():
@@ -119,16 +147,18 @@ def request_models(limits: Limits, max_length: int):
         num_samples: int = Field(1, ge=1, le=limits.max_samples)
         length: int | None = Field(
             None,
-            ge=2,
+            ge=1,
             le=max_length,
             description="row length (default max_length); with a template the row is the template",
         )
         method: Literal["ode", "sde"] | None = None
         steps: int | None = Field(None, ge=1, le=limits.max_steps)
         grid: Literal["uniform", "logit_normal"] | None = None
-        w: float | None = Field(None, ge=0.0, le=20.0, description="self-conditioning guidance scale")
-        gamma: float | None = Field(None, ge=0.0, le=100.0, description="SDE churn")
-        cfg_scale: float | None = Field(None, ge=0.0, le=20.0, description="classifier-free guidance (with a source)")
+        w: float | None = Field(None, ge=0.0, le=MAX_GUIDANCE, description="self-conditioning guidance scale")
+        gamma: float | None = Field(None, ge=0.0, le=MAX_CHURN, description="SDE churn")
+        cfg_scale: float | None = Field(
+            None, ge=0.0, le=MAX_GUIDANCE, description="classifier-free guidance (with a source)"
+        )
         seed: int | None = Field(None, ge=0, lt=2**63, description="noise seed (default: random)")
 
         @model_validator(mode="after")
@@ -200,6 +230,7 @@ class Batcher:
         self.samplers: dict[tuple, Sampler] = {}
         self.pending: deque[Job] = deque()
         self.arrived: asyncio.Event | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.stopping = threading.Event()  # set when the server stops: ends a sampler call in its thread
         self.stats = {"requests": 0, "rows": 0, "calls": 0, "errors": 0}
 
@@ -249,8 +280,20 @@ class Batcher:
         """Create the waiting list and its wake-up event (in the server's event loop)."""
         self.pending = deque()
         self.arrived = asyncio.Event()
+        self.loop = asyncio.get_running_loop()
+        self.stopping.clear()
+
+    def stop(self) -> None:
+        """Begin stopping (safe in a signal handler of the loop's thread): the sampler call in
+        progress ends at its next step; it, the waiting jobs and any new one fail with
+        :class:`Stopping`."""
+        self.stopping.set()
+        if self.arrived is not None and self.loop is not None:
+            self.loop.call_soon_threadsafe(self.arrived.set)
 
     def submit(self, job: Job) -> asyncio.Future:
+        if self.stopping.is_set():
+            raise Stopping("the server is stopping; retry later")
         if self.arrived is None:
             raise RuntimeError(
                 "the batcher is not running: serve the app with its lifespan "
@@ -270,7 +313,11 @@ class Batcher:
         that fits in ``max_batch`` rows as one sampler call in a worker thread."""
         loop = asyncio.get_running_loop()
         while True:
-            while not self.pending:
+            while not self.pending or self.stopping.is_set():
+                for job in self.pending:
+                    if not job.future.done():
+                        job.future.set_exception(Stopping("the server is stopping; retry later"))
+                self.pending.clear()
                 self.arrived.clear()
                 await self.arrived.wait()
             key = self.pending[0].key
@@ -426,10 +473,11 @@ class BodyLimit:
 
 def invalid_request(errors: list[dict], limit: int = 5) -> str:
     """pydantic's errors of a request as one line naming each field and what it should be; the
-    values themselves are never repeated (a field name is cut to 60 characters)."""
+    values themselves are never repeated (an unknown field's name is cut to 30 characters)."""
+    cut = lambda x: str(x) if len(str(x)) <= 30 else str(x)[:29] + "…"  # noqa: E731
     parts = []
     for e in errors[:limit]:
-        loc = ".".join(str(x)[:60] for x in e.get("loc", ()) if x != "body") or "body"
+        loc = ".".join(cut(x) for x in e.get("loc", ()) if x != "body") or "body"
         parts.append(f"{loc}: {e.get('msg', 'invalid value')}")
     more = f" (and {len(errors) - limit} more)" if len(errors) > limit else ""
     return "; ".join(parts)[:2000] + more
@@ -454,7 +502,6 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
     @asynccontextmanager
     async def lifespan(app):
         batcher.start()
-        batcher.stopping.clear()
         task = asyncio.create_task(batcher.run())
         try:
             yield
@@ -488,7 +535,8 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         return JSONResponse(status_code=500, content={"detail": f"internal error ({type(exc).__name__})"})
 
     @app.exception_handler(QueueFull)
-    async def _busy(request: Request, exc: QueueFull):
+    @app.exception_handler(Stopping)
+    async def _busy(request: Request, exc: QueueFull | Stopping):
         return JSONResponse(status_code=503, content={"detail": str(exc)})
 
     @app.post(
@@ -497,7 +545,7 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         responses={
             413: {"description": "request body larger than the server's limit"},
             422: {"description": "invalid request (the detail names each field and what was expected)"},
-            503: {"description": "queue full"},
+            503: {"description": "queue full, or the server is stopping"},
         },
     )
     async def generate(req: GenerateRequest):
@@ -509,3 +557,23 @@ def create_app(model, encoder, settings, limits: Limits | None = None, precision
         return batcher.health()
 
     return app
+
+
+def run_server(app, sock: socket.socket, log_level: str = "info") -> None:
+    """Serve ``app`` (:func:`create_app`) with uvicorn on ``sock`` (:func:`listen`) until SIGINT /
+    SIGTERM; the batcher stops as
+    soon as the signal arrives (see the module's notes), and once the server is down the signal is
+    raised again in this process (uvicorn's behaviour), so the caller's handler decides what follows.
+    Unlike ``uvicorn.run``, a resulting ``KeyboardInterrupt`` is not swallowed."""
+    uvicorn = require_serve()
+    host, port = sock.getsockname()[:2]
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    server = uvicorn.Server(config)
+    uvicorn_exit = server.handle_exit
+
+    def handle_exit(sig, frame) -> None:  # installed by uvicorn while it serves
+        app.state.batcher.stop()
+        uvicorn_exit(sig, frame)
+
+    server.handle_exit = handle_exit
+    server.run(sockets=[sock])

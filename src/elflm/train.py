@@ -473,10 +473,10 @@ class Trainer:
 
         One host read per step checks that the gradient norm is finite: a non-finite loss makes it so,
         and it is the same on every process (computed from the all-reduced gradients), so all
-        processes decide alike without another collective. A step where they are not changes nothing
-        (weights, optimizer, EMA) and,
-        with ``train.on_nonfinite: stop``, raises :class:`~elflm.errors.TrainingError` naming the
-        step, the loss parts and the last checkpoint; with ``skip`` it counts as skipped."""
+        processes decide alike without another collective. A step where it is not changes nothing
+        (weights, optimizer, EMA) and, with ``train.on_nonfinite: stop``, raises
+        :class:`~elflm.errors.TrainingError` naming the step, the loss parts and the last
+        checkpoint; with ``skip`` it counts as skipped."""
         cfg, plan, d = self.cfg, self.plan, self.dist
         self.model.train()
         step = self.step

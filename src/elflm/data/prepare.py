@@ -52,8 +52,9 @@ from tqdm.auto import tqdm
 # the module, not its names: elflm.encoder imports the mask rules from .rows, so while it is first
 # imported this package is loaded before encoder's own names exist
 from .. import files, hub, interrupts
+from ..config import MAX_WORKERS
 from ..encoder import load_tokenizer
-from ..errors import DataError
+from ..errors import DataError, check_int
 from ..version import __version__
 from .dataset import FORMAT, FORMAT_VERSION, META, PackedDataset, check_dataset, read_meta, vocab_fingerprint
 from .readers import chunks, hf_columns, records, resolve_sources, source_fingerprint
@@ -146,7 +147,12 @@ def prepare(
             return meta
         work = _work_folder(plan, out, progress)
         counts: Counter = Counter()
-        stats = _tokenise(plan, work, workers, counts, progress)
+        try:
+            stats = _tokenise(plan, work, workers, counts, progress)
+        except files.NoSpaceError as e:
+            raise files.NoSpaceError(
+                f"{e}; preparing {out}: the chunks tokenised so far are kept in {work}, the same command resumes"
+            ) from e
         if stats.chunks == 0:
             raise ValueError(f"no documents found in {', '.join(str(i) for i in inputs)} (empty corpus)")
         need = _pack_bytes(plan, work, stats.chunks)
@@ -255,8 +261,10 @@ def _validate(asked: dict, workers: int, out: Path) -> None:
     if asked["pad_token"] not in (None, "pad", "eos"):
         raise ValueError(f"pad_token must be 'pad' or 'eos', got {asked['pad_token']!r}")
     chunk_size, shard_rows = asked["chunk_size"], asked["shard_rows"]
-    if workers < 1 or chunk_size < 1 or (shard_rows is not None and shard_rows < 1):
-        raise ValueError(f"workers, chunk_size and shard_rows must be ≥ 1, got {workers}, {chunk_size}, {shard_rows}")
+    check_int("workers", workers, 1, MAX_WORKERS)
+    check_int("chunk_size", chunk_size, 1)
+    if shard_rows is not None:
+        check_int("shard_rows", shard_rows, 1)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is not a folder")
 
