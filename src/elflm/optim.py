@@ -145,9 +145,11 @@ class Muon(torch.optim.Optimizer):
     rounding of the plain one).
     ``eps`` serves both branches, as in optax. No weight decay (the official run passes none).
     A parameter without ``.grad`` is stepped with a zero gradient, as optax steps every leaf:
-    its momentum keeps moving it. ``lr`` is read from each param group at every :meth:`step`
+    its momentum keeps moving it (a matrix in the direction orthogonalised at the first such step,
+    see :meth:`_muon_update`). ``lr`` is read from each param group at every :meth:`step`
     (set it from :func:`lr_at`). State per parameter: ``step`` (0-dim int64 CPU tensor), ``mu`` and,
-    for the Adam parameters, ``nu``, all shaped like the parameter (DTensors under FSDP2)."""
+    for the Adam parameters, ``nu``; for a matrix stepped without gradient, ``direction``; all shaped
+    like the parameter (DTensors under FSDP2)."""
 
     def __init__(
         self,
@@ -204,18 +206,31 @@ class Muon(torch.optim.Optimizer):
                 state["step"] += 1
                 n = int(state["step"])
                 if p.ndim == 2:
-                    self._muon_update(p, g, state["mu"], n, group)
+                    self._muon_update(p, None if p.grad is None else g, state, n, group)
                 else:
                     self._adam_update(p, g, state["mu"], state["nu"], n, group)
         return loss
 
     @staticmethod
-    def _muon_update(p, g, mu, n, group):
-        beta = group["momentum"]
-        mu.mul_(beta).add_(g, alpha=1 - beta)
-        mu_hat = torch.mul(mu, beta / (1 - beta ** (n + 1))).add_(g, alpha=(1 - beta) / (1 - beta**n))
+    def _muon_update(p, g, state, n, group):
+        """One Muon update of ``p``; ``g`` None: no gradient (a head the step's branch skipped).
+        Then ``m`` only decays and ``m̂ = β·m/(1 − β^(n+1))`` is a positive multiple of ``m``,
+        whose direction (kept in ``state["direction"]`` from the first such step) is reused:
+        ``NS(c·m) = NS(m)`` up to float rounding, as NS first divides by ``‖m‖ + eps``. On CPU this
+        skips the Newton–Schulz of the 30522-wide unembedding on every denoise step after the first."""
+        beta, mu = group["momentum"], state["mu"]
+        mu.mul_(beta)
+        if g is None:
+            direction = state.get("direction")
+            if direction is None:
+                direction = state["direction"] = _orthogonalized(mu * (beta / (1 - beta ** (n + 1))), group)
+        else:
+            state.pop("direction", None)
+            mu.add_(g, alpha=1 - beta)
+            mu_hat = torch.mul(mu, beta / (1 - beta ** (n + 1))).add_(g, alpha=(1 - beta) / (1 - beta**n))
+            direction = _orthogonalized(mu_hat, group)
         scale = math.sqrt(max(1.0, p.shape[0] / p.shape[1]))
-        p.add_(_orthogonalized(mu_hat, group), alpha=-group["lr"] * scale)
+        p.add_(direction, alpha=-group["lr"] * scale)
 
     @staticmethod
     def _adam_update(p, g, mu, nu, n, group):

@@ -7,11 +7,12 @@ ones, with ``configs/quickstart.yaml`` (each printed as the equivalent command l
 
 1. split the speeches into train / held-out (every 10th speech in date order is held out) and
    ``elflm prepare`` both into 64-token rows;
-2. build the run at step 0: that checkpoint is the *untrained* model; time a few training steps
-   to turn the time budget into ``train.max_steps``;
+2. build the run at step 0: that checkpoint is the *untrained* model;
 3. sample the untrained model and score it and the held-out rows with the judge (timed, so the
    budget keeps room for the same work after training);
-4. ``elflm train`` for ``max_steps`` (checkpoints, EMA, logging, progress bar);
+4. time a few training steps of the step-0 run (now, as loaded as the machine is when training
+   starts) to turn what is left of the budget into ``train.max_steps``; ``elflm train`` for
+   ``max_steps`` (checkpoints, EMA, logging, progress bar);
 5. ``elflm sample`` the trained model, score it, draw the loss curve and print the table
    held-out data / trained / untrained / word-frequency baseline (Gen PPL and entropy under the
    judge; the baseline draws tokens independently with the data's frequencies).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import json
+import math
 import os
 import shlex
 import shutil
@@ -49,6 +51,8 @@ from .model import ELF
 from .train import Trainer, train
 
 HELDOUT_EVERY = 10  # speech i (in date order) is held out when i % 10 == 9
+TUNED_STEPS = 750  # what ten minutes bought where configs/quickstart.yaml was tuned (0.6 s per step)
+BASELINE_SAMPLES = 16  # rows of the two yardsticks (untrained model, word frequencies): they only bracket the scores
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,7 @@ def run_quickstart(
     minutes: float = 10.0,
     steps: int | None = None,
     num_samples: int = 64,
-    num_references: int = 128,
+    num_references: int = 64,
     judge: str | None = "smollm2",
     config: str | Path | None = None,
     overrides: list[str] = (),
@@ -274,7 +278,8 @@ def run_quickstart(
 
     ``minutes``: wall-clock budget of the whole run; training gets what the other steps leave
     (measured as they run). ``steps``: train exactly that many steps instead (no timing).
-    ``num_samples`` per model; ``num_references`` held-out rows; ``judge``: ``"smollm2"``, any
+    ``num_samples`` of the trained model (of the untrained model and the word-frequency baseline,
+    at most :data:`BASELINE_SAMPLES`); ``num_references`` held-out rows; ``judge``: ``"smollm2"``, any
     judge :func:`elflm.evaluate.load_judge` takes, or None (no Gen PPL). ``overrides``: dotted
     config overrides (``model.depth=6``). ``overwrite``: replace an earlier quickstart in ``output``.
 
@@ -434,12 +439,13 @@ def _run(
             progress=progress,
         )
     tokenizer = load_tokenizer(enc_dir)
+    num_baseline = min(num_samples, BASELINE_SAMPLES)
     references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
     ref_file = out / "corpus" / "heldout-rows.txt"
     write_text(ref_file, "".join(t.replace("\n", " ") + "\n" for t in references))
     unigram = [
         tokenizer.decode(row.tolist(), skip_special_tokens=True)
-        for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_samples, seed)
+        for row in word_frequency_rows(PackedDataset(data["train"]), len(tokenizer), num_baseline, seed)
     ]
     write_text(out / "corpus" / "word-frequency-rows.txt", "".join(t.replace("\n", " ") + "\n" for t in unigram))
 
@@ -452,41 +458,47 @@ def _run(
     ]
     cfg = load_config(config, fixed + [f"train.output_dir={untrained_dir}"])
 
-    # 2. the untrained model (step 0 of the same run) and the step time
+    # 2. the untrained model (step 0 of the same run)
     print("\nbuilding the model at step 0 (the untrained baseline)")
     trainer = Trainer(cfg)
     untrained_ckpt = trainer.save()
-    step_s = None
-    if steps is None:
-        step_s = calibrate(trainer, cfg.objective.decoder_prob)
-        print(f"one training step takes {step_s:.2f} s here")
-    del trainer
 
     # 3. untrained samples, judge scores of the data and of those samples
     dev, batch = device or cfg.train.device, min(num_samples, 64)
 
-    def sample(ckpt: Path, path: Path) -> tuple[list[dict], float]:
-        return sample_checkpoint(ckpt, path, num_samples, batch, seed, dev, commands, progress)
+    def sample(ckpt: Path, path: Path, count: int) -> tuple[list[dict], float]:
+        return sample_checkpoint(ckpt, path, count, min(batch, count), seed, dev, commands, progress)
 
-    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl")
+    untrained_records, sample_s = sample(untrained_ckpt, out / "samples-untrained.jsonl", num_baseline)
+    sample_s *= num_samples / num_baseline  # the trained model's samples, later
     scores, eval_s, judge_model = {}, 0.0, None
     if judge is not None:
-        t0 = time.perf_counter()
         print(f"\nloading the judge {judge}")
         judge_model, judge_tok = load_judge(judge, device=resolve_device(dev))
+        t0 = time.perf_counter()
         for name, texts in (
             ("held-out data", references),
             ("untrained ELF (step 0)", [r["text"] for r in untrained_records]),
             (UNIGRAM_ROW, unigram),
         ):
             scores[name] = generative_perplexity(texts, judge_model, judge_tok, batch_size=32, progress=progress)
-        eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_samples + len(references))
+        eval_s = (time.perf_counter() - t0) * num_samples / (2 * num_baseline + len(references))
 
-    # 4. train
+    # 4. train (the step time measured last, as the machine is now)
+    step_s = None
     if steps is None:
+        step_s = calibrate(trainer, cfg.objective.decoder_prob)
+        print(f"\none training step takes {step_s:.2f} s here")
         left = minutes * 60 - (time.perf_counter() - start) - sample_s - eval_s - 15  # 15 s: loading, saving, plotting
         steps = max(1, int(left / step_s))
         print(f"\ntraining budget {max(left, 0) / 60:.1f} min → train.max_steps={steps}")
+        if steps < TUNED_STEPS // 2:
+            need = minutes + (TUNED_STEPS - steps) * step_s / 60
+            print(
+                f"note: {steps} steps are far fewer than the ≈{TUNED_STEPS} the recipe was tuned for (a step takes "
+                f"{step_s:.2f} s here): expect word salad; --minutes {math.ceil(need)} trains ≈{TUNED_STEPS} steps"
+            )
+    del trainer
     cfg_overrides = fixed + [f"train.output_dir={run_dir}", f"train.max_steps={steps}"]
     show(["elflm", "train", "--config", str(config), *cfg_overrides], commands)
     t0 = time.perf_counter()
@@ -496,7 +508,7 @@ def _run(
     del trainer
 
     # 5. trained samples, scores, curve, table
-    trained_records, _ = sample(trained_ckpt, out / "samples.jsonl")
+    trained_records, _ = sample(trained_ckpt, out / "samples.jsonl", num_samples)
     print(f"\nsamples of the trained model ({steps} steps; all {num_samples} in {out / 'samples.jsonl'}):")
     for r in trained_records[:5]:
         print(f"  · {r['text']}")
@@ -506,8 +518,8 @@ def _run(
     rows = {
         "held-out data": {"count": len(references)},
         f"trained ELF ({steps} steps)": {"count": num_samples},
-        "untrained ELF (step 0)": {"count": num_samples},
-        UNIGRAM_ROW: {"count": num_samples},
+        "untrained ELF (step 0)": {"count": num_baseline},
+        UNIGRAM_ROW: {"count": num_baseline},
     }
     if judge_model is not None:
         show(

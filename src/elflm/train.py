@@ -40,9 +40,10 @@ from . import evaluate as ev
 from .checkpoint import CheckpointError, TrainingCheckpoint
 from .config import Config, ConfigError, config_changes, dump_config, format_changes, resume_changes
 from .data import collate, collate_rows, device_batch, encoder_mask, training_dataset
-from .encoder import build_encoder
+from .encoder import build_encoder, normalize_latent
 from .errors import TrainingError
 from .flow import seeded
+from .latents import LatentCache
 from .model import ELF
 from .optim import EMA, build_optimizer, clip_grad_norm_, lr_at
 from .plan import peak_flops, step_flops_per_token
@@ -148,6 +149,12 @@ class Trainer:
             )
         model = ELF(self.model_config).to(dev)
         self.plan = make_plan(cfg, len(self.dataset), self.dist.world)
+        self.latent_cache = None
+        if cfg.train.cache_latents:
+            shape = (self.plan.micro, self.dataset.max_length)
+            self.latent_cache = LatentCache(
+                self.encoder, self.dataset, cfg.train.cache_latents, shape, cfg.train.latent_cache_dir
+            )
         self.bf16 = cfg.train.precision == "bf16"
         strategy = cfg.train.distributed
         self.shared_branch = cfg.train.branch == "per_step" or (cfg.train.branch == "auto" and strategy == "fsdp")
@@ -177,6 +184,8 @@ class Trainer:
     def save(self) -> Path | None:
         """Write model, EMA, optimizer, step and config. Under FSDP every rank writes its own shards
         (collective, nothing gathered); otherwise the main rank writes full tensors."""
+        if self.latent_cache is not None:  # every rank: its own rows
+            self.latent_cache.save()
         state = {
             "step": self.step,
             "epoch": self.step // self.plan.steps_per_epoch,
@@ -443,8 +452,19 @@ class Trainer:
             draws.decode = bool(
                 torch.rand((), generator=seeded(cfg.train.seed, self.step)) < cfg.objective.decoder_prob
             )
-        out = objective.training_loss(self.model, self.encoder, batch, cfg.objective, draws)
+        x0 = self.latents(batch, j, draws.label_drop)
+        out = objective.loss_from_latents(self.model, x0, batch, cfg.objective, draws)
         return out.loss, objective.logged_losses(out, cfg.objective)
+
+    def latents(self, batch: dict, j: int, label_drop: torch.Tensor | None = None) -> torch.Tensor:
+        """Clean latents (B, L, C) of micro-batch ``j`` of the current step (``label_drop`` (B,)
+        bool: rows encoded without their condition): encoded by the frozen encoder, or read from
+        the latent cache (``train.cache_latents``; bit-identical)."""
+        if self.latent_cache is None:
+            return objective.encode_batch(self.encoder, batch, label_drop)
+        rows = self.plan.indices(len(self.dataset), self.cfg.train.seed, self.step, j)
+        h = self.latent_cache.hidden(batch, rows, label_drop)
+        return normalize_latent(h, self.encoder.latent_mean, self.encoder.latent_std)
 
     def train_step(self) -> dict:
         """One optimizer step over ``accum`` micro-batches (:meth:`micro_loss` each). Returns this
