@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+    torch.set_num_threads(1)
+
 SHARED = Path(os.environ.get("ELFLM_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 GOLDEN = SHARED / "golden"
 ASSETS = SHARED / "assets"
