@@ -56,15 +56,23 @@ def shown(text: str) -> str:
     return repr(text if len(text) <= 40 else text[:37] + "...")
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer in [1, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if not 1 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [1, 2**63), got {shown(text)}")
-    return value
+def integer_from(low: int):
+    """An argparse type: an integer in [``low``, 2**63)."""
+
+    def integer(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if not low <= value < 2**63:
+            raise argparse.ArgumentTypeError(f"expected an integer in [{low}, 2**63), got {shown(text)}")
+        return value
+
+    return integer
+
+
+positive_int = integer_from(1)
+seed_value = integer_from(0)  # a seed
 
 
 def non_negative(text: str) -> float:
@@ -75,17 +83,6 @@ def non_negative(text: str) -> float:
         value = -1.0
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {shown(text)}")
-    return value
-
-
-def seed_value(text: str) -> int:
-    """argparse type: a seed, an integer in [0, 2**63)."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**63:
-        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {shown(text)}")
     return value
 
 

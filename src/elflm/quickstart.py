@@ -565,10 +565,10 @@ DISTILL_CURRICULUM = (4, 1)  # a 4-step student, then a 1-step student from it
 DISTILL_RESOLUTION = 16  # the teacher's Euler sub-step, 1/16 of the time span (the authors: 1/64)
 # on top of the quickstart run's config (docs/distillation.md): the authors' lr and constant schedule,
 # the quickstart's EMA
+DISTILL_WARMUP = 10  # warm-up steps of a round, at most a tenth of its steps (a 1-step round still learns)
 DISTILL_SETTINGS = [
     "train.lr=2e-3",
     "train.lr_schedule=constant",
-    "train.warmup_steps=10",
     "train.ema_decay=0.98",
     "train.log_every=10",
     "train.save_every=0",
@@ -710,7 +710,7 @@ def _distill(
         left = minutes * 60 - (time.perf_counter() - start) - eval_s * len(rounds) - 10 * len(rounds)
         steps = max(1, int(left / per_step))
         print(f"\none step of every round takes {per_step:.2f} s here → train.max_steps={steps} per round")
-    fixed.append(f"train.max_steps={steps}")
+    fixed += [f"train.max_steps={steps}", f"train.warmup_steps={min(DISTILL_WARMUP, steps // 10)}"]
     argv = ["elflm", "distill", "--teacher", str(teacher), "--config", str(config)]
     argv += ["--curriculum", ",".join(str(r.steps) for r in rounds), "--teacher-resolution", str(resolution)]
     show([*argv, *fixed], commands)
