@@ -445,19 +445,19 @@ def _train_args(p: argparse.ArgumentParser) -> None:
         "or the name of a bundled one (e.g. elf-b-owt)",
     )
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100 model.depth=6")
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
-    )
+    run_args(p, "resume from a checkpoint folder, or (no value) the latest one in train.output_dir")
     p.add_argument(
         "--allow-config-change",
         action="store_true",
         help="with --resume: accept changed optimizer, schedule, batch or seed settings (printed; "
         "changes to the model, encoder, data or objective are always refused)",
     )
+
+
+def run_args(p: argparse.ArgumentParser, resume_help: str) -> None:
+    """The options of a training run (``train`` and ``distill``): --resume, --overwrite, --device,
+    --no-progress."""
+    p.add_argument("--resume", nargs="?", const="auto", default=None, help=resume_help)
     p.add_argument(
         "--overwrite",
         action="store_true",
@@ -522,21 +522,7 @@ def _distill_args(p: argparse.ArgumentParser) -> None:
         help="with --curriculum: the teacher's Euler sub-step is 1/N of the time span in every round, "
         f"pd_teacher_steps = N × pd_step_size (default {TEACHER_RESOLUTION}, the authors')",
     )
-    p.add_argument(
-        "--resume",
-        nargs="?",
-        const="auto",
-        default=None,
-        help="one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir",
-    )
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="without --resume: start over in a train.output_dir that holds an earlier run's checkpoints "
-        "(they are removed; refused otherwise)",
-    )
-    p.add_argument("--device", default=None, help="auto, cpu or cuda (default: train.device)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    run_args(p, "one round: resume from a checkpoint folder, or (no value) the latest one in train.output_dir")
 
 
 def _run_distill(a) -> int:
