@@ -13,11 +13,12 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
-from elflm import files
+from elflm import files, interrupts
 
 
 def forked(body) -> int:
@@ -26,6 +27,7 @@ def forked(body) -> int:
     if pid == 0:  # pragma: no cover - the child
         code = 1
         try:
+            interrupts.own_progress_locks()  # a kill while it holds tqdm's lock must not freeze us
             body()
             code = 0
         finally:
@@ -159,6 +161,28 @@ def test_lock_refuses_a_second_writer_and_is_not_left_by_a_killed_one(tmp_path):
         info = json.loads(files.lock_path(target).read_text())
         assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
     assert not files.lock_path(target).exists()
+
+
+def test_a_child_killed_holding_the_progress_lock_does_not_freeze_this_process(tmp_path):
+    from tqdm import tqdm
+
+    tqdm(disable=True).close()  # this process's lock exists before the fork, as after any earlier bar
+    held = tmp_path / "held"
+
+    def hold():
+        with tqdm.get_lock():
+            held.touch()
+            time.sleep(60)
+
+    pid = forked(hold)
+    while not held.exists():
+        time.sleep(0.01)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    bar = threading.Thread(target=lambda: tqdm(disable=True).close(), daemon=True)
+    bar.start()
+    bar.join(20)
+    assert not bar.is_alive(), "a progress bar waits for a lock held by a dead child"
 
 
 def test_outputs_get_the_users_umask(tmp_path):

@@ -130,15 +130,16 @@ def test_training_checkpoints_survive_kills(tmp_path):
 
 
 class Signaller:
-    """Sends ``signum`` to this process once ``ready()`` holds while an elflm command runs (its
-    handlers installed), from a thread; stopped on exit."""
+    """Sends ``signum`` to this process from a thread once ``ready()`` holds while an elflm command
+    runs (its handler installed, not ``outside``), after ``delay`` s; on exit the thread is joined,
+    so that no signal is sent after the block."""
 
-    def __init__(self, signum: int, ready=lambda: True, delay: float = 0.0):
-        self.signum, self.ready, self.delay, self.done = signum, ready, delay, threading.Event()
-        self.sent = False
+    def __init__(self, signum: int, ready=lambda: True, delay: float = 0.0, outside=None):
+        self.signum, self.ready, self.delay, self.outside = signum, ready, delay, outside
+        self.done, self.sent = threading.Event(), False
 
-    def _installed(self) -> bool:  # elflm's handler, or that of a server it runs (uvicorn's)
-        return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None)
+    def _installed(self) -> bool:
+        return signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None, self.outside)
 
     def _run(self):
         while not self.done.wait(0.02):
@@ -150,18 +151,40 @@ class Signaller:
                 return
 
     def __enter__(self):
-        threading.Thread(target=self._run, daemon=True).start()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
         return self
 
     def __exit__(self, *exc):
         self.done.set()
+        self.thread.join()
 
 
 def interrupted(argv, signum, ready=lambda: True, delay=0.0) -> int:
-    """Run ``elflm argv`` in this process and interrupt it; returns the exit status."""
-    with Signaller(signum, ready, delay), pytest.raises(SystemExit) as e:
-        main(argv)
-    return e.value.code
+    """Run ``elflm argv`` in this process and interrupt it; returns the exit status. A signal that
+    lands after the command's own handler is gone is caught here (and fails the test) rather than
+    reaching pytest."""
+    late = []
+
+    def catch(n, frame):
+        late.append(n)
+
+    outer = {s: signal.signal(s, catch) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = None
+    try:
+        with Signaller(signum, ready, delay, outside=catch) as sender:
+            try:
+                main(argv)
+            except SystemExit as e:
+                code = e.code
+            except KeyboardInterrupt:  # the signal landed as the command was returning
+                late.append(signum)
+        time.sleep(0.05)  # a signal sent just before the join is handled while ``catch`` is installed
+    finally:
+        for s, handler in outer.items():
+            signal.signal(s, handler)
+    assert sender.sent and not late, f"the signal reached elflm {argv[0]} after it had finished (exit {code})"
+    return code
 
 
 def no_workers_left() -> bool:

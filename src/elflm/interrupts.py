@@ -67,6 +67,16 @@ def end_children(timeout: float = 3.0) -> None:
                 p.join(1)
 
 
+def close_progress_bars() -> None:
+    """Close the progress bars still open (they would otherwise redraw themselves after the last
+    line, when the interrupted command's frames are freed)."""
+    std = sys.modules.get("tqdm.std")
+    if std is not None:
+        for bar in list(std.tqdm._instances):
+            with contextlib.suppress(Exception):
+                bar.close()
+
+
 @contextlib.contextmanager
 def ends_cleanly(command: str, state: Callable[[], str]):
     """Run the body with SIGINT / SIGTERM turned into :class:`Interrupted`; on an interruption end
@@ -85,6 +95,7 @@ def ends_cleanly(command: str, state: Callable[[], str]):
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
         _STATE["interrupted"] = True
         end_children()
+        close_progress_bars()
         try:
             what = state()
         except Exception as err:  # the state could not be read: say so rather than fail here
@@ -106,10 +117,28 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def own_progress_locks() -> None:
+    """Give this forked process tqdm write locks of its own. tqdm's lock holds a semaphore that fork
+    shares with the parent (every progress bar takes it, even a disabled one): a child ended while
+    holding it would freeze the parent at its next progress bar."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:  # not imported: nothing was inherited
+        return
+    std.TqdmDefaultWriteLock.mp_lock = multiprocessing.RLock()
+    std.TqdmDefaultWriteLock.th_lock = threading.RLock()  # the parent's copy may be held by a thread gone here
+    classes = [std.tqdm]
+    while classes:
+        cls = classes.pop()
+        classes += cls.__subclasses__()
+        if "_lock" in vars(cls):
+            cls._lock = std.TqdmDefaultWriteLock()
+
+
 def worker_setup(parent: int, *_) -> None:
     """Set up a worker process of ``parent`` (its pid): SIGINT ignored (the parent ends the
-    workers), SIGTERM ends it quietly, the kernel kills it when the parent dies. Extra arguments
-    (a DataLoader's worker id) are ignored."""
+    workers), SIGTERM ends it quietly, the kernel kills it when the parent dies, progress-bar locks
+    of its own. Extra arguments (a DataLoader's worker id) are ignored."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    own_progress_locks()
     _die_with_parent(parent)
