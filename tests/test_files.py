@@ -185,6 +185,11 @@ def test_a_child_killed_holding_the_progress_lock_does_not_freeze_this_process(t
     assert not bar.is_alive(), "a progress bar waits for a lock held by a dead child"
 
 
+def test_an_output_that_cannot_be_created_is_named_not_its_lock():
+    with pytest.raises(OSError, match=r"cannot write /proc/elflm-out\.jsonl: No such file or directory"):
+        files.write_text("/proc/elflm-out.jsonl", "x")
+
+
 def test_outputs_get_the_users_umask(tmp_path):
     previous = os.umask(0o002)
     try:

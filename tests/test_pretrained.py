@@ -124,6 +124,9 @@ def test_cli_convert(golden_dir, tmp_path, capsys):
     )
     assert "torch-port" in capsys.readouterr().out
     assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["max_length"] == 12
+    assert main(["convert", str(tmp_path / "m"), "-o", str(tmp_path / "m2")]) == 0  # our own folder: a copy
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line.startswith(f"converted elflm checkpoint {tmp_path / 'm'} (") and "None" not in line
     assert main(["convert", str(PORT), "-o", str(tmp_path / "n"), "--config", str(FLAX_CONFIG), "--raw"]) == 0
     assert (tmp_path / "n" / RAW_WEIGHTS).is_file()
     assert main(["convert", str(PORT), "-o", str(tmp_path / "x")]) == 2

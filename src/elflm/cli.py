@@ -1059,9 +1059,11 @@ def _run_convert(a) -> int:
     )
     model_cfg, settings = pretrained.read_config(out)
     src = settings.source
+    fmt = a.format or pretrained.detect_format(a.src)[0]
+    known = [f"step {src['step']}"] if src.get("step") is not None else []
+    known += [f"{src['weights']} weights"] if src.get("weights") else []
     print(
-        f"converted {src.get('format')} checkpoint {a.src} (step {src.get('step')}, {src.get('weights')} weights) "
-        f"-> {out}: "
+        f"converted {fmt} checkpoint {a.src}" + (f" ({', '.join(known)})" if known else "") + f" -> {out}: "
         f"depth {model_cfg.depth}, hidden {model_cfg.hidden_size}, heads {model_cfg.num_heads}, "
         f"C {model_cfg.encoder_dim}, V {model_cfg.vocab_size}, max_length {model_cfg.max_length}"
     )

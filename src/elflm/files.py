@@ -348,8 +348,13 @@ def locked(target: str | Path, wait: bool = False):
         finally:
             _HELD[key][1] -= 1
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = _acquire(target, path, wait)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(target, path, wait)
+    except OutputLockedError:
+        raise
+    except OSError as e:  # name what the user asked for, not our lock file
+        raise OSError(e.errno, f"cannot write {target}: {e.strerror or e}") from e
     _HELD[key] = [fd, 1]
     try:
         yield
