@@ -482,3 +482,28 @@ def test_samples_and_references_from_stdin(tmp_path, monkeypatch):
     stdin('{"text": "a"}\n{"text": 5}\n')
     with pytest.raises(ValueError, match="-:2: expected a JSON object with a string field 'text'"):
         ev.read_rows("-")
+
+
+def test_decoder_readback_scores_the_valid_positions(tmp_path, t5_tokenizer_dir):
+    """A decode head that always says token k (zero unembedding, bias 10 at k): accuracy is the share
+    of valid positions holding k and CE is logsumexp(bias) − bias[target], masked positions ignored."""
+    from elflm.evaluate import decoder_readback
+    from elflm.model import ELF
+
+    from tiny_model import make_tiny_model
+
+    model = ELF.from_pretrained(make_tiny_model(tmp_path / "m", t5_tokenizer_dir, max_length=8)).eval()
+    k, V = 7, model.config.vocab_size
+    with torch.no_grad():
+        model.decoder.unembed.weight.zero_()
+        model.decoder.unembed.bias.zero_()
+        model.decoder.unembed.bias[k] = 10.0
+    ids = torch.tensor([[k, 5, k, 9, k, k, k, k], [3, k, 4, 4, 6, 2, 1, 1]])
+    valid = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1, 0, 0]]).bool()
+    got = decoder_readback(model, ids, valid)
+    hits = int((ids[valid] == k).sum())  # 2 + 1 of 10 valid positions
+    lse = math.log(V - 1 + math.exp(10.0))
+    assert got["accuracy"] == pytest.approx(hits / 10)
+    assert got["ce"] == pytest.approx((10 * lse - 10.0 * hits) / 10, rel=1e-5)
+    with pytest.raises(ValueError, match="valid position"):
+        decoder_readback(model, ids, torch.zeros_like(valid))

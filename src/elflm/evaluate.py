@@ -51,13 +51,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import Config, ConfigError
+from .config import Config, ConfigError, SampleConfig
 from .data.dataset import PackedDataset
 from .data.prepare import training_dataset
 from .distributed import Dist, gather_objects, resolve_device
 from .files import column, first_field, read_records
 from .generate import Row, dataset_rows, generate_rows
 from .hub import load_hf
+from .sampling import decode_logits
 
 DEFAULT_JUDGE = "gpt2-large"
 DEFAULT_MAX_LENGTH = 1024
@@ -560,6 +561,28 @@ def format_report(report: dict) -> str:
     lines = ["| data | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
     lines += [f"| {name} | " + " | ".join(fmt(r.get(k), f) for k, _, f in cols) + " |" for name, r in rows]
     return "\n".join(lines)
+
+
+@torch.no_grad()
+def decoder_readback(model, input_ids: torch.Tensor, valid: torch.Tensor, w: float = 1.0) -> dict[str, float]:
+    """How well ``model``'s decode head reads *clean* latents back into their tokens: the encoder's
+    latents of ``input_ids`` (B, L) decoded as the sampler's last step decodes (t = 1, zero
+    self-conditioning input, guidance ``w``). Returns the token ``accuracy`` and cross-entropy
+    ``ce`` (nats) over the ``valid`` (B, L) positions. Low values mean the samples are limited by
+    the decoder, whatever the denoiser does."""
+    valid = valid.bool()
+    if input_ids.shape != valid.shape or input_ids.dim() != 2 or not valid.any():
+        raise ValueError(
+            f"input_ids and valid must be (B, L) with a valid position, got {tuple(input_ids.shape)}, "
+            f"{tuple(valid.shape)}"
+        )
+    x0 = model.encoder.encode(input_ids, valid)
+    logits = decode_logits(model, x0, SampleConfig(w=w))[valid]
+    targets = input_ids.to(logits.device)[valid.to(logits.device)]
+    return {
+        "accuracy": (logits.argmax(-1) == targets).float().mean().item(),
+        "ce": F.cross_entropy(logits, targets).item(),
+    }
 
 
 # ----------------------------------------------------------------------------- while training

@@ -44,7 +44,7 @@ from .data import PackedDataset, prepare
 from .distill import DistillTrainer, curriculum_rounds, round_config, run_curriculum
 from .distributed import resolve_device
 from .encoder import load_tokenizer
-from .evaluate import generative_perplexity, load_judge
+from .evaluate import decoder_readback, generative_perplexity, load_judge
 from .files import write_atomic, write_jsonl, write_text
 from .generate import generate
 from .model import ELF
@@ -142,11 +142,26 @@ def split_corpus(files: list[Path], folder: Path) -> dict:
     return out
 
 
+def spaced(length: int, n: int) -> list[int]:
+    """``min(n, length)`` evenly spaced indices into ``range(length)``, first and last included."""
+    return sorted({round(i * (length - 1) / max(n - 1, 1)) for i in range(min(n, length))})
+
+
 def reference_texts(dataset, tokenizer, n: int) -> list[str]:
     """``n`` evenly spaced rows of a prepared dataset decoded to text exactly as samples are (no
     special tokens): reference data of the samples' length and tokenisation."""
-    idx = sorted({round(i * (len(dataset) - 1) / max(n - 1, 1)) for i in range(min(n, len(dataset)))})
+    idx = spaced(len(dataset), n)
     return [tokenizer.decode(dataset[i]["input_ids"].tolist(), skip_special_tokens=True) for i in idx]
+
+
+def heldout_rows(folder: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` evenly spaced rows of the prepared dataset ``folder``: ids (n, L) and valid (n, L)."""
+    dataset = PackedDataset(folder)
+    idx = spaced(len(dataset), n)
+    rows = [dataset[i] for i in idx]
+    ids = torch.stack([torch.as_tensor(r["input_ids"]).long() for r in rows])
+    valid = torch.arange(ids.shape[1]) < torch.tensor([int(r["total_len"]) for r in rows])[:, None]
+    return ids, valid
 
 
 UNIGRAM_ROW = "word frequencies of the data (no model)"
@@ -205,22 +220,28 @@ def sample_checkpoint(
 # ----------------------------------------------------------------------------- timing
 
 
-def calibrate(trainer, decoder_prob: float, max_steps: int = 12) -> float:
+def calibrate(trainer, decoder_prob: float, max_steps: int = 24) -> float:
     """Expected seconds per training step: time steps of ``trainer`` (the first one, which warms
-    up, is not counted) until at least two denoise and one decode step were seen (or
-    ``max_steps``), then weigh the branches by ``decoder_prob``. The steps change the trainer's
-    weights: call it after saving what should be kept."""
-    times: dict[bool, list[float]] = {True: [], False: []}
+    up, is not counted) until each kind of step was seen (a decode step, the denoise step right
+    after one, where Muon orthogonalises the unembedding's momentum that later denoise steps reuse,
+    and two later denoise steps) or ``max_steps``, then weigh the kinds as they occur at
+    ``decoder_prob``. The steps change the trainer's weights: call it after saving what should be
+    kept."""
+    times: dict[str, list[float]] = {"decode": [], "after decode": [], "denoise": []}
+    previous_decode = False
     for k in range(max_steps):
         t0 = time.perf_counter()
-        stats = trainer.train_step()
+        decode = bool(trainer.train_step()["ce_loss"] > 0)
         if k:
-            times[bool(stats["ce_loss"] > 0)].append(time.perf_counter() - t0)
-        if len(times[False]) >= 2 and len(times[True]) >= 1:
+            kind = "decode" if decode else "after decode" if previous_decode else "denoise"
+            times[kind].append(time.perf_counter() - t0)
+        previous_decode = decode
+        if times["decode"] and times["after decode"] and len(times["denoise"]) >= 2:
             break
-    every = times[True] + times[False]
-    mean = lambda xs: sum(xs) / len(xs) if xs else sum(every) / len(every)  # noqa: E731
-    return (1 - decoder_prob) * mean(times[False]) + decoder_prob * mean(times[True])
+    every = [t for ts in times.values() for t in ts]
+    mean = {kind: sum(ts) / len(ts) if ts else sum(every) / len(every) for kind, ts in times.items()}
+    p = decoder_prob
+    return p * mean["decode"] + (1 - p) * (p * mean["after decode"] + (1 - p) * mean["denoise"])
 
 
 # ----------------------------------------------------------------------------- outputs
@@ -515,6 +536,11 @@ def _run(
     print("samples of the untrained model:")
     for r in untrained_records[:2]:
         print(f"  · {r['text']}")
+    readback = decoder_readback(ELF.from_pretrained(trained_ckpt), *heldout_rows(data["heldout"], num_references))
+    print(
+        f"the trained decoder reads clean held-out latents back at {readback['accuracy']:.0%} token accuracy "
+        f"(CE {readback['ce']:.2f} nats): {'it' if readback['accuracy'] < 0.5 else 'the denoiser'} limits the samples"
+    )
     rows = {
         "held-out data": {"count": len(references)},
         f"trained ELF ({steps} steps)": {"count": num_samples},
@@ -549,6 +575,7 @@ def _run(
         "untrained_samples": str(out / "samples-untrained.jsonl"),
         "references": str(ref_file),
         "loss_curve": str(curve),
+        "decoder_readback": readback,
         "table": rows,
     }
     write_text(out / "commands.sh", "# the quickstart as ordinary elflm commands\n" + "\n".join(commands) + "\n")
