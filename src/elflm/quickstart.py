@@ -40,7 +40,7 @@ import torch
 from . import files
 from .checkpoint import TrainingCheckpoint
 from .config import config_path, load_config
-from .data import PackedDataset, prepare
+from .data import PackedDataset, collate, prepare
 from .distill import DistillTrainer, curriculum_rounds, round_config, run_curriculum
 from .distributed import resolve_device
 from .encoder import load_tokenizer
@@ -154,14 +154,10 @@ def reference_texts(dataset, tokenizer, n: int) -> list[str]:
     return [tokenizer.decode(dataset[i]["input_ids"].tolist(), skip_special_tokens=True) for i in idx]
 
 
-def heldout_rows(folder: Path, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``n`` evenly spaced rows of the prepared dataset ``folder``: ids (n, L) and valid (n, L)."""
-    dataset = PackedDataset(folder)
-    idx = spaced(len(dataset), n)
-    rows = [dataset[i] for i in idx]
-    ids = torch.stack([torch.as_tensor(r["input_ids"]).long() for r in rows])
-    valid = torch.arange(ids.shape[1]) < torch.tensor([int(r["total_len"]) for r in rows])[:, None]
-    return ids, valid
+def reference_rows(dataset, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows of :func:`reference_texts` as ids (n, L) and their attention mask (n, L)."""
+    batch = collate([dataset[i] for i in spaced(len(dataset), n)])
+    return batch["input_ids"], batch["attention_mask"]
 
 
 UNIGRAM_ROW = "word frequencies of the data (no model)"
@@ -461,7 +457,8 @@ def _run(
         )
     tokenizer = load_tokenizer(enc_dir)
     num_baseline = min(num_samples, BASELINE_SAMPLES)
-    references = reference_texts(PackedDataset(data["heldout"]), tokenizer, num_references)
+    heldout = PackedDataset(data["heldout"])
+    references = reference_texts(heldout, tokenizer, num_references)
     ref_file = out / "corpus" / "heldout-rows.txt"
     write_text(ref_file, "".join(t.replace("\n", " ") + "\n" for t in references))
     unigram = [
@@ -536,7 +533,7 @@ def _run(
     print("samples of the untrained model:")
     for r in untrained_records[:2]:
         print(f"  · {r['text']}")
-    readback = decoder_readback(ELF.from_pretrained(trained_ckpt), *heldout_rows(data["heldout"], num_references))
+    readback = decoder_readback(ELF.from_pretrained(trained_ckpt), *reference_rows(heldout, num_references))
     print(
         f"the trained decoder reads clean held-out latents back at {readback['accuracy']:.0%} token accuracy "
         f"(CE {readback['ce']:.2f} nats): {'it' if readback['accuracy'] < 0.5 else 'the denoiser'} limits the samples"
